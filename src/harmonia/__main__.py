@@ -1,0 +1,5 @@
+import sys
+
+from harmonia.cli import main
+
+sys.exit(main())

@@ -1,0 +1,134 @@
+"""Command line: ``harmonia train | data | bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from harmonia.errors import HarmoniaError
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from harmonia.config import load_config
+    from harmonia.train import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    what = "resuming" if args.resume else "training"
+    print(
+        f"harmonia: {what} {cfg.name} ({', '.join(cfg.data.modalities)}; {cfg.model.fusion.value} fusion) "
+        f"-> {trainer.run_dir}",
+        file=sys.stderr,
+    )
+    try:
+        result = trainer.fit()
+    except KeyboardInterrupt:
+        print(
+            f"\nharmonia: interrupted in epoch {trainer.epoch + 1}; the last checkpoint holds "
+            f"{trainer.epoch} finished epochs. Continue with: harmonia train {args.config} "
+            f"{' '.join(args.overrides)} --resume".replace("  ", " "),
+            file=sys.stderr,
+        )
+        return 130
+    print(format_result(result.test, result.probe, result.seconds, str(result.run_dir)))
+    return 0
+
+
+def format_result(test: dict[str, float], probe: dict[str, float], seconds: float, run_dir: str) -> str:
+    lines = [
+        f"test accuracy {test['accuracy']:.4f}   macro-F1 {test['macro_f1']:.4f}   mAP {test['mAP']:.4f}",
+    ]
+    unimodal = {k.split("/", 1)[1]: v for k, v in test.items() if k.startswith("unimodal_accuracy/")}
+    if unimodal:
+        lines.append(
+            "unimodal-logit accuracy (test): " + "   ".join(f"{m} {v:.4f}" for m, v in unimodal.items())
+        )
+    if probe:
+        lines.append(
+            "linear-probe accuracy of each frozen encoder (test): "
+            + "   ".join(f"{m} {v:.4f}" for m, v in probe.items())
+        )
+    lines.append(f"finished in {seconds:.0f} s; run folder {run_dir}")
+    return "\n".join(lines)
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from harmonia.config import AVDigitsConfig, apply_overrides, from_dict
+    from harmonia.data.avdigits import dataset_summary, format_summary, load_avdigits
+
+    if args.dataset != "avdigits":
+        raise HarmoniaError(f"unknown dataset {args.dataset!r}; available: avdigits")
+    recipe = from_dict(AVDigitsConfig, apply_overrides({}, args.overrides), prefix="data.avdigits.")
+    ds = load_avdigits(recipe, rebuild=args.rebuild, progress=not args.quiet)
+    summary = dataset_summary(ds)
+    print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.benchmark == "imbalance":
+        from harmonia.bench.imbalance import run_imbalance_benchmark
+
+        run_imbalance_benchmark(
+            config=args.config,
+            seeds=args.seeds,
+            out_dir=args.out,
+            overrides=args.overrides,
+            progress=not args.quiet,
+        )
+        return 0
+    raise HarmoniaError(f"unknown benchmark {args.benchmark!r}; available: imbalance")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harmonia", description="Robust and balanced multimodal learning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("config", help="experiment YAML, e.g. configs/avdigits_concat.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.05 train.epochs=3")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    group.add_argument("--overwrite", action="store_true", help="delete an existing run folder first")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("data", help="build a dataset (if needed) and print its statistics")
+    p.add_argument("dataset", help="dataset name: avdigits")
+    p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. audio_snr_db=5 image_blur_sigma=1")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the cache even if it is valid")
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("bench", help="run a benchmark and write a Markdown report")
+    p.add_argument("benchmark", help="imbalance")
+    p.add_argument("overrides", nargs="*", help="config overrides applied to every run")
+    p.add_argument("--config", default=None, help="base config (default: the benchmark's own)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    p.add_argument("--out", default="bench-results", help="folder for runs and the report")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    # overrides may come after flags (`--overwrite optim.lr=0.1`): argparse leaves those in `extras`
+    unknown = [e for e in extras if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extras:
+        args.overrides = [*args.overrides, *extras]
+    try:
+        return int(args.func(args))
+    except HarmoniaError as exc:
+        print(f"harmonia: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""Typed experiment configuration: dataclasses, YAML files, dotted overrides and validation.
+
+A config is a tree of dataclasses. :func:`from_dict` builds one from plain data (a parsed YAML file) and
+rejects, with a message that names the key and the fix:
+
+* an unknown key (suggesting the closest valid one),
+* a value of the wrong type (naming the type expected),
+* a value outside its declared range or choices (``field(metadata=...)`` via :func:`param`).
+
+``harmonia train configs/avdigits_concat.yaml optim.lr=0.05 train.epochs=3`` applies dotted overrides
+to the parsed YAML before validation, so overrides get the same checks as the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from harmonia.errors import ConfigError
+from harmonia.models.fusion import FusionKind
+
+T = TypeVar("T")
+
+
+def param(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
+    """A dataclass field with a help text and optional numeric bounds checked by :func:`from_dict`."""
+    metadata = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+class OptimizerKind(str, enum.Enum):
+    SGD = "sgd"
+    ADAM = "adam"
+    ADAMW = "adamw"
+
+
+class ScheduleKind(str, enum.Enum):
+    NONE = "none"
+    STEP = "step"
+    COSINE = "cosine"
+
+
+class EncoderKind(str, enum.Enum):
+    CONV = "conv"
+    RESNET18 = "resnet18"
+
+
+@dataclass
+class AVDigitsConfig:
+    """Recipe of the embedded AV-Digits dataset (DESIGN §3). Any change here rebuilds the cache."""
+
+    seed: int = param(0, help="seed of every random choice in the recipe (voices, pairing, noise)")
+    val_fraction: float = param(
+        0.2, help="fraction of images and voices in the validation split", gt=0, lt=0.5
+    )
+    test_fraction: float = param(0.2, help="fraction of images and voices in the test split", gt=0, lt=0.5)
+    limit: int | None = param(None, help="use only the first N images (quick tests)", ge=30)
+    voice_accents: list[str] = param(
+        default_factory=lambda: ["en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc"],
+        help="eSpeak NG English voices; every accent is combined with every variant",
+    )
+    voice_variants: list[str] = param(
+        default_factory=lambda: ["f1", "f2", "f3", "f4", "f5", "m1", "m2", "m3", "m4", "m5", "m6", "m7"],
+        help="eSpeak NG voice variants (voices/!v in its data)",
+    )
+    rate_range: list[int] = param(
+        default_factory=lambda: [130, 210], help="speaking rate range, words per minute [low, high]"
+    )
+    pitch_range: list[int] = param(default_factory=lambda: [25, 75], help="pitch range, 0-100 [low, high]")
+    clip_seconds: float = param(1.0, help="audio clip length; speech is placed at a random offset", gt=0.2)
+    sample_rate: int = param(16000, help="audio sample rate after resampling from eSpeak's 22050 Hz", ge=8000)
+    n_mels: int = param(32, help="number of log-mel bands", ge=8)
+    hop_seconds: float = param(0.02, help="hop of the log-mel frames (window 25 ms)", gt=0.001)
+    audio_snr_db: float | None = param(
+        0.0, help="signal-to-noise ratio of the additive white noise in dB (null: clean)"
+    )
+    image_size: int = param(16, help="side of the square image after resizing the 8x8 digit", ge=8)
+    image_downsample: int = param(1, help="average-pool by this factor and upsample back (1: off)", ge=1)
+    image_blur_sigma: float = param(0.0, help="Gaussian blur sigma in pixels of the resized image", ge=0)
+    image_occlusion: float = param(
+        0.0, help="side of a randomly placed black square, as a fraction of the image side", ge=0, lt=1
+    )
+    image_noise_std: float = param(
+        0.0, help="std of additive Gaussian pixel noise (pixels are in [0, 1])", ge=0
+    )
+
+
+@dataclass
+class DataConfig:
+    name: str = param("avdigits", help="dataset name; 'avdigits' is embedded")
+    modalities: list[str] = param(
+        default_factory=lambda: ["audio", "image"],
+        help="modalities fed to the model; one modality gives a unimodal baseline",
+    )
+    avdigits: AVDigitsConfig = param(default_factory=AVDigitsConfig, help="AV-Digits recipe")
+
+
+@dataclass
+class ModelConfig:
+    encoder: EncoderKind = param(EncoderKind.CONV, help="encoder architecture for every modality")
+    feature_dim: int = param(64, help="dimension of each encoder's output feature", ge=1)
+    encoder_widths: list[int] = param(
+        default_factory=lambda: [16, 32, 64], help="channel widths of the conv encoder stages"
+    )
+    fusion: FusionKind = param(FusionKind.CONCAT, help="fusion head")
+    hidden_dim: int = param(128, help="hidden width of the film and gated fusion heads", ge=1)
+
+
+@dataclass
+class OptimConfig:
+    name: OptimizerKind = param(OptimizerKind.SGD, help="optimizer")
+    lr: float = param(0.01, help="learning rate", gt=0)
+    momentum: float = param(0.9, help="SGD momentum", ge=0, lt=1)
+    weight_decay: float = param(1e-4, help="L2 weight decay", ge=0)
+    schedule: ScheduleKind = param(ScheduleKind.STEP, help="learning-rate schedule (stepped once per epoch)")
+    step_size: int = param(10, help="epochs between decays of the step schedule", ge=1)
+    gamma: float = param(0.1, help="decay factor of the step schedule", gt=0, le=1)
+    grad_clip_norm: float | None = param(None, help="clip the global gradient norm to this value", gt=0)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = param(20, help="number of training epochs", ge=1)
+    batch_size: int = param(64, help="training batch size", ge=1)
+    eval_batch_size: int = param(256, help="evaluation batch size", ge=1)
+    seed: int = param(0, help="seed of model initialisation and data order")
+    device: str = param("cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    probe: bool = param(True, help="fit a linear probe on each frozen encoder after training")
+    log_every: int = param(10, help="write step metrics every N steps", ge=1)
+    num_threads: int | None = param(None, help="torch CPU threads (null: torch's default)", ge=1)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = param("experiment", help="name of the run; the run folder is out_dir/name")
+    out_dir: str = param("runs", help="folder that holds run folders")
+    task: str = param("classify", help="task; 'classify' is supervised multimodal classification")
+    data: DataConfig = param(default_factory=DataConfig, help="dataset")
+    model: ModelConfig = param(default_factory=ModelConfig, help="model")
+    optim: OptimConfig = param(default_factory=OptimConfig, help="optimizer and schedule")
+    train: TrainConfig = param(default_factory=TrainConfig, help="training loop")
+
+    def __post_init__(self) -> None:
+        if self.task != "classify":
+            raise ConfigError(f"task: unknown task {self.task!r}; valid tasks: 'classify'")
+        if not self.data.modalities:
+            raise ConfigError("data.modalities: give at least one modality, e.g. [audio, image]")
+        if len(set(self.data.modalities)) != len(self.data.modalities):
+            raise ConfigError(f"data.modalities: {self.data.modalities} lists a modality twice")
+
+
+# --------------------------------------------------------------------------------------------------
+# Building dataclasses from plain data
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"a list of {_type_name(inner)}"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        if isinstance(value, tp):
+            return value
+        try:
+            return tp(value)
+        except ValueError:
+            choices = [m.value for m in tp]
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"{key}: {value!r} is not a valid choice{hint}; choose one of {', '.join(map(repr, choices))}"
+            ) from None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported config type {tp!r}")  # pragma: no cover - a bug in a config class
+
+
+def _check_bounds(value: Any, f: dataclasses.Field, key: str) -> None:
+    if value is None or not isinstance(value, int | float) or isinstance(value, bool):
+        return
+    meta = f.metadata
+    for bound, ok, word in (
+        ("ge", lambda v, b: v >= b, ">="),
+        ("gt", lambda v, b: v > b, ">"),
+        ("le", lambda v, b: v <= b, "<="),
+        ("lt", lambda v, b: v < b, "<"),
+    ):
+        limit = meta.get(bound)
+        if limit is not None and not ok(value, limit):
+            raise ConfigError(f"{key}: must be {word} {limit}, got {value!r} ({meta.get('help', '')})")
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``, validating keys, types and bounds."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'{hint} "
+                f"Valid keys here: {', '.join(prefix + k for k in fields)}"
+            )
+    kwargs = {}
+    for name, value in data.items():
+        converted = _convert(value, hints[name], prefix + name)
+        _check_bounds(converted, fields[name], prefix + name)
+        kwargs[name] = converted
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain-data (YAML-ready) form of a config: enums become their values."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, enum.Enum):
+        return cfg.value
+    if isinstance(cfg, list | tuple):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value, e.g. optim.lr=0.05")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key part in {dotted!r}")
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is a value, not a section")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: cannot parse value {raw!r}: {exc}") from None
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment file (or start from defaults), apply overrides and validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; see the configs/ folder for examples")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if loaded is not None:
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"config file {path} must hold a mapping of settings at the top level")
+            data = loaded
+    apply_overrides(data, overrides)
+    return from_dict(ExperimentConfig, data)
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,70 @@
+"""Mini-batches over tensors held in memory, with a data order that depends only on (seed, epoch).
+
+Because the order of epoch e is drawn from a generator seeded with (seed, e), a resumed run sees exactly the
+batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import Tensor
+
+
+class BatchLoader:
+    """Yields ``{"inputs": {modality: Tensor}, "labels": Tensor, "indices": Tensor}`` batches.
+
+    Args:
+        inputs: modality name -> tensor with the samples on dim 0.
+        labels: [N] integer labels.
+        batch_size: samples per batch.
+        shuffle: draw a new order each epoch (call :meth:`set_epoch`).
+        seed: base seed of the order.
+        drop_last: skip a last, smaller batch.
+    """
+
+    def __init__(
+        self,
+        inputs: Mapping[str, Tensor],
+        labels: Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        sizes = {m: int(t.shape[0]) for m, t in inputs.items()}
+        if any(s != labels.shape[0] for s in sizes.values()):
+            raise ValueError(f"every modality needs one row per label ({labels.shape[0]}); got {sizes}")
+        self.inputs = dict(inputs)
+        self.labels = labels
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = int(self.labels.shape[0])
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def order(self) -> Tensor:
+        n = int(self.labels.shape[0])
+        if not self.shuffle:
+            return torch.arange(n)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(n, generator=generator)
+
+    def __iter__(self) -> Iterator[dict]:
+        order = self.order()
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield {
+                "inputs": {m: t[idx] for m, t in self.inputs.items()},
+                "labels": self.labels[idx],
+                "indices": idx,
+            }

@@ -1,0 +1,40 @@
+"""Models: per-modality encoders, fusion heads and the multimodal classifier that joins them."""
+
+from __future__ import annotations
+
+from harmonia.models.classifier import MultimodalClassifier, MultimodalOutput
+from harmonia.models.encoders import (
+    ENCODER_KINDS,
+    BasicBlock,
+    ConvEncoder,
+    ModalityEncoder,
+    ResNet18Encoder,
+    build_encoder,
+)
+from harmonia.models.fusion import (
+    ConcatFusion,
+    FiLMFusion,
+    FusionHead,
+    FusionKind,
+    GatedFusion,
+    SumFusion,
+    build_fusion,
+)
+
+__all__ = [
+    "ENCODER_KINDS",
+    "BasicBlock",
+    "ConcatFusion",
+    "ConvEncoder",
+    "FiLMFusion",
+    "FusionHead",
+    "FusionKind",
+    "GatedFusion",
+    "ModalityEncoder",
+    "MultimodalClassifier",
+    "MultimodalOutput",
+    "ResNet18Encoder",
+    "SumFusion",
+    "build_encoder",
+    "build_fusion",
+]

@@ -1,0 +1,52 @@
+"""Build the model, optimizer and schedule an experiment config describes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from harmonia.config import EncoderKind, ModelConfig, OptimConfig, OptimizerKind, ScheduleKind
+from harmonia.models import ConvEncoder, MultimodalClassifier, ResNet18Encoder, build_fusion
+
+
+def build_model(
+    cfg: ModelConfig, modalities: list[str], input_channels: Mapping[str, int], num_classes: int
+) -> MultimodalClassifier:
+    """One encoder per modality (in ``modalities`` order) and the configured fusion head."""
+    encoders: dict[str, nn.Module] = {}
+    for m in modalities:
+        if cfg.encoder is EncoderKind.CONV:
+            encoders[m] = ConvEncoder(
+                input_channels[m], widths=cfg.encoder_widths, feature_dim=cfg.feature_dim
+            )
+        else:
+            encoders[m] = ResNet18Encoder(input_channels[m], feature_dim=cfg.feature_dim)
+    fusion = build_fusion(
+        cfg.fusion,
+        modalities,
+        {m: cfg.feature_dim for m in modalities},
+        num_classes,
+        hidden_dim=cfg.hidden_dim,
+    )
+    return MultimodalClassifier(encoders, fusion)
+
+
+def build_optimizer(cfg: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.name is OptimizerKind.SGD:
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.name is OptimizerKind.ADAM:
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(
+    cfg: OptimConfig, optimizer: torch.optim.Optimizer, epochs: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """A per-epoch schedule: constant, step decay (OGM-GE's StepLR(70, 0.1) style) or cosine to zero."""
+    if cfg.schedule is ScheduleKind.STEP:
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    if cfg.schedule is ScheduleKind.COSINE:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)

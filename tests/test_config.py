@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harmonia.config import (
+    ExperimentConfig,
+    OptimizerKind,
+    apply_overrides,
+    dump_config,
+    from_dict,
+    load_config,
+    to_dict,
+)
+from harmonia.errors import ConfigError
+from harmonia.models.fusion import FusionKind
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.data.modalities
+
+
+def test_defaults_and_round_trip(tmp_path: Path) -> None:
+    cfg = load_config(None, [])
+    assert cfg.model.fusion is FusionKind.CONCAT
+    (tmp_path / "c.yaml").write_text(dump_config(cfg))
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_overrides_are_typed_and_nested() -> None:
+    cfg = load_config(
+        None,
+        [
+            "optim.lr=0.5",
+            "optim.name=adam",
+            "data.modalities=[image]",
+            "model.fusion=film",
+            "data.avdigits.audio_snr_db=null",
+        ],
+    )
+    assert cfg.optim.lr == 0.5 and cfg.optim.name is OptimizerKind.ADAM
+    assert cfg.data.modalities == ["image"]
+    assert cfg.model.fusion is FusionKind.FILM
+    assert cfg.data.avdigits.audio_snr_db is None
+
+
+def test_int_is_accepted_for_float_but_not_the_reverse() -> None:
+    assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
+    with pytest.raises(ConfigError, match=r"train\.epochs: expected an integer, got 2\.5"):
+        load_config(None, ["train.epochs=2.5"])
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ("optim.lrr=0.1", r"unknown config key 'optim\.lrr'; did you mean 'optim\.lr'\?"),
+        ("trian.epochs=3", r"unknown config key 'trian'; did you mean 'train'\?"),
+        ("data.avdigits.audio_snr=3", r"did you mean 'data\.avdigits\.audio_snr_db'"),
+        (
+            "model.fusion=concatt",
+            r"model\.fusion: 'concatt' is not a valid choice \(did you mean 'concat'\?\)",
+        ),
+        ("optim.lr=fast", r"optim\.lr: expected a number, got 'fast'"),
+        ("optim.lr=-1", r"optim\.lr: must be > 0"),
+        ("train.probe=yes please", r"train\.probe: expected true or false"),
+        ("data.modalities=audio", r"data\.modalities: expected a list of str"),
+        ("data.modalities=[]", r"at least one modality"),
+        ("data.modalities=[audio, audio]", r"lists a modality twice"),
+        ("task=pretrain", r"unknown task 'pretrain'"),
+        ("optim=3", r"optim: expected a mapping"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_fix(override: str, pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, [override])
+
+
+def test_malformed_override_and_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["optim.lr"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("optim: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_to_dict_is_plain_data() -> None:
+    data = to_dict(load_config(None, []))
+    assert data["model"]["fusion"] == "concat"
+    assert from_dict(ExperimentConfig, data) == load_config(None, [])

@@ -1,0 +1,203 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_experiment
+from harmonia.errors import CheckpointError, ConfigError, InputError, NonFiniteLossError, RunFolderExistsError
+from harmonia.train import Callback, Trainer
+from harmonia.train.checkpoint import load_checkpoint
+from harmonia.train.logging import read_metrics
+
+
+class Interrupt(Callback):
+    """Simulates a kill: raises in the middle of a given epoch."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def before_forward(self, trainer: Trainer, batch: dict) -> None:
+        if trainer.global_step == self.at_step:
+            raise KeyboardInterrupt
+
+
+def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_fit_writes_a_complete_run_folder(tmp_path: Path) -> None:
+    cfg = tiny_experiment(tmp_path, "train.epochs=2")
+    result = Trainer(cfg, progress=False).fit()
+    run = tmp_path / "tiny"
+    assert {"config.yaml", "metrics.jsonl", "results.json", "checkpoints", "tensorboard"} <= {
+        p.name for p in run.iterdir()
+    }
+    assert set(result.test) >= {"accuracy", "macro_f1", "mAP", "unimodal_accuracy/audio"}
+    assert set(result.probe) == {"audio", "image"}
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [0, 1]
+    assert any(r["kind"] == "final" for r in records)
+    assert json.loads((run / "results.json").read_text())["test"] == result.test
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    full_cfg = tiny_experiment(tmp_path / "a")
+    full = Trainer(full_cfg, progress=False)
+    full_result = full.fit()
+
+    cfg = tiny_experiment(tmp_path / "b")
+    steps_per_epoch = len(full.train_loader)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, [Interrupt(at_step=steps_per_epoch + 1)], progress=False).fit()  # mid epoch 2
+    assert load_checkpoint(tmp_path / "b" / "tiny" / "checkpoints" / "last.pt")["epoch"] == 1
+    resumed = Trainer(cfg, resume=True, progress=False)
+    resumed_result = resumed.fit()
+
+    assert resumed_result.test == full_result.test
+    assert resumed_result.probe == full_result.probe
+    for key, value in _params(full).items():
+        torch.testing.assert_close(_params(resumed)[key], value, rtol=0, atol=0)
+    epochs = [
+        r["epoch"] for r in read_metrics(tmp_path / "b" / "tiny" / "metrics.jsonl") if r["kind"] == "epoch"
+    ]
+    assert epochs == [0, 1, 2]  # the interrupted epoch's partial records were dropped
+
+
+def test_a_killed_process_resumes_where_it_was(tmp_path: Path) -> None:
+    """A real SIGKILL in the middle of training, then `harmonia train --resume`."""
+    cfg = tiny_experiment(tmp_path, "train.epochs=6")
+    overrides = [f"{k}={v}" for k, v in _flat(cfg).items()]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "harmonia", "train", "-", *overrides, "--quiet"]
+    cmd[4] = str(_write_yaml(tmp_path))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ckpt = tmp_path / "tiny" / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and load_checkpoint(ckpt)["epoch"] >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed; raise train.epochs"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert load_checkpoint(ckpt)["epoch"] < 6  # the checkpoint left behind is readable
+    done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    resumed = json.loads((tmp_path / "tiny" / "results.json").read_text())
+
+    reference = Trainer(tiny_experiment(tmp_path / "ref", "train.epochs=6"), progress=False).fit()
+    assert resumed["test"] == pytest.approx(reference.test, abs=0)
+    assert resumed["probe"] == pytest.approx(reference.probe, abs=0)
+
+
+def _flat(cfg: object, prefix: str = "") -> dict[str, str]:
+    from harmonia.config import to_dict
+
+    out: dict[str, str] = {}
+    data = to_dict(cfg) if not isinstance(cfg, dict) else cfg
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def _write_yaml(tmp_path: Path) -> Path:
+    from harmonia.config import dump_config
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(dump_config(tiny_experiment(tmp_path, "train.epochs=6")))
+    return path
+
+
+class PoisonFeatures(Callback):
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def transform_features(self, trainer: Trainer, features: dict) -> dict:
+        if trainer.global_step == self.at_step:
+            return {m: f * float("nan") for m, f in features.items()}
+        return features
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    cfg = tiny_experiment(tmp_path)
+    trainer = Trainer(cfg, [PoisonFeatures(at_step=5)], progress=False)
+    with pytest.raises(
+        NonFiniteLossError, match=r"became nan at epoch 2, step 5.*last good checkpoint.*end of epoch 1"
+    ):
+        trainer.fit()
+    state = load_checkpoint(trainer.checkpoint_path)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_existing_run_folder_is_refused_unless_resume_or_overwrite(tmp_path: Path) -> None:
+    cfg = tiny_experiment(tmp_path, "train.epochs=1", "train.probe=false")
+    Trainer(cfg, progress=False).fit()
+    with pytest.raises(RunFolderExistsError, match=r"--resume.*--overwrite"):
+        Trainer(cfg, progress=False)
+    Trainer(cfg, overwrite=True, progress=False)  # allowed
+    with pytest.raises(ConfigError, match="choose one"):
+        Trainer(cfg, resume=True, overwrite=True, progress=False)
+
+
+def test_resume_errors(tmp_path: Path) -> None:
+    cfg = tiny_experiment(tmp_path, "train.epochs=1", "train.probe=false")
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        Trainer(cfg, resume=True, progress=False)
+    Trainer(cfg, progress=False).fit()
+    other = tiny_experiment(tmp_path, "train.epochs=1", "train.probe=false", "optim.lr=0.5")
+    with pytest.raises(ConfigError, match=r"optim\.lr: saved 0\.01, now 0\.5"):
+        Trainer(other, resume=True, progress=False)
+    ckpt = tmp_path / "tiny" / "checkpoints" / "last.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        Trainer(cfg, resume=True, progress=False).fit()
+
+
+def test_resume_may_extend_training(tmp_path: Path) -> None:
+    Trainer(tiny_experiment(tmp_path, "train.epochs=1", "train.probe=false"), progress=False).fit()
+    result = Trainer(
+        tiny_experiment(tmp_path, "train.epochs=2", "train.probe=false"), resume=True, progress=False
+    ).fit()
+    assert result.epochs == 2
+
+
+@pytest.mark.parametrize("fusion", ["concat", "sum", "film", "gated"])
+def test_every_fusion_head_and_unimodal_baselines_train(tmp_path: Path, fusion: str) -> None:
+    result = Trainer(
+        tiny_experiment(tmp_path, "train.epochs=1", f"model.fusion={fusion}"), progress=False
+    ).fit()
+    assert 0.0 <= result.test["accuracy"] <= 1.0
+    only = Trainer(
+        tiny_experiment(
+            tmp_path, "train.epochs=1", "data.modalities=[image]", "name=img", f"model.fusion={fusion}"
+        ),
+        progress=False,
+    ).fit()
+    assert set(only.probe) == {"image"}
+
+
+def test_unknown_modality_in_config(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no modality 'video'; it has audio, image"):
+        Trainer(tiny_experiment(tmp_path, "data.modalities=[audio, video]"), progress=False)
+
+
+def test_training_step_rejects_a_bad_batch(tmp_path: Path) -> None:
+    trainer = Trainer(tiny_experiment(tmp_path, "train.epochs=1"), progress=False)
+    batch = next(iter(trainer.train_loader))
+    bad = {**batch, "inputs": {"audio": batch["inputs"]["audio"]}}
+    with pytest.raises(InputError, match="image"):
+        trainer.train_step(bad)
+    bad = {**batch, "inputs": {**batch["inputs"], "image": batch["inputs"]["image"][:, 0]}}
+    with pytest.raises(InputError, match="image"):
+        trainer.train_step(bad)
