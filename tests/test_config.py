@@ -97,3 +97,31 @@ def test_to_dict_is_plain_data() -> None:
     data = to_dict(load_config(None, []))
     assert data["model"]["fusion"] == "concat"
     assert from_dict(ExperimentConfig, data) == load_config(None, [])
+
+
+def test_configs_built_in_python_get_enums_and_checks() -> None:
+    from harmonia.config import EncoderKind, ModelConfig, OptimConfig, ScheduleKind
+
+    assert OptimConfig(name="sgd", schedule="cosine").name is OptimizerKind.SGD
+    assert OptimConfig(schedule="cosine").schedule is ScheduleKind.COSINE
+    assert ModelConfig(encoder="conv").encoder is EncoderKind.CONV
+    with pytest.raises(ConfigError, match=r"optim\.name: 'sgdd' is not a valid choice"):
+        OptimConfig(name="sgdd")
+
+
+def test_exponent_floats_from_yaml(tmp_path: Path) -> None:
+    assert load_config(None, ["optim.lr=1e-3"]).optim.lr == pytest.approx(1e-3)
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: 5e-4\n")
+    assert load_config(tmp_path / "c.yaml").optim.lr == pytest.approx(5e-4)
+
+
+@pytest.mark.parametrize("name", ["", "..", "../escape", "a/b", "-x"])
+def test_run_names_must_be_plain_folder_names(name: str) -> None:
+    with pytest.raises(ConfigError, match="not a plain folder name"):
+        load_config(None, [f"name='{name}'"])
+
+
+def test_benchmark_defaults_are_the_concat_config() -> None:
+    assert load_config(REPO / "configs" / "avdigits_concat.yaml") == load_config(
+        None, ["name=avdigits_concat"]
+    )

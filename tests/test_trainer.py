@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from conftest import tiny_experiment
+from harmonia.config import dump_config
 from harmonia.errors import CheckpointError, ConfigError, InputError, NonFiniteLossError, RunFolderExistsError
 from harmonia.train import Callback, Trainer
 from harmonia.train.checkpoint import load_checkpoint
@@ -74,12 +74,10 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path: Path) -
 
 def test_a_killed_process_resumes_where_it_was(tmp_path: Path) -> None:
     """A real SIGKILL in the middle of training, then `harmonia train --resume`."""
-    cfg = tiny_experiment(tmp_path, "train.epochs=6")
-    overrides = [f"{k}={v}" for k, v in _flat(cfg).items()]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "harmonia", "train", "-", *overrides, "--quiet"]
-    cmd[4] = str(_write_yaml(tmp_path))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(dump_config(tiny_experiment(tmp_path, "train.epochs=6")))
+    cmd = [sys.executable, "-m", "harmonia", "train", str(config), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "tiny" / "checkpoints" / "last.pt"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -90,32 +88,13 @@ def test_a_killed_process_resumes_where_it_was(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert load_checkpoint(ckpt)["epoch"] < 6  # the checkpoint left behind is readable
-    done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     resumed = json.loads((tmp_path / "tiny" / "results.json").read_text())
 
     reference = Trainer(tiny_experiment(tmp_path / "ref", "train.epochs=6"), progress=False).fit()
-    assert resumed["test"] == pytest.approx(reference.test, abs=0)
-    assert resumed["probe"] == pytest.approx(reference.probe, abs=0)
-
-
-def _flat(cfg: object, prefix: str = "") -> dict[str, str]:
-    from harmonia.config import to_dict
-
-    out: dict[str, str] = {}
-    data = to_dict(cfg) if not isinstance(cfg, dict) else cfg
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-    return out
-
-
-def _write_yaml(tmp_path: Path) -> Path:
-    from harmonia.config import dump_config
-
-    path = tmp_path / "tiny.yaml"
-    path.write_text(dump_config(tiny_experiment(tmp_path, "train.epochs=6")))
-    return path
+    assert resumed["test"] == reference.test
+    assert resumed["probe"] == reference.probe
 
 
 class PoisonFeatures(Callback):
@@ -201,3 +180,26 @@ def test_training_step_rejects_a_bad_batch(tmp_path: Path) -> None:
     bad = {**batch, "inputs": {**batch["inputs"], "image": batch["inputs"]["image"][:, 0]}}
     with pytest.raises(InputError, match="image"):
         trainer.train_step(bad)
+
+
+def test_device_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train\.device: 'gpu' is not a torch device"):
+        Trainer(tiny_experiment(tmp_path, "train.device=gpu"), progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            Trainer(tiny_experiment(tmp_path, "train.device=cuda"), progress=False)
+    assert not (tmp_path / "tiny").exists()  # nothing was written before the config was checked
+
+
+def test_resume_refuses_epochs_that_break_the_schedule(tmp_path: Path) -> None:
+    cosine = ("optim.schedule=cosine", "train.probe=false")
+    Trainer(tiny_experiment(tmp_path, "train.epochs=1", *cosine), progress=False).fit()
+    with pytest.raises(ConfigError, match="cosine schedule was laid out for 1 epochs"):
+        Trainer(tiny_experiment(tmp_path, "train.epochs=2", *cosine), resume=True, progress=False)
+    Trainer(tiny_experiment(tmp_path / "s", "train.epochs=2", "train.probe=false"), progress=False).fit()
+    with pytest.raises(ConfigError, match="below the 2 epochs"):
+        Trainer(
+            tiny_experiment(tmp_path / "s", "train.epochs=1", "train.probe=false"),
+            resume=True,
+            progress=False,
+        ).fit()

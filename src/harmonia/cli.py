@@ -25,12 +25,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         result = trainer.fit()
     except KeyboardInterrupt:
-        print(
-            f"\nharmonia: interrupted in epoch {trainer.epoch + 1}; the last checkpoint holds "
-            f"{trainer.epoch} finished epochs. Continue with: harmonia train {args.config} "
-            f"{' '.join(args.overrides)} --resume".replace("  ", " "),
-            file=sys.stderr,
-        )
+        command = " ".join(["harmonia train", args.config, *args.overrides])
+        if not trainer.checkpoint_path.exists():
+            hint = (
+                f"no epoch had finished, so there is no checkpoint. Start again with: {command} --overwrite"
+            )
+        elif trainer.epoch >= cfg.train.epochs:
+            hint = f"training had finished; rerun the final evaluation with: {command} --resume"
+        else:
+            hint = f"the last checkpoint holds {trainer.epoch} finished epochs. "
+            hint += f"Continue with: {command} --resume"
+        print(f"\nharmonia: interrupted. {hint}", file=sys.stderr)
         return 130
     print(format_result(result.test, result.probe, result.seconds, str(result.run_dir)))
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -46,6 +47,15 @@ def param(
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def _coerce_enums(obj: Any, section: str) -> None:
+    """Turn strings into the enum a field declares, so configs built in Python behave like parsed ones."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        tp, value = hints[f.name], getattr(obj, f.name)
+        if isinstance(tp, type) and issubclass(tp, enum.Enum) and not isinstance(value, tp):
+            setattr(obj, f.name, _convert(value, tp, f"{section}.{f.name}"))
 
 
 class OptimizerKind(str, enum.Enum):
@@ -92,16 +102,27 @@ class AVDigitsConfig:
     n_mels: int = param(32, help="number of log-mel bands", ge=8)
     hop_seconds: float = param(0.02, help="hop of the log-mel frames (window 25 ms)", gt=0.001)
     audio_snr_db: float | None = param(
-        0.0, help="signal-to-noise ratio of the additive white noise in dB (null: clean)"
+        -5.0,
+        help="SNR of additive white noise in dB (null: clean); the default makes audio the weak modality",
     )
     image_size: int = param(16, help="side of the square image after resizing the 8x8 digit", ge=8)
     image_downsample: int = param(1, help="average-pool by this factor and upsample back (1: off)", ge=1)
     image_blur_sigma: float = param(0.0, help="Gaussian blur sigma in pixels of the resized image", ge=0)
     image_occlusion: float = param(
-        0.0, help="side of a randomly placed black square, as a fraction of the image side", ge=0, lt=1
+        0.5,
+        help="side of a randomly placed black square (fixed per sample), as a fraction of the image side",
+        ge=0,
+        lt=1,
+    )
+    image_noise_fresh: bool = param(
+        True,
+        help="draw new pixel noise for every training batch (the encoder cannot memorize it); "
+        "val/test noise is always fixed per sample",
     )
     image_noise_std: float = param(
-        0.0, help="std of additive Gaussian pixel noise (pixels are in [0, 1])", ge=0
+        0.0,
+        help="std of additive Gaussian pixel noise (pixels are in [0, 1])",
+        ge=0,
     )
 
 
@@ -125,6 +146,9 @@ class ModelConfig:
     fusion: FusionKind = param(FusionKind.CONCAT, help="fusion head")
     hidden_dim: int = param(128, help="hidden width of the film and gated fusion heads", ge=1)
 
+    def __post_init__(self) -> None:
+        _coerce_enums(self, "model")
+
 
 @dataclass
 class OptimConfig:
@@ -136,6 +160,9 @@ class OptimConfig:
     step_size: int = param(10, help="epochs between decays of the step schedule", ge=1)
     gamma: float = param(0.1, help="decay factor of the step schedule", gt=0, le=1)
     grad_clip_norm: float | None = param(None, help="clip the global gradient norm to this value", gt=0)
+
+    def __post_init__(self) -> None:
+        _coerce_enums(self, "optim")
 
 
 @dataclass
@@ -161,6 +188,11 @@ class ExperimentConfig:
     train: TrainConfig = param(default_factory=TrainConfig, help="training loop")
 
     def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]*", self.name) or self.name in (".", ".."):
+            raise ConfigError(
+                f"name: {self.name!r} is not a plain folder name; use letters, digits and _ . = + - "
+                f"(the run folder is out_dir/name)"
+            )
         if self.task != "classify":
             raise ConfigError(f"task: unknown task {self.task!r}; valid tasks: 'classify'")
         if not self.data.modalities:
@@ -195,14 +227,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _convert(value, arg, key)
-            except ConfigError as exc:
-                errors.append(exc)
+            except ConfigError:
+                continue
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is list:
         (inner,) = typing.get_args(tp)
@@ -238,6 +269,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

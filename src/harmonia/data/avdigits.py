@@ -13,13 +13,15 @@ stale is rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +35,7 @@ from harmonia.data.audio_features import add_noise_at_snr, log_mel_spectrogram, 
 from harmonia.data.image_ops import add_pixel_noise, blur, downsample, occlude, resize
 from harmonia.errors import ConfigError, DataError
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPLITS = ("train", "val", "test")
 MODALITIES = ("audio", "image")
@@ -55,11 +57,18 @@ def recipe_key(cfg: AVDigitsConfig) -> str:
 
 @dataclass
 class SplitData:
-    """One split held in memory: modality tensors, labels and per-sample metadata."""
+    """One split held in memory: modality tensors, labels and per-sample metadata.
+
+    ``inputs`` are what evaluation and probes see. ``train_inputs`` and ``train_transforms`` are what a
+    training loader should use: for a modality with a transform (fresh pixel noise each batch), the clean
+    tensor to which the transform is applied.
+    """
 
     inputs: dict[str, Tensor]
     labels: Tensor
     voices: list[str]
+    train_inputs: dict[str, Tensor] = field(default_factory=dict)
+    train_transforms: dict[str, Callable[[Tensor, torch.Generator], Tensor]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -80,7 +89,26 @@ class AVDigits:
         if modalities is None:
             return data
         check_modalities(modalities, self.modalities)
-        return SplitData({m: data.inputs[m] for m in modalities}, data.labels, data.voices)
+        return SplitData(
+            {m: data.inputs[m] for m in modalities},
+            data.labels,
+            data.voices,
+            {m: t for m, t in data.train_inputs.items() if m in modalities},
+            {m: f for m, f in data.train_transforms.items() if m in modalities},
+        )
+
+
+class PixelNoise:
+    """Training-time augmentation: add N(0, std²) pixel noise drawn from the loader's generator."""
+
+    def __init__(self, std: float) -> None:
+        self.std = std
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        return x + self.std * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+
+    def __repr__(self) -> str:
+        return f"PixelNoise(std={self.std})"
 
 
 def check_modalities(requested: list[str] | tuple[str, ...], available: tuple[str, ...]) -> None:
@@ -98,16 +126,34 @@ def load_avdigits(
     """Load AV-Digits for recipe ``cfg`` from the cache, building it first when needed."""
     cfg = cfg or AVDigitsConfig()
     folder = cache_root() / "avdigits" / recipe_key(cfg)
-    if not rebuild:
+    if not rebuild and _cache_problem(folder, cfg) is None:
+        return _read(folder, cfg)
+    with _build_lock(folder):  # one builder at a time; the others then find it built
         problem = _cache_problem(folder, cfg)
-        if problem is None:
+        if problem is None and not rebuild:
             return _read(folder, cfg)
-        if (folder / "meta.json").exists() or (folder / "data.npz").exists():
+        if problem not in (None, "not built"):
             print(
                 f"harmonia: AV-Digits cache at {folder} is unusable ({problem}); rebuilding", file=sys.stderr
             )
-    _build_into(folder, cfg, progress=progress)
+        _build_into(folder, cfg, progress=progress)
     return _read(folder, cfg)
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{folder.name}.lock", "w") as handle:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no lock, builds are still atomic
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -144,12 +190,13 @@ def _read(folder: Path, cfg: AVDigitsConfig) -> AVDigits:
             arrays = {k: z[k] for k in z.files}
     except Exception as exc:  # a corrupt archive that passed the checksum: should not happen
         raise DataError(
-            f"cannot read {folder / 'data.npz'} ({exc}); run `harmonia data avdigits --rebuild`"
+            f"cannot read {folder / 'data.npz'} ({exc}); delete {folder} and it is rebuilt on the next load"
         ) from exc
     voices = meta["voices"]
     splits = {}
     for code, name in enumerate(SPLITS):
         sel = arrays["split"] == code
+        fresh = name == "train" and cfg.image_noise_fresh and cfg.image_noise_std > 0
         splits[name] = SplitData(
             inputs={
                 "audio": torch.from_numpy(arrays["audio"][sel].astype(np.float32)),
@@ -157,6 +204,8 @@ def _read(folder: Path, cfg: AVDigitsConfig) -> AVDigits:
             },
             labels=torch.from_numpy(arrays["label"][sel].astype(np.int64)),
             voices=[voices[i] for i in arrays["voice"][sel]],
+            train_inputs={"image": torch.from_numpy(arrays["image_clean"][sel])} if fresh else {},
+            train_transforms={"image": PixelNoise(cfg.image_noise_std)} if fresh else {},
         )
     return AVDigits(config=cfg, splits=splits, path=folder)
 
@@ -166,7 +215,7 @@ def _build_into(folder: Path, cfg: AVDigitsConfig, progress: bool) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
-        np.savez(tmp / "data.npz", **arrays)
+        np.savez(tmp / "data.npz", **arrays)  # type: ignore[arg-type]
         meta = {
             "recipe_version": RECIPE_VERSION,
             "recipe": to_dict(cfg),
@@ -201,6 +250,11 @@ def split_voices(cfg: AVDigitsConfig, rng: np.random.Generator) -> dict[str, lis
     order = rng.permutation(len(voices))
     n_test = max(1, round(cfg.test_fraction * len(voices)))
     n_val = max(1, round(cfg.val_fraction * len(voices)))
+    if n_test + n_val >= len(voices):
+        raise ConfigError(
+            f"data.avdigits: {len(voices)} voices cannot give train, val ({cfg.val_fraction}) and test "
+            f"({cfg.test_fraction}) voices of their own; add accents or variants, or lower the fractions"
+        )
     shuffled = [voices[i] for i in order]
     return {
         "test": sorted(shuffled[:n_test]),
@@ -283,11 +337,13 @@ def build_arrays(cfg: AVDigitsConfig, progress: bool = True) -> tuple[dict[str, 
     img = downsample(img, cfg.image_downsample)
     img = blur(img, cfg.image_blur_sigma)
     img = occlude(img, cfg.image_occlusion, image_rng)
+    clean = img
     img = add_pixel_noise(img, cfg.image_noise_std, image_rng)
 
     arrays = {
         "audio": audio.numpy().astype(np.float16),
         "image": img[:, None].astype(np.float32),
+        "image_clean": clean[:, None].astype(np.float32),
         "label": labels,
         "split": split,
         "voice": voice,

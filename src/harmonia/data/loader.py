@@ -6,7 +6,7 @@ batches an uninterrupted run would have seen.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -22,6 +22,8 @@ class BatchLoader:
         shuffle: draw a new order each epoch (call :meth:`set_epoch`).
         seed: base seed of the order.
         drop_last: skip a last, smaller batch.
+        transforms: modality -> ``f(batch_tensor, generator)``, applied to each batch (augmentation); the
+            generator is seeded by (seed, epoch), so augmentations are reproducible and resumable.
     """
 
     def __init__(
@@ -33,6 +35,7 @@ class BatchLoader:
         shuffle: bool = False,
         seed: int = 0,
         drop_last: bool = False,
+        transforms: Mapping[str, Callable[[Tensor, torch.Generator], Tensor]] | None = None,
     ) -> None:
         sizes = {m: int(t.shape[0]) for m, t in inputs.items()}
         if any(s != labels.shape[0] for s in sizes.values()):
@@ -43,6 +46,7 @@ class BatchLoader:
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
+        self.transforms = dict(transforms or {})
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -61,10 +65,14 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[dict]:
         order = self.order()
+        augment = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 500_009)
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            inputs = {m: t[idx] for m, t in self.inputs.items()}
+            for m, transform in self.transforms.items():
+                inputs[m] = transform(inputs[m], augment)
             yield {
-                "inputs": {m: t[idx] for m, t in self.inputs.items()},
+                "inputs": inputs,
                 "labels": self.labels[idx],
                 "indices": idx,
             }

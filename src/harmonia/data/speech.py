@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -66,7 +67,7 @@ class _Engine:
             ctypes.c_void_p,
         ]
 
-    def _collect(self, wav: ctypes.POINTER(ctypes.c_short), n: int, _events: int) -> int:
+    def _collect(self, wav: Any, n: int, _events: int) -> int:
         if wav and n > 0:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
         return 0

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from harmonia.config import EncoderKind, ModelConfig, OptimConfig, OptimizerKind, ScheduleKind
+from harmonia.errors import ConfigError
 from harmonia.models import ConvEncoder, MultimodalClassifier, ResNet18Encoder, build_fusion
 
 
@@ -38,7 +39,9 @@ def build_optimizer(cfg: OptimConfig, params: list[nn.Parameter]) -> torch.optim
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.name is OptimizerKind.ADAM:
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name is OptimizerKind.ADAMW:
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ConfigError(f"optim.name: unknown optimizer {cfg.name!r}")
 
 
 def build_scheduler(
@@ -49,4 +52,6 @@ def build_scheduler(
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     if cfg.schedule is ScheduleKind.COSINE:
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    if cfg.schedule is ScheduleKind.NONE:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    raise ConfigError(f"optim.schedule: unknown schedule {cfg.schedule!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +13,24 @@ class RunLogger:
     """Append-only metrics log. ``truncate_from_epoch`` drops records of epochs a resumed run will redo."""
 
     def __init__(
-        self, run_dir: Path, tensorboard: bool = True, truncate_from_epoch: int | None = None
+        self,
+        run_dir: Path,
+        tensorboard: bool = True,
+        truncate_from_epoch: int | None = None,
+        purge_step: int | None = None,
     ) -> None:
         self.path = run_dir / "metrics.jsonl"
         if truncate_from_epoch is not None and self.path.exists():
             kept = [r for r in read_metrics(self.path) if r.get("epoch", 0) < truncate_from_epoch]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)
         self._file = open(self.path, "a")  # noqa: SIM115 - closed in close()
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=None)
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)
 
     def log(self, kind: str, step: int, epoch: int, values: dict[str, Any]) -> None:
         record = {"kind": kind, "step": step, "epoch": epoch, **values}

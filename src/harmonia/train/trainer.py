@@ -3,8 +3,8 @@
 One run = one folder ``out_dir/name`` holding ``config.yaml`` (the resolved config), ``metrics.jsonl``,
 ``tensorboard/``, ``checkpoints/last.pt`` (written atomically at the end of every epoch) and, when done,
 ``results.json``. ``resume=True`` continues from ``last.pt``; the data order of each epoch depends only on
-(seed, epoch) and all RNG states are checkpointed, so a resumed run ends with the same metrics as an
-uninterrupted one.
+(seed, epoch) and all RNG states are checkpointed, so on CPU a resumed run ends with the same metrics as an
+uninterrupted one (on GPU, up to cuDNN's non-deterministic kernels).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from harmonia.config import ExperimentConfig, dump_config, load_config, to_dict
+from harmonia.config import ExperimentConfig, ScheduleKind, dump_config, load_config, to_dict
 from harmonia.data.avdigits import AVDigits, check_modalities, load_avdigits
 from harmonia.data.loader import BatchLoader
 from harmonia.errors import CheckpointError, ConfigError, NonFiniteLossError, RunFolderExistsError
@@ -32,7 +32,13 @@ from harmonia.eval.probe import extract_features, linear_probe
 from harmonia.models import MultimodalClassifier
 from harmonia.train.build import build_model, build_optimizer, build_scheduler
 from harmonia.train.callbacks import Callback
-from harmonia.train.checkpoint import atomic_save, capture_rng_state, load_checkpoint, restore_rng_state
+from harmonia.train.checkpoint import (
+    CHECKPOINT_FORMAT_VERSION,
+    atomic_save,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+)
 from harmonia.train.logging import RunLogger
 
 
@@ -91,12 +97,11 @@ class Trainer:
         self.progress = progress
         self.run_dir = Path(cfg.out_dir) / cfg.name
         self.checkpoint_path = self.run_dir / "checkpoints" / "last.pt"
-        self._prepare_run_dir(resume, overwrite)
         self.resume = resume
 
         if cfg.train.num_threads is not None:
             torch.set_num_threads(cfg.train.num_threads)
-        self.device = torch.device(cfg.train.device)
+        self.device = resolve_device(cfg.train.device)
         seed_everything(cfg.train.seed)
 
         if cfg.data.name != "avdigits":
@@ -113,8 +118,15 @@ class Trainer:
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, cfg.train.epochs)
         train = self.splits["train"]
         self.train_loader = BatchLoader(
-            train.inputs, train.labels, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed
+            {**train.inputs, **train.train_inputs},
+            train.labels,
+            cfg.train.batch_size,
+            shuffle=True,
+            seed=cfg.train.seed,
+            transforms=train.train_transforms,
         )
+        # only now that the config, data and model are known to be good, touch the run folder
+        self._prepare_run_dir(resume, overwrite)
         self.epoch = 0  # the next epoch to run
         self.global_step = 0
 
@@ -152,12 +164,15 @@ class Trainer:
                 f"cannot resume {self.run_dir}: the config differs from the saved one ({'; '.join(diffs)}). "
                 f"Resume with the same config, or start a new run with another name=..."
             )
-        if self.cfg.train.epochs != saved.train.epochs:
-            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+        if self.cfg.train.epochs != saved.train.epochs and self.cfg.optim.schedule is ScheduleKind.COSINE:
+            raise ConfigError(
+                f"cannot resume {self.run_dir} with train.epochs={self.cfg.train.epochs} (saved: "
+                f"{saved.train.epochs}): the cosine schedule was laid out for {saved.train.epochs} epochs"
+            )
 
     def save_checkpoint(self) -> None:
         state = {
-            "format_version": 1,
+            "format_version": CHECKPOINT_FORMAT_VERSION,
             "epoch": self.epoch,
             "global_step": self.global_step,
             "model": self.model.state_dict(),
@@ -191,6 +206,28 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         restore_rng_state(state["rng"])
+        if self.cfg.train.epochs < self.epoch:
+            raise ConfigError(
+                f"train.epochs={self.cfg.train.epochs} is below the {self.epoch} epochs "
+                f"the checkpoint has done"
+            )
+        (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))  # train.epochs may have grown
+
+    def _check_finite_state(self) -> None:
+        """Refuse to overwrite the last good checkpoint with non-finite weights or statistics."""
+        bad = [
+            name
+            for name, t in self.model.state_dict().items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())
+        ]
+        if bad:
+            raise NonFiniteLossError(
+                f"parameters or buffers became NaN/inf during epoch {self.epoch + 1} "
+                f"({', '.join(bad[:3])}); "
+                f"the checkpoint of the epoch before is kept at {self.checkpoint_path}. "
+                f"Lower optim.lr or set "
+                f"optim.grad_clip_norm and start again with --overwrite"
+            )
 
     def _keyed_callbacks(self) -> dict[str, Callback]:
         keyed: dict[str, Callback] = {}
@@ -216,7 +253,11 @@ class Trainer:
         start = time.perf_counter()
         if self.resume:
             self.load_checkpoint(self.checkpoint_path)
-        logger = RunLogger(self.run_dir, truncate_from_epoch=self.epoch if self.resume else None)
+        logger = RunLogger(
+            self.run_dir,
+            truncate_from_epoch=self.epoch if self.resume else None,
+            purge_step=self.global_step if self.resume else None,
+        )
         self.logger = logger
         try:
             for cb in self.callbacks:
@@ -228,6 +269,7 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, self.epoch, metrics)
                 logger.log("epoch", self.global_step, self.epoch, metrics)
+                self._check_finite_state()
                 self.epoch += 1
                 self.save_checkpoint()
             test = {k.removeprefix("test/"): v for k, v in self.evaluate("test").items()}
@@ -295,7 +337,7 @@ class Trainer:
             raise NonFiniteLossError(
                 f"the training loss became {loss.item()} at epoch {self.epoch + 1}, step {self.global_step} "
                 f"(batch samples {batch['indices'][:8].tolist()}...). {last}lower optim.lr or set "
-                f"optim.grad_clip_norm, then rerun (or --resume from that checkpoint)"
+                f"optim.grad_clip_norm and start again with --overwrite"
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -319,7 +361,9 @@ class Trainer:
         self.model.eval()
         data = self.splits[split]
         loader = BatchLoader(data.inputs, data.labels, self.cfg.train.eval_batch_size)
-        logits, unimodal, labels = [], {m: [] for m in self.modalities}, []
+        logits: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
+        unimodal: dict[str, list[torch.Tensor]] = {m: [] for m in self.modalities}
         for batch in loader:
             batch = _to_device(batch, self.device)
             out = self.model(batch["inputs"])
@@ -357,6 +401,25 @@ class Trainer:
             )
             results[m] = probe.accuracy
         return results
+
+
+def resolve_device(name: str) -> torch.device:
+    """``train.device`` as a torch device, with an error that says what is available."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device: {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"train.device: {name!r} asked for a GPU but CUDA is not available to this torch "
+                f"({torch.__version__}); use train.device=cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"train.device: {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return device
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_RECIPE, tiny_experiment
+from harmonia.cli import main
+from harmonia.config import dump_config
+
+RECIPE_ARGS = [f"{k}={v!r}".replace("'", "") for k, v in TINY_RECIPE.items()]
+
+
+def _tiny_yaml(tmp_path: Path, *overrides: str) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(dump_config(tiny_experiment(tmp_path / "runs", *overrides)))
+    return path
+
+
+def test_data_command_prints_statistics(capsys: pytest.CaptureFixture) -> None:
+    assert main(["data", "avdigits", *RECIPE_ARGS, "--quiet", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert sum(s["size"] for s in summary["splits"].values()) == TINY_RECIPE["limit"]
+    assert set(summary["raw_input_linear_accuracy"]) == {"audio", "image"}
+    assert main(["data", "avdigits", *RECIPE_ARGS, "--quiet"]) == 0
+    assert "unimodal difficulty" in capsys.readouterr().out
+
+
+def test_train_command_prints_accuracy_and_probes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = _tiny_yaml(tmp_path)
+    assert main(["train", str(config), "--quiet", "train.epochs=1"]) == 0  # overrides after flags work
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "linear-probe accuracy" in out and "image" in out
+    assert main(["train", str(config), "--quiet", "train.epochs=1"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["optim.lrr=0.1"], "did you mean 'optim.lr'"),
+        (["model.fusion=late"], "choose one of 'concat', 'sum', 'film', 'gated'"),
+        (["train.epochs=two"], "train.epochs: expected an integer"),
+    ],
+)
+def test_train_command_reports_config_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], message: str
+) -> None:
+    assert main(["train", str(_tiny_yaml(tmp_path)), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("harmonia: error:") and message in err
+
+
+def test_bench_imbalance_writes_a_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = _tiny_yaml(tmp_path, "train.epochs=1")
+    assert (
+        main(
+            [
+                "bench",
+                "imbalance",
+                "--config",
+                str(config),
+                "--seeds",
+                "2",
+                "--out",
+                str(tmp_path / "b"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    report = (tmp_path / "b" / "imbalance" / "imbalance.md").read_text()
+    assert "| audio |" in report and "| image |" in report and "harmonia bench imbalance" in report
+    data = json.loads((tmp_path / "b" / "imbalance" / "imbalance.json").read_text())
+    for row in data["rows"]:
+        assert len(row["alone"]) == len(row["joint"]) == 2
+        assert row["gap"] == pytest.approx([a - j for a, j in zip(row["alone"], row["joint"], strict=True)])
+    assert (tmp_path / "b" / "imbalance" / "imbalance.png").stat().st_size > 1000
+
+
+def test_bench_imbalance_needs_two_modalities(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = _tiny_yaml(tmp_path, "data.modalities=[image]")
+    assert main(["bench", "imbalance", "--config", str(config), "--out", str(tmp_path / "b"), "--quiet"]) == 2
+    assert "only ['image']" in capsys.readouterr().err
