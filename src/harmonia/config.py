@@ -165,6 +165,39 @@ class OptimConfig:
         _coerce_enums(self, "optim")
 
 
+class BalanceMethod(str, enum.Enum):
+    NONE = "none"
+    OGM = "ogm"
+    OPM = "opm"
+    OPM_OGM = "opm+ogm"
+
+
+class OGMFormKind(str, enum.Enum):
+    TPAMI = "tpami"
+    CVPR = "cvpr"
+
+
+@dataclass
+class BalanceConfig:
+    """Modality balancing (DESIGN §1.1-1.3): OGM / OGM-GE after backward, OPM before fusion, or both."""
+
+    method: BalanceMethod = param(BalanceMethod.NONE, help="none, ogm, opm or opm+ogm")
+    alpha: float = param(0.8, help="OGM modulation strength α (paper: 0.8 CREMA-D, 0.1 VGGSound)", ge=0)
+    form: OGMFormKind = param(OGMFormKind.TPAMI, help="OGM coefficient: tpami (Eq. 11) or cvpr (Eq. 10)")
+    ge: bool = param(True, help="OGM-GE: add noise with the gradient's std (generalization enhancement)")
+    start_epoch: int = param(0, help="first epoch in which OGM modulates", ge=0)
+    end_epoch: int | None = param(None, help="OGM stops modulating at this epoch (null: never)", ge=1)
+    warmup_epochs: int = param(0, help="epochs without OGM modulation at the start", ge=0)
+    conv_only: bool = param(False, help="OGM modulates only conv kernels, as the official code does")
+    q_base: float = param(0.5, help="OPM base drop probability", ge=0, le=1)
+    lam: float = param(0.5, help="OPM λ: how fast q grows with ρ", ge=0)
+    p_exe: float = param(0.7, help="OPM: probability that dropping is executed in a step", ge=0, le=1)
+    rescale: bool = param(True, help="OPM: rescale kept features by 1/(1-q)")
+
+    def __post_init__(self) -> None:
+        _coerce_enums(self, "balance")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = param(20, help="number of training epochs", ge=1)
@@ -185,6 +218,7 @@ class ExperimentConfig:
     data: DataConfig = param(default_factory=DataConfig, help="dataset")
     model: ModelConfig = param(default_factory=ModelConfig, help="model")
     optim: OptimConfig = param(default_factory=OptimConfig, help="optimizer and schedule")
+    balance: BalanceConfig = param(default_factory=BalanceConfig, help="modality balancing (OGM, OPM)")
     train: TrainConfig = param(default_factory=TrainConfig, help="training loop")
 
     def __post_init__(self) -> None:
@@ -199,6 +233,11 @@ class ExperimentConfig:
             raise ConfigError("data.modalities: give at least one modality, e.g. [audio, image]")
         if len(set(self.data.modalities)) != len(self.data.modalities):
             raise ConfigError(f"data.modalities: {self.data.modalities} lists a modality twice")
+        if self.balance.method is not BalanceMethod.NONE and len(self.data.modalities) < 2:
+            raise ConfigError(
+                f"balance.method={self.balance.method.value} balances modalities, but data.modalities is "
+                f"{self.data.modalities}; use at least 2 modalities or balance.method=none"
+            )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,7 +7,17 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from harmonia.config import EncoderKind, ModelConfig, OptimConfig, OptimizerKind, ScheduleKind
+from harmonia.balance import OGM, OPM, conv_weights_only
+from harmonia.balance.hooks import BalanceCallback
+from harmonia.config import (
+    BalanceConfig,
+    BalanceMethod,
+    EncoderKind,
+    ModelConfig,
+    OptimConfig,
+    OptimizerKind,
+    ScheduleKind,
+)
 from harmonia.errors import ConfigError
 from harmonia.models import ConvEncoder, MultimodalClassifier, ResNet18Encoder, build_fusion
 
@@ -32,6 +42,33 @@ def build_model(
         hidden_dim=cfg.hidden_dim,
     )
     return MultimodalClassifier(encoders, fusion)
+
+
+def build_balance_callback(
+    cfg: BalanceConfig, model: MultimodalClassifier, seed: int, device: torch.device
+) -> BalanceCallback | None:
+    """The OGM / OPM callback ``balance`` asks for (``None`` for ``method: none``)."""
+    if cfg.method is BalanceMethod.NONE:
+        return None
+    ogm = opm = None
+    if cfg.method in (BalanceMethod.OGM, BalanceMethod.OPM_OGM):
+        ogm = OGM(
+            dict(model.encoders),
+            alpha=cfg.alpha,
+            form=cfg.form.value,
+            ge=cfg.ge,
+            start_epoch=cfg.start_epoch,
+            end_epoch=cfg.end_epoch,
+            warmup_epochs=cfg.warmup_epochs,
+            param_filter=conv_weights_only if cfg.conv_only else None,
+            seed=seed,
+        )
+    if cfg.method in (BalanceMethod.OPM, BalanceMethod.OPM_OGM):
+        opm = OPM(
+            model.modalities, q_base=cfg.q_base, lam=cfg.lam, p_exe=cfg.p_exe, rescale=cfg.rescale, seed=seed
+        )
+        opm.to(device)
+    return BalanceCallback(ogm=ogm, opm=opm)
 
 
 def build_optimizer(cfg: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:

@@ -30,7 +30,7 @@ from harmonia.errors import CheckpointError, ConfigError, NonFiniteLossError, Ru
 from harmonia.eval.metrics import classification_metrics
 from harmonia.eval.probe import extract_features, linear_probe
 from harmonia.models import MultimodalClassifier
-from harmonia.train.build import build_model, build_optimizer, build_scheduler
+from harmonia.train.build import build_balance_callback, build_model, build_optimizer, build_scheduler
 from harmonia.train.callbacks import Callback
 from harmonia.train.checkpoint import (
     CHECKPOINT_FORMAT_VERSION,
@@ -114,6 +114,10 @@ class Trainer:
         self.model: MultimodalClassifier = build_model(
             cfg.model, self.modalities, channels, self.dataset.num_classes
         ).to(self.device)
+        balance = build_balance_callback(cfg.balance, self.model, cfg.train.seed, self.device)
+        if balance is not None:
+            self.callbacks.insert(0, balance)
+        self.step_metrics: dict[str, float] = {}  # callbacks add per-step values; logged every log_every
         self.optimizer = build_optimizer(cfg.optim, list(self.model.parameters()))
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, cfg.train.epochs)
         train = self.splits["train"]
@@ -307,12 +311,17 @@ class Trainer:
             total_correct += int((output.logits.argmax(1) == batch["labels"]).sum())
             for m in self.modalities:
                 unimodal_correct[m] += int((output.unimodal_logits[m].argmax(1) == batch["labels"]).sum())
-            if self.global_step % self.cfg.train.log_every == 0:
+            # balancing statistics (ρ, k, q) are logged every step; the loss every log_every steps
+            if self.step_metrics or self.global_step % self.cfg.train.log_every == 0:
                 self.logger.log(
                     "step",
                     self.global_step,
                     self.epoch,
-                    {"train/loss": loss, "train/lr": self.optimizer.param_groups[0]["lr"]},
+                    {
+                        "train/loss": loss,
+                        "train/lr": self.optimizer.param_groups[0]["lr"],
+                        **self.step_metrics,
+                    },
                 )
             bar.set_postfix(loss=f"{total_loss / total_seen:.3f}", acc=f"{total_correct / total_seen:.3f}")
         stats = {"train/loss": total_loss / total_seen, "train/accuracy": total_correct / total_seen}
@@ -321,6 +330,7 @@ class Trainer:
 
     def train_step(self, batch: dict[str, Any]) -> tuple[Any, float]:
         """One optimisation step on ``batch``; returns the model output and the loss value."""
+        self.step_metrics = {}
         for cb in self.callbacks:
             cb.before_forward(self, batch)
         features = self.model.encode(batch["inputs"])

@@ -1,0 +1,103 @@
+"""On-the-fly prediction modulation, OPM (Wei, Hu, Du, Wen, TPAMI 2025, Eq. 8 and Alg. 1).
+
+The dominant modality's features are dropped at random during training, so the fused prediction must rely
+on the others. With the discrepancy ratio ρ^m of the previous step, the drop probability is
+
+    q^m = min(1, q_base · (1 + λ·tanh(ρ^m - 1)))  if ρ^m > 1, else 0.
+
+With probability ``p_exe`` per step, each sample's feature of modality m is set to zero with probability q^m;
+kept features are rescaled by 1/(1 - q^m) so the expected input of the fusion head is unchanged; a sample
+never loses all its modalities (the modality with the lowest q is kept). In eval mode OPM is the identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from harmonia.balance.scores import discrepancy_ratio
+from harmonia.errors import ConfigError, InputError
+
+
+def opm_drop_probability(ratio: Tensor, q_base: float = 0.5, lam: float = 0.5) -> Tensor:
+    """``q = min(1, q_base·(1 + λ·tanh(ρ - 1)))`` where ``ρ > 1``, else 0 (elementwise)."""
+    ratio = torch.as_tensor(ratio, dtype=torch.float32)
+    q = (q_base * (1 + lam * torch.tanh(ratio - 1))).clamp(max=1.0)
+    return torch.where(ratio > 1, q, torch.zeros_like(ratio))
+
+
+class OPM(nn.Module):
+    """Drop dominant modalities' features before fusion; call :meth:`update` each step to adapt q.
+
+    Args:
+        modalities: the modality names, in a fixed order.
+        q_base, lam: drop-probability parameters (paper defaults 0.5, 0.5).
+        p_exe: probability that dropping is executed in a step (code default 0.7).
+        rescale: divide kept features by 1 - q (inverted dropout).
+        seed: the drop pattern of step t comes from a generator seeded with (seed, t): reproducible and
+            resumable (the step counter and q are buffers, saved with ``state_dict``).
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        q_base: float = 0.5,
+        lam: float = 0.5,
+        p_exe: float = 0.7,
+        rescale: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if len(modalities) < 2:
+            raise ConfigError(f"OPM balances modalities: give at least 2, got {list(modalities)}")
+        for name, value in (("q_base", q_base), ("p_exe", p_exe)):
+            if not 0 <= value <= 1:
+                raise ConfigError(f"OPM {name} must be in [0, 1], got {value}")
+        if lam < 0:
+            raise ConfigError(f"OPM lam must be >= 0, got {lam}")
+        self.modalities = tuple(modalities)
+        self.q_base, self.lam, self.p_exe, self.rescale, self.seed = q_base, lam, p_exe, rescale, seed
+        self.register_buffer("q", torch.zeros(len(self.modalities)))
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+
+    def drop_probabilities(self) -> dict[str, float]:
+        return {m: float(q) for m, q in zip(self.modalities, self.q, strict=True)}
+
+    @torch.no_grad()
+    def update(self, unimodal_logits: Mapping[str, Tensor], labels: Tensor) -> dict[str, float]:
+        """Set q for the next step from this batch's discrepancy ratios; returns the ratios."""
+        ratios = discrepancy_ratio({m: unimodal_logits[m] for m in self.modalities}, labels)
+        self.set_ratios(ratios)
+        return {m: float(r) for m, r in ratios.items()}
+
+    @torch.no_grad()
+    def set_ratios(self, ratios: Mapping[str, Tensor | float]) -> None:
+        """Set q for the next step from discrepancy ratios computed elsewhere."""
+        rho = torch.stack([torch.as_tensor(ratios[m], dtype=torch.float32) for m in self.modalities])
+        self.q.copy_(opm_drop_probability(rho.to(self.q.device), self.q_base, self.lam))
+
+    def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        if set(features) != set(self.modalities):
+            raise InputError(f"OPM expects features of {list(self.modalities)}, got {list(features)}")
+        if not self.training:
+            return dict(features)
+        step = int(self.num_steps)
+        self.num_steps = self.num_steps + 1  # a new tensor: a saved state_dict is not mutated
+        if not bool((self.q > 0).any()):
+            return dict(features)
+        batch = next(iter(features.values())).shape[0]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        if torch.rand((), generator=generator) >= self.p_exe:
+            return dict(features)
+        q = self.q.cpu()
+        keep = torch.rand(batch, len(self.modalities), generator=generator) >= q
+        lost_all = ~keep.any(dim=1)
+        keep[lost_all, int(q.argmin())] = True
+        out = {}
+        for j, m in enumerate(self.modalities):
+            mask = keep[:, j].to(features[m].device, features[m].dtype)
+            scale = 1.0 / (1.0 - float(q[j])) if self.rescale and float(q[j]) < 1.0 else 1.0
+            out[m] = features[m] * mask.view(-1, *([1] * (features[m].dim() - 1))) * scale
+        return out

@@ -1,0 +1,223 @@
+"""OGM, OGM-GE and OPM checked against hand-derived values (TPAMI 2025 Eq. 7, 8, 11; CVPR 2022 Eq. 10)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from harmonia.balance import (
+    OGM,
+    OPM,
+    conv_weights_only,
+    discrepancy_ratio,
+    ogm_coefficient,
+    opm_drop_probability,
+    unimodal_scores,
+)
+from harmonia.errors import ConfigError, InputError
+
+
+def logits_with_true_class_probs(
+    p_true: list[float], num_classes: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits whose softmax puts probability p on class 0 (the label) and the rest evenly elsewhere."""
+    rows = []
+    for p in p_true:
+        probs = [p] + [(1 - p) / (num_classes - 1)] * (num_classes - 1)
+        rows.append([math.log(x) for x in probs])
+    return torch.tensor(rows), torch.zeros(len(p_true), dtype=torch.long)
+
+
+def test_scores_and_ratio_for_two_modalities() -> None:
+    audio, labels = logits_with_true_class_probs([0.9, 0.8, 0.7])  # S^a = 2.4
+    image, _ = logits_with_true_class_probs([0.4, 0.3, 0.5])  # S^v = 1.2
+    scores = unimodal_scores({"audio": audio, "image": image}, labels)
+    assert float(scores["audio"]) == pytest.approx(2.4, abs=1e-5)
+    assert float(scores["image"]) == pytest.approx(1.2, abs=1e-5)
+    rho = discrepancy_ratio({"audio": audio, "image": image}, labels)
+    assert float(rho["audio"]) == pytest.approx(2.0, abs=1e-5)
+    assert float(rho["image"]) == pytest.approx(0.5, abs=1e-5)
+
+
+def test_ratio_for_three_modalities() -> None:
+    # S = (2.0, 1.0, 0.5): ρ^a = (2/1 + 2/0.5)/2 = 3; ρ^b = (1/2 + 1/0.5)/2 = 1.25;
+    # ρ^c = (0.5/2 + 0.5/1)/2 = 0.375
+    a, labels = logits_with_true_class_probs([1.0 - 1e-6, 1.0 - 1e-6])
+    b, _ = logits_with_true_class_probs([0.5, 0.5])
+    c, _ = logits_with_true_class_probs([0.25, 0.25])
+    rho = discrepancy_ratio({"a": a, "b": b, "c": c}, labels)
+    assert [round(float(rho[m]), 4) for m in "abc"] == [3.0, 1.25, 0.375]
+
+
+def test_ratio_needs_two_modalities_and_matching_shapes() -> None:
+    a, labels = logits_with_true_class_probs([0.5, 0.5])
+    with pytest.raises(InputError, match="at least 2"):
+        discrepancy_ratio({"a": a}, labels)
+    with pytest.raises(InputError, match="'b' must be \\[B, C\\]"):
+        discrepancy_ratio({"a": a, "b": a[:1]}, labels)
+
+
+@pytest.mark.parametrize(
+    ("rho", "form", "alpha", "expected"),
+    [
+        (2.0, "tpami", 0.8, 1 - 0.8 * math.tanh(1.0)),  # 0.390725
+        (2.0, "cvpr", 0.8, 1 - math.tanh(1.6)),  # 0.078331
+        (0.5, "tpami", 0.8, 1.0),
+        (0.5, "cvpr", 0.8, 1.0),
+        (1.0, "tpami", 0.8, 1.0),
+        (5.0, "tpami", 3.0, 0.0),  # 1 - 3·tanh(4) < 0 is clipped to 0
+    ],
+)
+def test_ogm_coefficient_by_hand(rho: float, form: str, alpha: float, expected: float) -> None:
+    assert float(ogm_coefficient(torch.tensor(rho), alpha, form)) == pytest.approx(expected, abs=1e-6)
+
+
+def test_tpami_coefficient_is_continuous_at_one() -> None:
+    assert float(ogm_coefficient(torch.tensor(1.0 + 1e-6), 0.8)) == pytest.approx(1.0, abs=1e-5)
+
+
+class TwoTower(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoders = nn.ModuleDict({"audio": nn.Linear(3, 4), "image": nn.Conv2d(1, 2, 3)})
+        self.head = nn.Linear(4, 2)
+
+
+def _fill_grads(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g)
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_ogm_without_ge_leaves_exactly_k_times_g_and_the_head_untouched() -> None:
+    model = TwoTower()
+    before = _fill_grads(model)
+    audio, labels = logits_with_true_class_probs([0.9, 0.8, 0.7])
+    image, _ = logits_with_true_class_probs([0.4, 0.3, 0.5])
+    ogm = OGM(dict(model.encoders), alpha=0.8, ge=False)
+    stats = ogm.step({"audio": audio, "image": image}, labels, epoch=0)
+    k_audio = 1 - 0.8 * math.tanh(2.0 - 1)
+    assert stats.coefficients == pytest.approx({"audio": k_audio, "image": 1.0}, abs=1e-6)
+    for name, p in model.named_parameters():
+        factor = k_audio if name.startswith("encoders.audio") else 1.0
+        torch.testing.assert_close(p.grad, before[name] * factor)
+
+
+def test_ogm_is_inactive_outside_its_epochs() -> None:
+    model = TwoTower()
+    before = _fill_grads(model)
+    audio, labels = logits_with_true_class_probs([0.9])
+    image, _ = logits_with_true_class_probs([0.3])
+    ogm = OGM(dict(model.encoders), start_epoch=2, end_epoch=5, warmup_epochs=3)
+    for epoch in (0, 1, 2, 5, 9):
+        stats = ogm.step({"audio": audio, "image": image}, labels, epoch=epoch)
+        assert not stats.active and stats.coefficients == {"audio": 1.0, "image": 1.0}
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, before[name])
+    assert ogm.is_active(3) and ogm.is_active(4)
+
+
+def test_ge_noise_has_the_gradient_std_and_is_the_same_on_every_replica() -> None:
+    big = nn.Linear(400, 500)  # 200k weights: the std estimate is tight
+    other = nn.Linear(3, 3)
+    g = torch.Generator().manual_seed(1)
+    grad = 3.0 * torch.randn(big.weight.shape, generator=g)
+    big.weight.grad = grad.clone()
+    audio, labels = logits_with_true_class_probs([0.99] * 4)
+    image, _ = logits_with_true_class_probs([0.01] * 4)
+    # ρ^audio = 99 and α = 10: k = 0, so what is left is the noise alone
+    ogm = OGM({"audio": big, "image": other}, alpha=10.0, ge=True, seed=7)
+    ogm.step({"audio": audio, "image": image}, labels, epoch=0)
+    noise = big.weight.grad
+    assert noise.mean().item() == pytest.approx(0.0, abs=0.03)
+    assert noise.std().item() == pytest.approx(grad.std().item(), rel=0.01)
+    assert torch.corrcoef(torch.stack([noise.flatten(), grad.flatten()]))[0, 1].abs() < 0.01
+
+    replica = nn.Linear(400, 500)
+    replica.weight.grad = grad.clone()
+    twin = OGM({"audio": replica, "image": nn.Linear(3, 3)}, alpha=10.0, ge=True, seed=7)
+    twin.step({"audio": audio, "image": image}, labels, epoch=0)
+    torch.testing.assert_close(replica.weight.grad, noise, rtol=0, atol=0)
+
+
+def test_param_filter_selects_what_is_modulated() -> None:
+    model = TwoTower()
+    model.encoders["audio"] = nn.Conv2d(1, 2, 3)
+    before = _fill_grads(model)
+    audio, labels = logits_with_true_class_probs([0.4])
+    image, _ = logits_with_true_class_probs([0.9])  # image dominant
+    ogm = OGM(dict(model.encoders), alpha=0.8, ge=False, param_filter=conv_weights_only)
+    ogm.step({"audio": audio, "image": image}, labels, epoch=0)
+    k = 1 - 0.8 * math.tanh(0.9 / 0.4 - 1)
+    torch.testing.assert_close(model.encoders["image"].weight.grad, before["encoders.image.weight"] * k)
+    torch.testing.assert_close(model.encoders["image"].bias.grad, before["encoders.image.bias"])
+    with pytest.raises(ConfigError, match="selects no parameter of modality 'audio'"):
+        OGM({"audio": nn.Linear(3, 4), "image": nn.Conv2d(1, 2, 3)}, param_filter=conv_weights_only)
+
+
+def test_opm_drop_probability_by_hand() -> None:
+    rho = torch.tensor([2.0, 0.5, 1.0])
+    expected = [0.5 * (1 + 0.5 * math.tanh(1.0)), 0.0, 0.0]  # 0.690399
+    assert opm_drop_probability(rho).tolist() == pytest.approx(expected, abs=1e-6)
+    assert float(opm_drop_probability(torch.tensor(50.0), q_base=0.9, lam=1.0)) == 1.0
+
+
+def _opm_with_q(modalities: list[str], p_true: list[float], **kwargs: float) -> OPM:
+    opm = OPM(modalities, **kwargs)
+    logits = {}
+    for m, p in zip(modalities, p_true, strict=True):
+        logits[m], labels = logits_with_true_class_probs([p] * 8)
+    opm.update(logits, labels)
+    return opm
+
+
+def test_opm_empirical_drop_rate_matches_q_and_rescales() -> None:
+    opm = _opm_with_q(["audio", "image"], [0.9, 0.3], p_exe=1.0)  # ρ^audio = 3
+    q = opm.drop_probabilities()
+    assert q["image"] == 0.0
+    assert q["audio"] == pytest.approx(0.5 * (1 + 0.5 * math.tanh(2.0)), abs=1e-6)
+    feats = {"audio": torch.ones(40_000, 5), "image": torch.ones(40_000, 5)}
+    out = opm.train()(feats)
+    dropped = (out["audio"] == 0).all(dim=1).float().mean().item()
+    assert dropped == pytest.approx(q["audio"], abs=0.01)
+    kept = out["audio"][(out["audio"] != 0).all(dim=1)]
+    torch.testing.assert_close(kept, torch.full_like(kept, 1 / (1 - q["audio"])))
+    torch.testing.assert_close(out["image"], feats["image"])
+    # the expected input of the fusion head is unchanged
+    assert out["audio"].mean().item() == pytest.approx(1.0, abs=0.02)
+
+
+def test_opm_never_drops_every_modality_of_a_sample() -> None:
+    opm = _opm_with_q(["a", "b", "c"], [0.99, 0.98, 0.01], q_base=1.0, lam=1.0, p_exe=1.0)
+    assert opm.drop_probabilities()["a"] == 1.0 and opm.drop_probabilities()["b"] == 1.0
+    opm.q[2] = 0.9  # force situations where all three would be dropped
+    feats = {m: torch.ones(5000, 3) for m in "abc"}
+    out = opm.train()(feats)
+    alive = torch.stack([(out[m] != 0).any(dim=1) for m in "abc"], dim=1)
+    assert alive.any(dim=1).all()
+
+
+def test_opm_eval_mode_and_p_exe_zero_change_nothing() -> None:
+    opm = _opm_with_q(["audio", "image"], [0.9, 0.3], p_exe=1.0)
+    feats = {"audio": torch.randn(64, 4), "image": torch.randn(64, 4)}
+    out = opm.eval()(feats)
+    for m in feats:
+        assert out[m] is feats[m]
+    lazy = _opm_with_q(["audio", "image"], [0.9, 0.3], p_exe=0.0).train()
+    for m, t in lazy(feats).items():
+        torch.testing.assert_close(t, feats[m])
+
+
+def test_opm_is_reproducible_and_resumable() -> None:
+    a = _opm_with_q(["audio", "image"], [0.9, 0.3], p_exe=1.0, seed=3).train()
+    feats = {"audio": torch.ones(256, 2), "image": torch.ones(256, 2)}
+    a(feats)
+    state = a.state_dict()
+    next_a = a(feats)
+    b = OPM(["audio", "image"], p_exe=1.0, seed=3).train()
+    b.load_state_dict(state)
+    torch.testing.assert_close(b(feats)["audio"], next_a["audio"])
