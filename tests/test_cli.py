@@ -8,6 +8,7 @@ import pytest
 from conftest import TINY_RECIPE, tiny_experiment
 from harmonia.cli import main
 from harmonia.config import dump_config
+from harmonia.errors import ConfigError
 
 RECIPE_ARGS = [f"{k}={v!r}".replace("'", "") for k, v in TINY_RECIPE.items()]
 
@@ -83,3 +84,42 @@ def test_bench_imbalance_needs_two_modalities(tmp_path: Path, capsys: pytest.Cap
     config = _tiny_yaml(tmp_path, "data.modalities=[image]")
     assert main(["bench", "imbalance", "--config", str(config), "--out", str(tmp_path / "b"), "--quiet"]) == 2
     assert "only ['image']" in capsys.readouterr().err
+
+
+def test_bench_balance_writes_report_plots_and_speed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from harmonia.bench.balance import measure_step_times, run_balance_benchmark
+
+    tiny = [o for o in _tiny_overrides() if not o.startswith(("name=", "out_dir="))]
+    summary = run_balance_benchmark(
+        seeds=2,
+        out_dir=tmp_path,
+        variants=["concat/none", "concat/opm+ogm"],
+        overrides=[*tiny, "train.epochs=1"],
+        speed_steps=2,
+        speed_rounds=1,
+        progress=False,
+    )
+    out = tmp_path / "balance"
+    report = (out / "balance.md").read_text()
+    assert "| concat | opm+ogm |" in report and "× baseline" in report
+    assert (out / "balance.png").stat().st_size > 1000 and (out / "balance_curves.png").stat().st_size > 1000
+    assert summary["speed"]["none"]["ratio"] == 1.0
+    assert set(summary["speed"]) == {"none", "ogm", "opm", "opm+ogm"}
+    assert measure_step_times(tiny, steps=1, rounds=1, progress=False)["ogm"]["seconds"] > 0
+    with pytest.raises(ConfigError, match="unknown variants"):
+        run_balance_benchmark(variants=["concat/magic"], progress=False)
+
+
+def _tiny_overrides() -> list[str]:
+    from harmonia.config import to_dict
+
+    def flat(d: dict, prefix: str = "") -> list[str]:
+        items = []
+        for k, v in d.items():
+            if isinstance(v, dict):
+                items += flat(v, f"{prefix}{k}.")
+            else:
+                items.append(f"{prefix}{k}={json.dumps(v)}")
+        return items
+
+    return flat(to_dict(tiny_experiment(Path("unused"))))

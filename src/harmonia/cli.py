@@ -84,7 +84,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         return 0
-    raise HarmoniaError(f"unknown benchmark {args.benchmark!r}; available: imbalance")
+    if args.benchmark == "balance":
+        from harmonia.bench.balance import ALL_VARIANTS, run_balance_benchmark
+
+        if args.config:
+            raise HarmoniaError(
+                "bench balance runs on the defaults; change them with overrides, not --config"
+            )
+        run_balance_benchmark(
+            seeds=args.seeds,
+            out_dir=args.out,
+            variants=args.variants or ALL_VARIANTS,
+            overrides=args.overrides,
+            progress=not args.quiet,
+        )
+        return 0
+    raise HarmoniaError(f"unknown benchmark {args.benchmark!r}; available: imbalance, balance")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,10 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_data)
 
     p = sub.add_parser("bench", help="run a benchmark and write a Markdown report")
-    p.add_argument("benchmark", help="imbalance")
+    p.add_argument("benchmark", help="imbalance or balance")
     p.add_argument("overrides", nargs="*", help="config overrides applied to every run")
     p.add_argument("--config", default=None, help="base config (default: the benchmark's own)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    p.add_argument("--variants", nargs="+", help="balance: fusion/method pairs, e.g. concat/none concat/opm")
     p.add_argument("--out", default="bench-results", help="folder for runs and the report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_bench)

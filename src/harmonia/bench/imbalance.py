@@ -8,40 +8,16 @@ the balancing methods (OGM, OPM) exist to remove.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from harmonia.config import ExperimentConfig, load_config
+from harmonia.bench.common import fmt, mean_std, run_variant
+from harmonia.config import load_config
 from harmonia.errors import ConfigError
-from harmonia.train import Trainer
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def fmt(values: Sequence[float], scale: float = 100.0) -> str:
-    mean, std = _mean_std(values)
-    return f"{mean * scale:.1f} ± {std * scale:.1f}"
-
-
-def run_variant(cfg: ExperimentConfig, seeds: Sequence[int], progress: bool) -> list[dict[str, Any]]:
-    results = []
-    for seed in seeds:
-        run_cfg = dataclasses.replace(
-            cfg, name=f"{cfg.name}_seed{seed}", train=dataclasses.replace(cfg.train, seed=seed)
-        )
-        result = Trainer(run_cfg, overwrite=True, progress=False).fit()
-        results.append(result.to_dict())
-        if progress:
-            tqdm.write(f"  {run_cfg.name}: test acc {result.test['accuracy']:.4f}, probe {result.probe}")
-    return results
 
 
 def run_imbalance_benchmark(
@@ -108,7 +84,7 @@ def _command(config: str | Path | None, seeds: int, out_dir: str | Path, overrid
 
 def format_report(summary: dict[str, Any], command: str) -> str:
     n = len(summary["seeds"])
-    weakest = max(summary["rows"], key=lambda r: _mean_std(r["gap"])[0])
+    weakest = max(summary["rows"], key=lambda r: mean_std(r["gap"])[0])
     lines = [
         "# Modality imbalance on AV-Digits",
         "",
@@ -132,7 +108,7 @@ def format_report(summary: dict[str, Any], command: str) -> str:
     ]
     for m, accs in summary["unimodal_test_accuracy"].items():
         lines.append(f"| {m} only | {fmt(accs)} |")
-    gap = _mean_std(weakest["gap"])[0] * 100
+    gap = mean_std(weakest["gap"])[0] * 100
     lines += [
         "",
         f"The under-trained modality is **{weakest['modality']}**: "
@@ -153,8 +129,8 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.6))
     width = 0.38
     for k, (key, label) in enumerate((("alone", "trained alone"), ("joint", "inside joint model"))):
-        means = [_mean_std(r[key])[0] * 100 for r in rows]
-        stds = [_mean_std(r[key])[1] * 100 for r in rows]
+        means = [mean_std(r[key])[0] * 100 for r in rows]
+        stds = [mean_std(r[key])[1] * 100 for r in rows]
         ax.bar(
             [i + (k - 0.5) * width for i in range(len(rows))], means, width, yerr=stds, capsize=3, label=label
         )

@@ -1,0 +1,193 @@
+"""``harmonia bench balance``: what OGM-GE, OPM and both do on the default (imbalanced) AV-Digits.
+
+Quality: every variant (fusion head x balancing method) is trained for each seed with the defaults of
+``configs/avdigits_concat.yaml``; the report gives mean ± std of test accuracy, macro-F1 and each encoder's
+linear-probe accuracy, a bar plot, and ρ / k / q curves (per-epoch means of the per-step logs, seed 0).
+
+Speed: in one process, the same fixed batches go through ``Trainer.train_step`` for every method in
+interleaved rounds; the median step time of each method is divided by the baseline's.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from harmonia.bench.common import fmt, mean_std, run_variant
+from harmonia.config import load_config
+from harmonia.errors import ConfigError
+from harmonia.train import Trainer
+from harmonia.train.logging import read_metrics
+
+METHODS = ("none", "ogm", "opm", "opm+ogm")
+ALL_VARIANTS = (
+    *(f"concat/{m}" for m in METHODS),
+    *(f"{fusion}/{m}" for fusion in ("sum", "film") for m in ("none", "ogm", "opm")),
+)
+
+
+def _variant_overrides(variant: str) -> list[str]:
+    fusion, method = variant.split("/")
+    return [f"model.fusion={fusion}", f"balance.method={method}", f"name={fusion}_{method.replace('+', '_')}"]
+
+
+def run_balance_benchmark(
+    seeds: int = 3,
+    out_dir: str | Path = "bench-results",
+    variants: Sequence[str] = ALL_VARIANTS,
+    overrides: Sequence[str] = (),
+    speed_steps: int = 20,
+    speed_rounds: int = 5,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train every variant for ``seeds`` seeds, time each method; write ``balance.{md,json,png}``."""
+    unknown = [v for v in variants if v not in ALL_VARIANTS]
+    if unknown:
+        raise ConfigError(f"unknown variants {unknown}; choose from {', '.join(ALL_VARIANTS)}")
+    out = Path(out_dir) / "balance"
+    forced = [f"out_dir={out / 'runs'}", "train.probe=true"]
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for variant in tqdm(variants, desc="balance benchmark", disable=not progress, unit="variant"):
+        cfg = load_config(None, [*overrides, *_variant_overrides(variant), *forced])
+        runs[variant] = run_variant(cfg, list(range(seeds)), progress)
+    speed = measure_step_times(overrides, speed_steps, speed_rounds, progress)
+    summary = {"seeds": list(range(seeds)), "overrides": list(overrides), "runs": runs, "speed": speed}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "balance.json").write_text(json.dumps(summary, indent=1))
+    command = " ".join(["harmonia bench balance", *overrides, f"--seeds {seeds}", f"--out {out_dir}"])
+    if tuple(variants) != ALL_VARIANTS:
+        command += " --variants " + " ".join(variants)
+    report = format_report(summary, command)
+    (out / "balance.md").write_text(report)
+    _plot(summary, out)
+    print(report)
+    return summary
+
+
+def measure_step_times(
+    overrides: Sequence[str], steps: int, rounds: int, progress: bool = True
+) -> dict[str, dict[str, float]]:
+    """Median seconds per ``train_step`` of each concat method, interleaved in rounds; ratio to baseline."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = {
+            m: Trainer(
+                load_config(None, [*overrides, f"balance.method={m}", f"out_dir={tmp}", f"name=speed_{m}"]),
+                progress=False,
+            )
+            for m in METHODS
+        }
+        batches = [b for _, b in zip(range(steps), trainers["none"].train_loader, strict=False)]
+        times: dict[str, list[float]] = {m: [] for m in METHODS}
+        for _ in tqdm(range(rounds + 1), desc="step timing", disable=not progress, unit="round"):
+            for method, trainer in trainers.items():
+                per_step = []
+                for batch in batches:
+                    start = time.perf_counter()
+                    trainer.train_step(batch)
+                    per_step.append(time.perf_counter() - start)
+                times[method].append(statistics.median(per_step))
+        medians = {m: statistics.median(t[1:]) for m, t in times.items()}  # round 0 is warm-up
+    return {m: {"seconds": medians[m], "ratio": medians[m] / medians["none"]} for m in METHODS}
+
+
+def format_report(summary: dict[str, Any], command: str) -> str:
+    n = len(summary["seeds"])
+    lines = [
+        "# Modality balancing on AV-Digits",
+        "",
+        f"Measured with `{command}` (mean ± std over {n} seeds).",
+        "",
+        "| fusion | method | test accuracy | macro-F1 | audio probe | image probe |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant, runs in summary["runs"].items():
+        fusion, method = variant.split("/")
+        acc = [r["test"]["accuracy"] for r in runs]
+        f1 = [r["test"]["macro_f1"] for r in runs]
+        audio = [r["probe"]["audio"] for r in runs]
+        image = [r["probe"]["image"] for r in runs]
+        lines.append(f"| {fusion} | {method} | {fmt(acc)} | {fmt(f1)} | {fmt(audio)} | {fmt(image)} |")
+    lines += [
+        "",
+        "Median time of one training step (concat, batch 64, same batches, one process, interleaved rounds):",
+        "",
+        "| method | ms / step | × baseline |",
+        "|---|---|---|",
+    ]
+    for method, s in summary["speed"].items():
+        lines.append(f"| {method} | {s['seconds'] * 1000:.1f} | {s['ratio']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _epoch_curves(run_dir: str) -> dict[str, dict[int, float]]:
+    curves: dict[str, dict[int, list[float]]] = {}
+    for record in read_metrics(Path(run_dir) / "metrics.jsonl"):
+        if record["kind"] != "step":
+            continue
+        for key, value in record.items():
+            if key.startswith("balance/"):
+                curves.setdefault(key, {}).setdefault(record["epoch"], []).append(value)
+    return {k: {e: statistics.fmean(v) for e, v in per_epoch.items()} for k, per_epoch in curves.items()}
+
+
+def _plot(summary: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(summary["runs"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(variants)), 3.8))
+    width = 0.27
+    for k, (label, get) in enumerate(
+        (
+            ("test accuracy", lambda r: r["test"]["accuracy"]),
+            ("audio probe", lambda r: r["probe"]["audio"]),
+            ("image probe", lambda r: r["probe"]["image"]),
+        )
+    ):
+        stats = [mean_std([get(r) for r in summary["runs"][v]]) for v in variants]
+        ax.bar(
+            [i + (k - 1) * width for i in range(len(variants))],
+            [m * 100 for m, _ in stats],
+            width,
+            yerr=[s * 100 for _, s in stats],
+            capsize=2,
+            label=label,
+        )
+    ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
+    ax.set_ylim(50, 100)
+    ax.set_ylabel("%")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, 1.15), ncol=3, frameon=False)
+    fig.tight_layout()
+    fig.savefig(out / "balance.png", dpi=120)
+    plt.close(fig)
+
+    balanced = [v for v in variants if not v.endswith("/none")]
+    if not balanced:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for variant in balanced:
+        curves = _epoch_curves(summary["runs"][variant][0]["run_dir"])
+        for ax, quantity in zip(axes, ("rho", "k", "q"), strict=True):
+            for key, per_epoch in curves.items():
+                if key.startswith(f"balance/{quantity}/"):
+                    modality = key.rsplit("/", 1)[1]
+                    ax.plot(list(per_epoch), list(per_epoch.values()), label=f"{variant} {modality}")
+    for ax, title in zip(
+        axes, ("discrepancy ratio ρ", "OGM coefficient k", "OPM drop probability q"), strict=True
+    ):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        if ax.lines:
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "balance_curves.png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,35 @@
+"""Helpers shared by the benchmarks: runs over seeds and mean ± std formatting."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from harmonia.config import ExperimentConfig
+from harmonia.train import Trainer
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def fmt(values: Sequence[float], scale: float = 100.0) -> str:
+    mean, std = mean_std(values)
+    return f"{mean * scale:.1f} ± {std * scale:.1f}"
+
+
+def run_variant(cfg: ExperimentConfig, seeds: Sequence[int], progress: bool) -> list[dict[str, Any]]:
+    results = []
+    for seed in seeds:
+        run_cfg = dataclasses.replace(
+            cfg, name=f"{cfg.name}_seed{seed}", train=dataclasses.replace(cfg.train, seed=seed)
+        )
+        result = Trainer(run_cfg, overwrite=True, progress=False).fit()
+        results.append(result.to_dict())
+        if progress:
+            tqdm.write(f"  {run_cfg.name}: test acc {result.test['accuracy']:.4f}, probe {result.probe}")
+    return results
