@@ -221,3 +221,21 @@ def test_opm_is_reproducible_and_resumable() -> None:
     b = OPM(["audio", "image"], p_exe=1.0, seed=3).train()
     b.load_state_dict(state)
     torch.testing.assert_close(b(feats)["audio"], next_a["audio"])
+
+
+def test_balance_curves_average_the_step_records_per_epoch(tmp_path) -> None:
+    import json
+
+    from harmonia.train.report import balance_curves, plot_balance_curves
+
+    records = [
+        {"kind": "step", "step": 1, "epoch": 0, "balance/rho/a": 1.0},
+        {"kind": "step", "step": 2, "epoch": 0, "balance/rho/a": 3.0},
+        {"kind": "step", "step": 3, "epoch": 1, "balance/rho/a": 5.0, "train/loss": 0.1},
+        {"kind": "epoch", "step": 3, "epoch": 1, "balance/rho/a": 99.0},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert balance_curves(tmp_path) == {"balance/rho/a": {0: 2.0, 1: 5.0}}
+    assert plot_balance_curves({"run": tmp_path}, tmp_path / "c.png")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(records[-1]) + "\n")
+    assert not plot_balance_curves({"run": tmp_path}, tmp_path / "d.png")

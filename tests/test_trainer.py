@@ -217,6 +217,7 @@ def test_balanced_training_logs_rho_k_q_and_resumes_exactly(tmp_path: Path, meth
         assert {"balance/rho/audio", "balance/k/audio", "balance/k/image"} <= keys
     if "opm" in method:
         assert {"balance/q/audio", "balance/q/image"} <= keys
+    assert (tmp_path / "a" / "tiny" / "balance_curves.png").stat().st_size > 1000
 
     cfg = tiny_experiment(tmp_path / "b", *overrides)
     with pytest.raises(KeyboardInterrupt):

@@ -24,7 +24,7 @@ from harmonia.bench.common import fmt, mean_std, run_variant
 from harmonia.config import load_config
 from harmonia.errors import ConfigError
 from harmonia.train import Trainer
-from harmonia.train.logging import read_metrics
+from harmonia.train.report import plot_balance_curves
 
 METHODS = ("none", "ogm", "opm", "opm+ogm")
 ALL_VARIANTS = (
@@ -126,17 +126,6 @@ def format_report(summary: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _epoch_curves(run_dir: str) -> dict[str, dict[int, float]]:
-    curves: dict[str, dict[int, list[float]]] = {}
-    for record in read_metrics(Path(run_dir) / "metrics.jsonl"):
-        if record["kind"] != "step":
-            continue
-        for key, value in record.items():
-            if key.startswith("balance/"):
-                curves.setdefault(key, {}).setdefault(record["epoch"], []).append(value)
-    return {k: {e: statistics.fmean(v) for e, v in per_epoch.items()} for k, per_epoch in curves.items()}
-
-
 def _plot(summary: dict[str, Any], out: Path) -> None:
     import matplotlib
 
@@ -170,24 +159,5 @@ def _plot(summary: dict[str, Any], out: Path) -> None:
     fig.savefig(out / "balance.png", dpi=120)
     plt.close(fig)
 
-    balanced = [v for v in variants if not v.endswith("/none")]
-    if not balanced:
-        return
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    for variant in balanced:
-        curves = _epoch_curves(summary["runs"][variant][0]["run_dir"])
-        for ax, quantity in zip(axes, ("rho", "k", "q"), strict=True):
-            for key, per_epoch in curves.items():
-                if key.startswith(f"balance/{quantity}/"):
-                    modality = key.rsplit("/", 1)[1]
-                    ax.plot(list(per_epoch), list(per_epoch.values()), label=f"{variant} {modality}")
-    for ax, title in zip(
-        axes, ("discrepancy ratio ρ", "OGM coefficient k", "OPM drop probability q"), strict=True
-    ):
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        if ax.lines:
-            ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out / "balance_curves.png", dpi=120)
-    plt.close(fig)
+    balanced = {v: summary["runs"][v][0]["run_dir"] for v in variants if not v.endswith("/none")}
+    plot_balance_curves(balanced, out / "balance_curves.png")

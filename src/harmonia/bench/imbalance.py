@@ -41,7 +41,14 @@ def run_imbalance_benchmark(
     variants = {"joint": base}
     for m in modalities:
         variants[m] = load_config(
-            config, [*overrides, *forced, f"data.modalities=[{m}]", f"name={base.name}_{m}_only"]
+            config,
+            [
+                *overrides,
+                *forced,
+                f"data.modalities=[{m}]",
+                "balance.method=none",
+                f"name={base.name}_{m}_only",
+            ],
         )
     seed_list = list(range(seeds))
     runs: dict[str, list[dict[str, Any]]] = {}

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from harmonia.config import ExperimentConfig, ScheduleKind, dump_config, load_config, to_dict
+from harmonia.config import BalanceMethod, ExperimentConfig, ScheduleKind, dump_config, load_config, to_dict
 from harmonia.data.avdigits import AVDigits, check_modalities, load_avdigits
 from harmonia.data.loader import BatchLoader
 from harmonia.errors import CheckpointError, ConfigError, NonFiniteLossError, RunFolderExistsError
@@ -40,6 +40,7 @@ from harmonia.train.checkpoint import (
     restore_rng_state,
 )
 from harmonia.train.logging import RunLogger
+from harmonia.train.report import plot_balance_curves
 
 
 @dataclass
@@ -286,6 +287,8 @@ class Trainer:
             )
         finally:
             logger.close()
+        if self.cfg.balance.method is not BalanceMethod.NONE:
+            plot_balance_curves({"": self.run_dir}, self.run_dir / "balance_curves.png")
         result = TrainResult(self.run_dir, test, probe, self.epoch, time.perf_counter() - start)
         (self.run_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=1))
         return result
