@@ -96,10 +96,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             out_dir=args.out,
             variants=args.variants or ALL_VARIANTS,
             overrides=args.overrides,
+            speed_steps=args.speed_steps,
+            speed_rounds=args.speed_rounds,
             progress=not args.quiet,
         )
         return 0
-    raise HarmoniaError(f"unknown benchmark {args.benchmark!r}; available: imbalance, balance")
+    if args.benchmark == "balance-speed":
+        from harmonia.bench.balance import run_speed_benchmark
+
+        run_speed_benchmark(args.out, args.overrides, args.speed_steps, args.speed_rounds, not args.quiet)
+        return 0
+    raise HarmoniaError(f"unknown benchmark {args.benchmark!r}; available: imbalance, balance, balance-speed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,11 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_data)
 
     p = sub.add_parser("bench", help="run a benchmark and write a Markdown report")
-    p.add_argument("benchmark", help="imbalance or balance")
+    p.add_argument("benchmark", help="imbalance, balance or balance-speed")
     p.add_argument("overrides", nargs="*", help="config overrides applied to every run")
     p.add_argument("--config", default=None, help="base config (default: the benchmark's own)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     p.add_argument("--variants", nargs="+", help="balance: fusion/method pairs, e.g. concat/none concat/opm")
+    p.add_argument("--speed-steps", type=int, default=20, help="balance: batches timed per round")
+    p.add_argument("--speed-rounds", type=int, default=5, help="balance: timing rounds after a warm-up")
     p.add_argument("--out", default="bench-results", help="folder for runs and the report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_bench)

@@ -58,7 +58,14 @@ def run_balance_benchmark(
         cfg = load_config(None, [*overrides, *_variant_overrides(variant), *forced])
         runs[variant] = run_variant(cfg, list(range(seeds)), progress)
     speed = measure_step_times(overrides, speed_steps, speed_rounds, progress)
-    summary = {"seeds": list(range(seeds)), "overrides": list(overrides), "runs": runs, "speed": speed}
+    summary = {
+        "seeds": list(range(seeds)),
+        "overrides": list(overrides),
+        "runs": runs,
+        "speed": speed,
+        "speed_steps": speed_steps,
+        "speed_rounds": speed_rounds,
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "balance.json").write_text(json.dumps(summary, indent=1))
     command = " ".join(["harmonia bench balance", *overrides, f"--seeds {seeds}", f"--out {out_dir}"])
@@ -97,6 +104,40 @@ def measure_step_times(
     return {m: {"seconds": medians[m], "ratio": medians[m] / medians["none"]} for m in METHODS}
 
 
+def run_speed_benchmark(
+    out_dir: str | Path = "bench-results",
+    overrides: Sequence[str] = (),
+    steps: int = 20,
+    rounds: int = 5,
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Only the step-time comparison, written to ``balance/speed.{md,json}``."""
+    speed = measure_step_times(overrides, steps, rounds, progress)
+    out = Path(out_dir) / "balance"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json.dumps(speed, indent=1))
+    command = " ".join(
+        ["harmonia bench balance-speed", *overrides, f"--speed-steps {steps}", f"--speed-rounds {rounds}"]
+    )
+    lines = [f"Measured with `{command}`:", "", *_speed_table(speed, steps, rounds)]
+    (out / "speed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return speed
+
+
+def _speed_table(speed: dict[str, dict[str, float]], steps: int, rounds: int) -> list[str]:
+    lines = [
+        f"Median time of one training step (concat, batch 64, the same {steps} batches for every method, "
+        f"one process, {rounds} interleaved rounds after a warm-up round; median over rounds of each "
+        "round's median):",
+        "",
+        "| method | ms / step | × baseline |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {m} | {s['seconds'] * 1000:.1f} | {s['ratio']:.3f} |" for m, s in speed.items()]
+    return lines
+
+
 def format_report(summary: dict[str, Any], command: str) -> str:
     n = len(summary["seeds"])
     lines = [
@@ -114,15 +155,7 @@ def format_report(summary: dict[str, Any], command: str) -> str:
         audio = [r["probe"]["audio"] for r in runs]
         image = [r["probe"]["image"] for r in runs]
         lines.append(f"| {fusion} | {method} | {fmt(acc)} | {fmt(f1)} | {fmt(audio)} | {fmt(image)} |")
-    lines += [
-        "",
-        "Median time of one training step (concat, batch 64, same batches, one process, interleaved rounds):",
-        "",
-        "| method | ms / step | × baseline |",
-        "|---|---|---|",
-    ]
-    for method, s in summary["speed"].items():
-        lines.append(f"| {method} | {s['seconds'] * 1000:.1f} | {s['ratio']:.3f} |")
+    lines += ["", *_speed_table(summary["speed"], summary["speed_steps"], summary["speed_rounds"])]
     return "\n".join(lines) + "\n"
 
 
