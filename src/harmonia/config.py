@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from harmonia.balance.ogm import OGMForm
 from harmonia.errors import ConfigError
 from harmonia.models.fusion import FusionKind
 
@@ -172,18 +173,13 @@ class BalanceMethod(str, enum.Enum):
     OPM_OGM = "opm+ogm"
 
 
-class OGMFormKind(str, enum.Enum):
-    TPAMI = "tpami"
-    CVPR = "cvpr"
-
-
 @dataclass
 class BalanceConfig:
     """Modality balancing (DESIGN §1.1-1.3): OGM / OGM-GE after backward, OPM before fusion, or both."""
 
     method: BalanceMethod = param(BalanceMethod.NONE, help="none, ogm, opm or opm+ogm")
     alpha: float = param(0.8, help="OGM modulation strength α (paper: 0.8 CREMA-D, 0.1 VGGSound)", ge=0)
-    form: OGMFormKind = param(OGMFormKind.TPAMI, help="OGM coefficient: tpami (Eq. 11) or cvpr (Eq. 10)")
+    form: OGMForm = param(OGMForm.TPAMI, help="OGM coefficient: tpami (Eq. 11) or cvpr (Eq. 10)")
     ge: bool = param(True, help="OGM-GE: add noise with the gradient's std (generalization enhancement)")
     start_epoch: int = param(0, help="first epoch in which OGM modulates", ge=0)
     end_epoch: int | None = param(None, help="OGM stops modulating at this epoch (null: never)", ge=1)

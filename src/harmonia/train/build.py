@@ -55,7 +55,7 @@ def build_balance_callback(
         ogm = OGM(
             dict(model.encoders),
             alpha=cfg.alpha,
-            form=cfg.form.value,
+            form=cfg.form,
             ge=cfg.ge,
             start_epoch=cfg.start_epoch,
             end_epoch=cfg.end_epoch,
