@@ -104,7 +104,7 @@ def test_bench_balance_writes_report_plots_and_speed(tmp_path: Path, capsys: pyt
     assert "| concat | opm+ogm |" in report and "× baseline" in report
     assert (out / "balance.png").stat().st_size > 1000 and (out / "balance_curves.png").stat().st_size > 1000
     assert summary["speed"]["none"]["ratio"] == 1.0
-    assert set(summary["speed"]) == {"none", "ogm", "opm", "opm+ogm"}
+    assert set(summary["speed"]) == {"none", "ogm", "opm", "opm+ogm", "none (again)"}
     assert measure_step_times(tiny, steps=1, rounds=1, progress=False)["ogm"]["seconds"] > 0
     with pytest.raises(ConfigError, match="unknown variants"):
         run_balance_benchmark(variants=["concat/magic"], progress=False)

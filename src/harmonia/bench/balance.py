@@ -4,8 +4,8 @@ Quality: every variant (fusion head x balancing method) is trained for each seed
 ``configs/avdigits_concat.yaml``; the report gives mean ± std of test accuracy, macro-F1 and each encoder's
 linear-probe accuracy, a bar plot, and ρ / k / q curves (per-epoch means of the per-step logs, seed 0).
 
-Speed: in one process, the same fixed batches go through ``Trainer.train_step`` for every method in
-interleaved rounds; the median step time of each method is divided by the baseline's.
+Speed: in one process, the same fixed batches go through ``Trainer.train_step`` for every method, the
+methods interleaved step by step; the report gives the median of the per-batch ratios to the baseline.
 """
 
 from __future__ import annotations
@@ -78,30 +78,53 @@ def run_balance_benchmark(
     return summary
 
 
+CONTROL = "none (again)"
+
+
 def measure_step_times(
     overrides: Sequence[str], steps: int, rounds: int, progress: bool = True
 ) -> dict[str, dict[str, float]]:
-    """Median seconds per ``train_step`` of each concat method, interleaved in rounds; ratio to baseline."""
+    """Step time of each concat method relative to the baseline, measured as paired ratios.
+
+    One trainer per method (plus a second, independent baseline as an A/A control) sees the same batches.
+    For every batch every trainer takes one step, in an order rotated from batch to batch, and each
+    method's time is divided by the baseline's time on that same batch; the result is the median of these
+    paired ratios over ``steps`` batches x ``rounds`` rounds (a first round is a warm-up). Pairing at the
+    step level cancels the slow drifts of a shared machine, which made block-wise timing disagree with
+    itself by more than 10 %; the control's ratio shows the noise floor that remains.
+    """
+    names = [*METHODS, CONTROL]
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = {
-            m: Trainer(
-                load_config(None, [*overrides, f"balance.method={m}", f"out_dir={tmp}", f"name=speed_{m}"]),
+        trainers = [
+            Trainer(
+                load_config(
+                    None,
+                    [*overrides, f"balance.method={n.split()[0]}", f"out_dir={tmp}", f"name=speed_{i}"],
+                ),
                 progress=False,
             )
-            for m in METHODS
-        }
-        batches = [b for _, b in zip(range(steps), trainers["none"].train_loader, strict=False)]
-        times: dict[str, list[float]] = {m: [] for m in METHODS}
-        for _ in tqdm(range(rounds + 1), desc="step timing", disable=not progress, unit="round"):
-            for method, trainer in trainers.items():
-                per_step = []
-                for batch in batches:
+            for i, n in enumerate(names)
+        ]
+        batches = [b for _, b in zip(range(steps), trainers[0].train_loader, strict=False)]
+        seconds: list[list[float]] = [[] for _ in names]
+        ratios: list[list[float]] = [[] for _ in names]
+        for r in tqdm(range(rounds + 1), desc="step timing", disable=not progress, unit="round"):
+            for j, batch in enumerate(batches):
+                shift = (r * len(batches) + j) % len(names)
+                elapsed = [0.0] * len(names)
+                for i in [*range(shift, len(names)), *range(shift)]:
                     start = time.perf_counter()
-                    trainer.train_step(batch)
-                    per_step.append(time.perf_counter() - start)
-                times[method].append(statistics.median(per_step))
-        medians = {m: statistics.median(t[1:]) for m, t in times.items()}  # round 0 is warm-up
-    return {m: {"seconds": medians[m], "ratio": medians[m] / medians["none"]} for m in METHODS}
+                    trainers[i].train_step(batch)
+                    elapsed[i] = time.perf_counter() - start
+                if r == 0:
+                    continue
+                for i in range(len(names)):
+                    seconds[i].append(elapsed[i])
+                    ratios[i].append(elapsed[i] / elapsed[0])
+    return {
+        n: {"seconds": statistics.median(seconds[i]), "ratio": statistics.median(ratios[i])}
+        for i, n in enumerate(names)
+    }
 
 
 def run_speed_benchmark(
@@ -127,11 +150,12 @@ def run_speed_benchmark(
 
 def _speed_table(speed: dict[str, dict[str, float]], steps: int, rounds: int) -> list[str]:
     lines = [
-        f"Median time of one training step (concat, batch 64, the same {steps} batches for every method, "
-        f"one process, {rounds} interleaved rounds after a warm-up round; median over rounds of each "
-        "round's median):",
+        f"Step time of each method over the baseline (concat, batch 64, one process; the same {steps} "
+        f"batches for every method, {rounds} rounds after a warm-up round; on every batch each method takes "
+        "one step, in rotated order, and the ratio is the median of the per-batch ratios to the baseline's "
+        f"step; `{CONTROL}` is a second baseline model, an A/A control showing the noise floor):",
         "",
-        "| method | ms / step | × baseline |",
+        "| method | median ms / step | × baseline (median paired ratio) |",
         "|---|---|---|",
     ]
     lines += [f"| {m} | {s['seconds'] * 1000:.1f} | {s['ratio']:.3f} |" for m, s in speed.items()]
