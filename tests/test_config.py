@@ -71,7 +71,9 @@ def test_int_is_accepted_for_float_but_not_the_reverse() -> None:
         ("data.modalities=audio", r"data\.modalities: expected a list of str"),
         ("data.modalities=[]", r"at least one modality"),
         ("data.modalities=[audio, audio]", r"lists a modality twice"),
-        ("task=pretrain", r"unknown task 'pretrain'"),
+        ("task=regress", r"task: 'regress' is not a valid choice; choose one of 'classify', 'pretrain'"),
+        ("task=pretrain", r"task=pretrain trains on data.name=trimodal_avdigits, not avdigits"),
+        ("data.name=mnist", r"data.name: unknown dataset 'mnist'"),
         ("optim=3", r"optim: expected a mapping"),
     ],
 )

@@ -11,15 +11,19 @@ from harmonia.errors import HarmoniaError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from harmonia.config import load_config
-    from harmonia.train import Trainer
+    from harmonia.config import TaskKind, load_config
+    from harmonia.train import build_trainer
 
     cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    trainer = build_trainer(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     what = "resuming" if args.resume else "training"
+    model = (
+        f"{cfg.pretrain.backbone.value} backbone, contrastive pre-training"
+        if cfg.task is TaskKind.PRETRAIN
+        else f"{cfg.model.fusion.value} fusion"
+    )
     print(
-        f"harmonia: {what} {cfg.name} ({', '.join(cfg.data.modalities)}; {cfg.model.fusion.value} fusion) "
-        f"-> {trainer.run_dir}",
+        f"harmonia: {what} {cfg.name} ({', '.join(cfg.data.modalities)}; {model}) -> {trainer.run_dir}",
         file=sys.stderr,
     )
     try:
@@ -42,6 +46,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def format_result(test: dict[str, float], probe: dict[str, float], seconds: float, run_dir: str) -> str:
+    if "accuracy" not in test:  # pre-training: retrieval
+        lines = [
+            "zero-shot retrieval (test): "
+            + "   ".join(f"{k} {v:.3f}" for k, v in test.items() if k.endswith(("R@1", "R@10")))
+        ]
+        if probe:
+            lines.append(
+                "digit linear-probe accuracy of each frozen backbone (test): "
+                + "   ".join(f"{m} {v:.4f}" for m, v in probe.items())
+            )
+        lines.append(f"finished in {seconds:.0f} s; run folder {run_dir}")
+        return "\n".join(lines)
     lines = [
         f"test accuracy {test['accuracy']:.4f}   macro-F1 {test['macro_f1']:.4f}   mAP {test['mAP']:.4f}",
     ]

@@ -56,7 +56,7 @@ def _coerce_enums(obj: Any, section: str) -> None:
     for f in dataclasses.fields(obj):
         tp, value = hints[f.name], getattr(obj, f.name)
         if isinstance(tp, type) and issubclass(tp, enum.Enum) and not isinstance(value, tp):
-            setattr(obj, f.name, _convert(value, tp, f"{section}.{f.name}"))
+            setattr(obj, f.name, _convert(value, tp, f"{section}.{f.name}" if section else f.name))
 
 
 class OptimizerKind(str, enum.Enum):
@@ -74,6 +74,24 @@ class ScheduleKind(str, enum.Enum):
 class EncoderKind(str, enum.Enum):
     CONV = "conv"
     RESNET18 = "resnet18"
+
+
+class TaskKind(str, enum.Enum):
+    CLASSIFY = "classify"
+    PRETRAIN = "pretrain"
+
+
+class MisalignKind(str, enum.Enum):
+    """Which modality of a misaligned triplet comes from another sample."""
+
+    TEXT = "text"
+    AUDIO = "audio"
+    BOTH = "both"
+
+
+class BackboneKind(str, enum.Enum):
+    SHARED = "shared"
+    SPECIFIC = "specific"
 
 
 @dataclass
@@ -128,13 +146,50 @@ class AVDigitsConfig:
 
 
 @dataclass
+class TriModalConfig:
+    """Tri-modal AV-Digits (DESIGN §3): video made from the digit image, speech, and captions."""
+
+    frames: int = param(8, help="frames per video clip, spread over the audio clip's duration", ge=2)
+    frame_size: int = param(16, help="side of each square frame in pixels", ge=8)
+    captions: int = param(3, help="caption candidates per clip (the bag of MIL-NCE)", ge=1)
+    sync_contrast: float = param(
+        0.6,
+        help="how much brighter the digit is in frames during which the word is spoken (0: no "
+        "audio-visual synchrony cue)",
+        ge=0,
+        le=1,
+    )
+    misalign_rate: float = param(
+        0.0, help="fraction of training triplets with a modality taken from another sample", ge=0, le=1
+    )
+    misalign_modality: MisalignKind = param(
+        MisalignKind.TEXT, help="which modality misaligned triplets swap: text, audio or both"
+    )
+    partial_rate: float = param(
+        0.0, help="fraction of training clips with some frames replaced by unrelated content", ge=0, le=1
+    )
+    partial_fraction: float = param(
+        0.5, help="fraction of a partial clip's frames that are replaced (a contiguous block)", gt=0, lt=1
+    )
+    seed: int = param(0, help="seed of motion, captions, misalignment and partial replacement")
+
+    def __post_init__(self) -> None:
+        _coerce_enums(self, "data.trimodal")
+
+
+@dataclass
 class DataConfig:
-    name: str = param("avdigits", help="dataset name; 'avdigits' is embedded")
+    name: str = param(
+        "avdigits", help="dataset: 'avdigits' (audio, image) or 'trimodal_avdigits' (video, audio, text)"
+    )
     modalities: list[str] = param(
         default_factory=lambda: ["audio", "image"],
         help="modalities fed to the model; one modality gives a unimodal baseline",
     )
     avdigits: AVDigitsConfig = param(default_factory=AVDigitsConfig, help="AV-Digits recipe")
+    trimodal: TriModalConfig = param(
+        default_factory=TriModalConfig, help="tri-modal AV-Digits (data.name=trimodal_avdigits)"
+    )
 
 
 @dataclass
@@ -195,6 +250,40 @@ class BalanceConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Tri-modal contrastive pre-training (task: pretrain; DESIGN §1.4, VATT)."""
+
+    backbone: BackboneKind = param(
+        BackboneKind.SHARED,
+        help="shared: one modality-agnostic transformer for all modalities; specific: one per modality",
+    )
+    width: int = param(64, help="transformer width (token dimension)", ge=8)
+    depth: int = param(2, help="transformer layers", ge=1)
+    heads: int = param(4, help="attention heads", ge=1)
+    embed_dim: int = param(64, help="dimension of the common embedding spaces", ge=4)
+    dropout: float = param(0.0, help="dropout inside the transformer", ge=0, lt=1)
+    tubelet: list[int] = param(
+        default_factory=lambda: [2, 4, 4], help="video patch size [frames, height, width]"
+    )
+    audio_patch: list[int] = param(
+        default_factory=lambda: [8, 4], help="spectrogram patch size [mel bands, frames]"
+    )
+    temperature: float = param(0.07, help="softmax temperature of both contrastive losses", gt=0)
+    weight_va: float = param(1.0, help="weight of the video-audio NCE loss", ge=0)
+    weight_vt: float = param(1.0, help="weight of the video-text MIL-NCE loss", ge=0)
+
+    def __post_init__(self) -> None:
+        _coerce_enums(self, "pretrain")
+        if self.width % self.heads:
+            raise ConfigError(f"pretrain.width={self.width} must be divisible by pretrain.heads={self.heads}")
+        for key, value, n in (("tubelet", self.tubelet, 3), ("audio_patch", self.audio_patch, 2)):
+            if len(value) != n or min(value) < 1:
+                raise ConfigError(f"pretrain.{key}: expected {n} positive integers, got {value}")
+        if self.weight_va == 0 and self.weight_vt == 0:
+            raise ConfigError("pretrain.weight_va and pretrain.weight_vt are both 0: nothing to train")
+
+
+@dataclass
 class TrainConfig:
     epochs: int = param(20, help="number of training epochs", ge=1)
     batch_size: int = param(64, help="training batch size", ge=1)
@@ -210,11 +299,17 @@ class TrainConfig:
 class ExperimentConfig:
     name: str = param("experiment", help="name of the run; the run folder is out_dir/name")
     out_dir: str = param("runs", help="folder that holds run folders")
-    task: str = param("classify", help="task; 'classify' is supervised multimodal classification")
+    task: TaskKind = param(
+        TaskKind.CLASSIFY,
+        help="classify: supervised multimodal classification; pretrain: tri-modal contrastive pre-training",
+    )
     data: DataConfig = param(default_factory=DataConfig, help="dataset")
     model: ModelConfig = param(default_factory=ModelConfig, help="model")
     optim: OptimConfig = param(default_factory=OptimConfig, help="optimizer and schedule")
     balance: BalanceConfig = param(default_factory=BalanceConfig, help="modality balancing (OGM, OPM)")
+    pretrain: PretrainConfig = param(
+        default_factory=PretrainConfig, help="tri-modal contrastive pre-training (task: pretrain)"
+    )
     train: TrainConfig = param(default_factory=TrainConfig, help="training loop")
 
     def __post_init__(self) -> None:
@@ -223,8 +318,25 @@ class ExperimentConfig:
                 f"name: {self.name!r} is not a plain folder name; use letters, digits and _ . = + - "
                 f"(the run folder is out_dir/name)"
             )
-        if self.task != "classify":
-            raise ConfigError(f"task: unknown task {self.task!r}; valid tasks: 'classify'")
+        _coerce_enums(self, "")
+        datasets = {TaskKind.CLASSIFY: "avdigits", TaskKind.PRETRAIN: "trimodal_avdigits"}
+        if self.data.name not in datasets.values():
+            raise ConfigError(
+                f"data.name: unknown dataset {self.data.name!r}; available: 'avdigits', 'trimodal_avdigits'"
+            )
+        if self.data.name != datasets[self.task]:
+            raise ConfigError(
+                f"task={self.task.value} trains on data.name={datasets[self.task]}, not {self.data.name}; "
+                f"see configs/ for an example of each task"
+            )
+        if self.task is TaskKind.PRETRAIN:
+            if sorted(self.data.modalities) != ["audio", "text", "video"]:
+                raise ConfigError(
+                    f"data.modalities: pre-training uses video, audio and text, got {self.data.modalities}; "
+                    f"set data.modalities=[video,audio,text]"
+                )
+            if self.balance.method is not BalanceMethod.NONE:
+                raise ConfigError("balance.method applies to task=classify; set balance.method=none")
         if not self.data.modalities:
             raise ConfigError("data.modalities: give at least one modality, e.g. [audio, image]")
         if len(set(self.data.modalities)) != len(self.data.modalities):

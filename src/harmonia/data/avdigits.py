@@ -35,7 +35,7 @@ from harmonia.data.audio_features import add_noise_at_snr, log_mel_spectrogram, 
 from harmonia.data.image_ops import add_pixel_noise, blur, downsample, occlude, resize
 from harmonia.errors import ConfigError, DataError
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3  # 3: stores the speech onset (tri-modal AV-Digits syncs video to it)
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPLITS = ("train", "val", "test")
 MODALITIES = ("audio", "image")
@@ -69,6 +69,7 @@ class SplitData:
     voices: list[str]
     train_inputs: dict[str, Tensor] = field(default_factory=dict)
     train_transforms: dict[str, Callable[[Tensor, torch.Generator], Tensor]] = field(default_factory=dict)
+    speech_span: Tensor | None = None  # [N, 2] start and end of the word in the audio clip, seconds
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -95,6 +96,7 @@ class AVDigits:
             data.voices,
             {m: t for m, t in data.train_inputs.items() if m in modalities},
             {m: f for m, f in data.train_transforms.items() if m in modalities},
+            data.speech_span,
         )
 
 
@@ -206,6 +208,15 @@ def _read(folder: Path, cfg: AVDigitsConfig) -> AVDigits:
             voices=[voices[i] for i in arrays["voice"][sel]],
             train_inputs={"image": torch.from_numpy(arrays["image_clean"][sel])} if fresh else {},
             train_transforms={"image": PixelNoise(cfg.image_noise_std)} if fresh else {},
+            speech_span=torch.from_numpy(
+                np.stack(
+                    [
+                        arrays["onset"][sel],
+                        np.minimum(arrays["onset"][sel] + arrays["duration"][sel], cfg.clip_seconds),
+                    ],
+                    axis=1,
+                )
+            ),
         )
     return AVDigits(config=cfg, splits=splits, path=folder)
 
@@ -313,6 +324,7 @@ def build_arrays(cfg: AVDigitsConfig, progress: bool = True) -> tuple[dict[str, 
     clip_len = int(round(cfg.clip_seconds * cfg.sample_rate))
     waves = np.zeros((n, clip_len), dtype=np.float32)
     durations = np.zeros(n, dtype=np.float32)
+    onsets = np.zeros(n, dtype=np.float32)
     audio_rng = np.random.default_rng([cfg.seed, 1])
     for i in tqdm(range(n), desc="AV-Digits: synthesizing speech", disable=not progress, unit="clip"):
         raw = speech.synthesize(DIGIT_WORDS[labels[i]], all_voices[voice[i]], int(rate[i]), int(pitch[i]))
@@ -323,6 +335,7 @@ def build_arrays(cfg: AVDigitsConfig, progress: bool = True) -> tuple[dict[str, 
             start = (len(wave) - clip_len) // 2
             wave = wave[start : start + clip_len]
         offset = int(audio_rng.integers(0, clip_len - len(wave) + 1))
+        onsets[i] = offset / cfg.sample_rate
         clip = np.zeros(clip_len, dtype=np.float32)
         clip[offset : offset + len(wave)] = wave
         if cfg.audio_snr_db is not None and power > 0:
@@ -350,6 +363,7 @@ def build_arrays(cfg: AVDigitsConfig, progress: bool = True) -> tuple[dict[str, 
         "rate": rate.astype(np.int16),
         "pitch": pitch.astype(np.int16),
         "duration": durations,
+        "onset": onsets,
     }
     return arrays, all_voices
 

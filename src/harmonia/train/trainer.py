@@ -1,76 +1,27 @@
-"""Supervised multimodal classification trainer.
+"""Supervised multimodal classification: the trainer of ``task: classify``.
 
-One run = one folder ``out_dir/name`` holding ``config.yaml`` (the resolved config), ``metrics.jsonl``,
-``tensorboard/``, ``checkpoints/last.pt`` (written atomically at the end of every epoch) and, when done,
-``results.json``. ``resume=True`` continues from ``last.pt``; the data order of each epoch depends only on
-(seed, epoch) and all RNG states are checkpointed, so on CPU a resumed run ends with the same metrics as an
-uninterrupted one (on GPU, up to cuDNN's non-deterministic kernels).
+Run folder, checkpoints, resume and logging come from :class:`~harmonia.train.base.BaseTrainer`.
 """
 
 from __future__ import annotations
 
-import json
-import random
-import shutil
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from harmonia.config import BalanceMethod, ExperimentConfig, ScheduleKind, dump_config, load_config, to_dict
 from harmonia.data.avdigits import AVDigits, check_modalities, load_avdigits
 from harmonia.data.loader import BatchLoader
-from harmonia.errors import CheckpointError, ConfigError, NonFiniteLossError, RunFolderExistsError
 from harmonia.eval.metrics import classification_metrics
 from harmonia.eval.probe import extract_features, linear_probe
 from harmonia.models import MultimodalClassifier
-from harmonia.train.build import build_balance_callback, build_model, build_optimizer, build_scheduler
-from harmonia.train.callbacks import Callback
-from harmonia.train.checkpoint import (
-    CHECKPOINT_FORMAT_VERSION,
-    atomic_save,
-    capture_rng_state,
-    load_checkpoint,
-    restore_rng_state,
-)
-from harmonia.train.logging import RunLogger
-from harmonia.train.report import plot_balance_curves
+from harmonia.train.base import BaseTrainer, TrainResult, seed_everything, to_device
+from harmonia.train.build import build_balance_callback, build_model
 
 
-@dataclass
-class TrainResult:
-    """What a finished run reports (also written to ``results.json``)."""
-
-    run_dir: Path
-    test: dict[str, float]
-    probe: dict[str, float] = field(default_factory=dict)
-    epochs: int = 0
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "run_dir": str(self.run_dir),
-            "test": self.test,
-            "probe": self.probe,
-            "epochs": self.epochs,
-            "seconds": self.seconds,
-        }
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-class Trainer:
-    """Train ``cfg``'s model on its dataset.
+class Trainer(BaseTrainer):
+    """Train a :class:`~harmonia.models.MultimodalClassifier` (``task: classify``), with OGM / OPM when
+    ``balance.method`` asks for them.
 
     Args:
         cfg: the validated experiment config.
@@ -78,49 +29,24 @@ class Trainer:
         resume: continue the run in ``out_dir/name`` from its last checkpoint.
         overwrite: delete an existing run folder first.
         progress: show progress bars.
-        dataset: a loaded dataset to use instead of loading ``cfg.data`` (tests, benchmarks).
+        dataset: a loaded :class:`~harmonia.data.avdigits.AVDigits` to use instead of loading ``cfg.data``.
     """
 
-    def __init__(
-        self,
-        cfg: ExperimentConfig,
-        callbacks: Sequence[Callback] = (),
-        *,
-        resume: bool = False,
-        overwrite: bool = False,
-        progress: bool = True,
-        dataset: AVDigits | None = None,
-    ) -> None:
-        if resume and overwrite:
-            raise ConfigError("choose one of --resume (continue the run) and --overwrite (start it again)")
-        self.cfg = cfg
-        self.callbacks = list(callbacks)
-        self.progress = progress
-        self.run_dir = Path(cfg.out_dir) / cfg.name
-        self.checkpoint_path = self.run_dir / "checkpoints" / "last.pt"
-        self.resume = resume
+    model: MultimodalClassifier
 
-        if cfg.train.num_threads is not None:
-            torch.set_num_threads(cfg.train.num_threads)
-        self.device = resolve_device(cfg.train.device)
-        seed_everything(cfg.train.seed)
-
-        if cfg.data.name != "avdigits":
-            raise ConfigError(f"data.name: unknown dataset {cfg.data.name!r}; available: 'avdigits'")
-        self.dataset = dataset or load_avdigits(cfg.data.avdigits, progress=progress)
+    def setup(self, dataset: AVDigits | None) -> None:
+        cfg = self.cfg
+        self.dataset = dataset or load_avdigits(cfg.data.avdigits, progress=self.progress)
         check_modalities(cfg.data.modalities, self.dataset.modalities)
         self.modalities = list(cfg.data.modalities)
         self.splits = {s: self.dataset.split(s, self.modalities) for s in ("train", "val", "test")}
         channels = {m: int(t.shape[1]) for m, t in self.splits["train"].inputs.items()}
-        self.model: MultimodalClassifier = build_model(
-            cfg.model, self.modalities, channels, self.dataset.num_classes
-        ).to(self.device)
+        self.model = build_model(cfg.model, self.modalities, channels, self.dataset.num_classes).to(
+            self.device
+        )
         balance = build_balance_callback(cfg.balance, self.model, cfg.train.seed, self.device)
         if balance is not None:
             self.callbacks.insert(0, balance)
-        self.step_metrics: dict[str, float] = {}  # callbacks add per-step values; logged every log_every
-        self.optimizer = build_optimizer(cfg.optim, list(self.model.parameters()))
-        self.scheduler = build_scheduler(cfg.optim, self.optimizer, cfg.train.epochs)
         train = self.splits["train"]
         self.train_loader = BatchLoader(
             {**train.inputs, **train.train_inputs},
@@ -130,206 +56,15 @@ class Trainer:
             seed=cfg.train.seed,
             transforms=train.train_transforms,
         )
-        # only now that the config, data and model are known to be good, touch the run folder
-        self._prepare_run_dir(resume, overwrite)
-        self.epoch = 0  # the next epoch to run
-        self.global_step = 0
 
-    # ----------------------------------------------------------------------------------------------
-    # run folder and checkpoints
+    def epoch_tally(self) -> dict[str, float]:
+        return {"accuracy": 0.0, **{f"unimodal_accuracy/{m}": 0.0 for m in self.modalities}}
 
-    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
-        exists = self.run_dir.exists() and any(self.run_dir.iterdir())
-        if resume:
-            if not self.checkpoint_path.exists():
-                raise CheckpointError(
-                    f"cannot resume: no checkpoint at {self.checkpoint_path}; "
-                    "run without --resume to start it"
-                )
-            saved = load_config(self.run_dir / "config.yaml")
-            self._check_resumable(saved)
-            return
-        if exists:
-            if not overwrite:
-                raise RunFolderExistsError(
-                    f"run folder {self.run_dir} already exists; pass --resume to continue it, --overwrite to "
-                    f"start it again, or choose another name with name=..."
-                )
-            shutil.rmtree(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
-
-    def _check_resumable(self, saved: ExperimentConfig) -> None:
-        """A run may be resumed with more epochs, but not with a different recipe."""
-        ours, theirs = to_dict(self.cfg), to_dict(saved)
-        ours["train"]["epochs"] = theirs["train"]["epochs"] = None
-        if ours != theirs:
-            diffs = _dict_diff(theirs, ours)
-            raise ConfigError(
-                f"cannot resume {self.run_dir}: the config differs from the saved one ({'; '.join(diffs)}). "
-                f"Resume with the same config, or start a new run with another name=..."
-            )
-        if self.cfg.train.epochs != saved.train.epochs and self.cfg.optim.schedule is ScheduleKind.COSINE:
-            raise ConfigError(
-                f"cannot resume {self.run_dir} with train.epochs={self.cfg.train.epochs} (saved: "
-                f"{saved.train.epochs}): the cosine schedule was laid out for {saved.train.epochs} epochs"
-            )
-
-    def save_checkpoint(self) -> None:
-        state = {
-            "format_version": CHECKPOINT_FORMAT_VERSION,
-            "epoch": self.epoch,
-            "global_step": self.global_step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": capture_rng_state(),
-            "callbacks": self._callback_states(),
-            "config": to_dict(self.cfg),
-        }
-        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save(state, self.checkpoint_path)
-
-    def load_checkpoint(self, path: Path) -> None:
-        state = load_checkpoint(path)
-        try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise CheckpointError(f"checkpoint {path} does not fit this model: {exc}") from exc
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        saved, ours = state["callbacks"], self._callback_states()
-        if set(saved) != set(ours):
-            raise CheckpointError(
-                f"checkpoint {path} holds the state of {sorted(saved) or 'no stateful methods'}, "
-                f"this run has "
-                f"{sorted(ours) or 'none'}; resume with the same methods enabled"
-            )
-        for key, cb in self._keyed_callbacks().items():
-            if key in saved:
-                cb.load_state_dict(saved[key])
-        self.epoch = int(state["epoch"])
-        self.global_step = int(state["global_step"])
-        restore_rng_state(state["rng"])
-        if self.cfg.train.epochs < self.epoch:
-            raise ConfigError(
-                f"train.epochs={self.cfg.train.epochs} is below the {self.epoch} epochs "
-                f"the checkpoint has done"
-            )
-        (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))  # train.epochs may have grown
-
-    def _check_finite_state(self) -> None:
-        """Refuse to overwrite the last good checkpoint with non-finite weights or statistics."""
-        bad = [
-            name
-            for name, t in self.model.state_dict().items()
-            if t.is_floating_point() and not bool(torch.isfinite(t).all())
-        ]
-        if bad:
-            raise NonFiniteLossError(
-                f"parameters or buffers became NaN/inf during epoch {self.epoch + 1} "
-                f"({', '.join(bad[:3])}); "
-                f"the checkpoint of the epoch before is kept at {self.checkpoint_path}. "
-                f"Lower optim.lr or set "
-                f"optim.grad_clip_norm and start again with --overwrite"
-            )
-
-    def _keyed_callbacks(self) -> dict[str, Callback]:
-        keyed: dict[str, Callback] = {}
-        for cb in self.callbacks:
-            name = type(cb).__qualname__
-            key, n = name, 1
-            while key in keyed:
-                n += 1
-                key = f"{name}#{n}"
-            keyed[key] = cb
-        return keyed
-
-    def _callback_states(self) -> dict[str, dict[str, Any]]:
-        """States of the stateful callbacks, keyed by class name (stateless hooks are not recorded)."""
-        states = {key: cb.state_dict() for key, cb in self._keyed_callbacks().items()}
-        return {key: st for key, st in states.items() if st}
-
-    # ----------------------------------------------------------------------------------------------
-    # training
-
-    def fit(self) -> TrainResult:
-        """Train for ``cfg.train.epochs`` epochs, then evaluate on test and probe each encoder."""
-        start = time.perf_counter()
-        if self.resume:
-            self.load_checkpoint(self.checkpoint_path)
-        logger = RunLogger(
-            self.run_dir,
-            truncate_from_epoch=self.epoch if self.resume else None,
-            purge_step=self.global_step if self.resume else None,
-        )
-        self.logger = logger
-        try:
-            for cb in self.callbacks:
-                cb.on_train_start(self)
-            while self.epoch < self.cfg.train.epochs:
-                train_stats = self._train_epoch()
-                self.scheduler.step()
-                metrics = {**train_stats, **self.evaluate("val"), **self.evaluate("test")}
-                for cb in self.callbacks:
-                    cb.on_epoch_end(self, self.epoch, metrics)
-                logger.log("epoch", self.global_step, self.epoch, metrics)
-                self._check_finite_state()
-                self.epoch += 1
-                self.save_checkpoint()
-            test = {k.removeprefix("test/"): v for k, v in self.evaluate("test").items()}
-            probe = self.probe_encoders() if self.cfg.train.probe else {}
-            logger.log(
-                "final",
-                self.global_step,
-                self.epoch,
-                {**{f"test/{k}": v for k, v in test.items()}, **{f"probe/{k}": v for k, v in probe.items()}},
-            )
-        finally:
-            logger.close()
-        if self.cfg.balance.method is not BalanceMethod.NONE:
-            plot_balance_curves({"": self.run_dir}, self.run_dir / "balance_curves.png")
-        result = TrainResult(self.run_dir, test, probe, self.epoch, time.perf_counter() - start)
-        (self.run_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=1))
-        return result
-
-    def _train_epoch(self) -> dict[str, float]:
-        self.model.train()
-        self.train_loader.set_epoch(self.epoch)
-        total_loss, total_correct, total_seen = 0.0, 0, 0
-        unimodal_correct = dict.fromkeys(self.modalities, 0)
-        bar = tqdm(
-            self.train_loader,
-            desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}",
-            disable=not self.progress,
-            leave=False,
-            unit="batch",
-        )
-        for batch in bar:
-            batch = _to_device(batch, self.device)
-            output, loss = self.train_step(batch)
-            n = int(batch["labels"].shape[0])
-            total_loss += loss * n
-            total_seen += n
-            total_correct += int((output.logits.argmax(1) == batch["labels"]).sum())
-            for m in self.modalities:
-                unimodal_correct[m] += int((output.unimodal_logits[m].argmax(1) == batch["labels"]).sum())
-            # balancing statistics (ρ, k, q) are logged every step; the loss every log_every steps
-            if self.step_metrics or self.global_step % self.cfg.train.log_every == 0:
-                self.logger.log(
-                    "step",
-                    self.global_step,
-                    self.epoch,
-                    {
-                        "train/loss": loss,
-                        "train/lr": self.optimizer.param_groups[0]["lr"],
-                        **self.step_metrics,
-                    },
-                )
-            bar.set_postfix(loss=f"{total_loss / total_seen:.3f}", acc=f"{total_correct / total_seen:.3f}")
-        stats = {"train/loss": total_loss / total_seen, "train/accuracy": total_correct / total_seen}
-        stats.update({f"train/unimodal_accuracy/{m}": c / total_seen for m, c in unimodal_correct.items()})
-        return stats
+    def tally_step(self, tally: dict[str, float], batch: dict[str, Any], output: Any) -> None:
+        labels = batch["labels"]
+        tally["accuracy"] += int((output.logits.argmax(1) == labels).sum())
+        for m in self.modalities:
+            tally[f"unimodal_accuracy/{m}"] += int((output.unimodal_logits[m].argmax(1) == labels).sum())
 
     def train_step(self, batch: dict[str, Any]) -> tuple[Any, float]:
         """One optimisation step on ``batch``; returns the model output and the loss value."""
@@ -342,16 +77,7 @@ class Trainer:
         output = self.model.fuse(features)
         loss = F.cross_entropy(output.logits, batch["labels"])
         if not torch.isfinite(loss):
-            last = (
-                f"the last good checkpoint is {self.checkpoint_path} (end of epoch {self.epoch}); "
-                if self.checkpoint_path.exists()
-                else "no checkpoint was written yet; "
-            )
-            raise NonFiniteLossError(
-                f"the training loss became {loss.item()} at epoch {self.epoch + 1}, step {self.global_step} "
-                f"(batch samples {batch['indices'][:8].tolist()}...). {last}lower optim.lr or set "
-                f"optim.grad_clip_norm and start again with --overwrite"
-            )
+            self._raise_non_finite(loss, batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for cb in self.callbacks:
@@ -378,7 +104,7 @@ class Trainer:
         labels: list[torch.Tensor] = []
         unimodal: dict[str, list[torch.Tensor]] = {m: [] for m in self.modalities}
         for batch in loader:
-            batch = _to_device(batch, self.device)
+            batch = to_device(batch, self.device)
             out = self.model(batch["inputs"])
             logits.append(out.logits.float().cpu())
             for m in self.modalities:
@@ -416,49 +142,11 @@ class Trainer:
         return results
 
 
-def resolve_device(name: str) -> torch.device:
-    """``train.device`` as a torch device, with an error that says what is available."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device: {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"train.device: {name!r} asked for a GPU but CUDA is not available to this torch "
-                f"({torch.__version__}); use train.device=cpu"
-            )
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"train.device: {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)"
-            )
-    return device
+def train(cfg: Any, **kwargs: Any) -> TrainResult:
+    """Convenience wrapper: build the trainer of ``cfg.task`` and run it."""
+    from harmonia.train import build_trainer
 
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    if device.type == "cpu":
-        return batch
-    return {
-        "inputs": {m: t.to(device, non_blocking=True) for m, t in batch["inputs"].items()},
-        "labels": batch["labels"].to(device, non_blocking=True),
-        "indices": batch["indices"],
-    }
-
-
-def _dict_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            diffs += _dict_diff(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            diffs.append(f"{prefix}{key}: saved {va!r}, now {vb!r}")
-    return diffs
-
-
-def train(cfg: ExperimentConfig, **kwargs: Any) -> TrainResult:
-    """Convenience wrapper: ``Trainer(cfg, **kwargs).fit()``."""
-    return Trainer(cfg, **kwargs).fit()
+    return build_trainer(cfg, **kwargs).fit()
 
 
 __all__ = ["TrainResult", "Trainer", "seed_everything", "train"]

@@ -1,0 +1,140 @@
+"""Contrastive losses of tri-modal pre-training (DESIGN §1.4): symmetric InfoNCE and MIL-NCE.
+
+Both return one loss per local sample with ``reduction="none"`` (the harmonizer and the noisy-pair audit
+work per sample) and take negatives from every data-parallel rank through :func:`gather_with_grad`.
+Embeddings are used as given: L2-normalize them first for cosine similarities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from harmonia.contrastive.gather import gather_with_grad
+
+Reduction = Literal["mean", "sum", "none"]
+
+
+def _reduce(per_sample: Tensor, reduction: Reduction) -> Tensor:
+    if reduction == "none":
+        return per_sample
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def _check(name: str, x: Tensor, dims: int) -> None:
+    if x.dim() != dims or not x.is_floating_point():
+        raise ValueError(
+            f"{name}: expected a floating-point tensor with {dims} dims, got {x.dtype} {tuple(x.shape)}"
+        )
+
+
+def nce(
+    a: Tensor, b: Tensor, temperature: float = 0.07, reduction: Reduction = "mean", *, gather: bool = True
+) -> Tensor:
+    """Symmetric InfoNCE between paired rows of ``a`` [B, D] and ``b`` [B, D] (VATT's L_va, CLIP's loss).
+
+    With s_ij = a_i · b_j / τ over the global batch (all ranks when ``gather``), sample i's loss is
+
+        ℓ_i = ½ [ −log softmax_j(s_ij)[i] − log softmax_j(s_ji)[i] ].
+    """
+    _check("nce: a", a, 2)
+    _check("nce: b", b, 2)
+    if a.shape != b.shape:
+        raise ValueError(
+            f"nce: a and b must be paired rows of one shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    a_all, offset = gather_with_grad(a) if gather else (a, 0)
+    b_all, _ = gather_with_grad(b) if gather else (b, 0)
+    targets = torch.arange(a.shape[0], device=a.device) + offset
+    a_to_b = F.cross_entropy(a @ b_all.T / temperature, targets, reduction="none")
+    b_to_a = F.cross_entropy(b @ a_all.T / temperature, targets, reduction="none")
+    return _reduce(0.5 * (a_to_b + b_to_a), reduction)
+
+
+def mil_nce(
+    video: Tensor,
+    text: Tensor,
+    mask: Tensor | None = None,
+    temperature: float = 0.07,
+    reduction: Reduction = "mean",
+    *,
+    gather: bool = True,
+) -> Tensor:
+    """MIL-NCE (Miech et al., CVPR 2020) between clips ``video`` [B, D] and their candidate bags ``text``
+    [B, K, D]; ``mask`` [B, K] marks the real candidates (default: all).
+
+    With x_ijk = v_i · t_jk / τ over the global batch, sample i's loss is
+
+        ℓ_i = logsumexp({x_ijk : all j, k} ∪ {x_jik : all j, k}) − logsumexp_k x_iik,
+
+    the positives being the clip's own candidates and the negatives every other clip's candidates (as
+    rows) and every other clip against this clip's candidates (as columns), as in the authors' code.
+    """
+    _check("mil_nce: video", video, 2)
+    _check("mil_nce: text", text, 3)
+    if text.shape[0] != video.shape[0] or text.shape[2] != video.shape[1]:
+        raise ValueError(
+            f"mil_nce: text must be [B, K, D] for video [B, D] = {tuple(video.shape)}, "
+            f"got {tuple(text.shape)}"
+        )
+    if mask is None:
+        mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+    if mask.shape != text.shape[:2] or mask.dtype != torch.bool:
+        raise ValueError(
+            f"mil_nce: mask must be bool {tuple(text.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}"
+        )
+    if not bool(mask.any(1).all()):
+        raise ValueError(
+            "mil_nce: every clip needs at least one real text candidate (a row of mask is all False)"
+        )
+    b = video.shape[0]
+    v_all, offset = gather_with_grad(video) if gather else (video, 0)
+    t_all, _ = gather_with_grad(text) if gather else (text, 0)
+    m_all = gather_with_grad(mask.float())[0].bool() if gather else mask
+    own = torch.arange(b, device=video.device) + offset
+    rows = torch.einsum("id,jkd->ijk", video, t_all) / temperature  # [b, N, K]: clip i vs every bag
+    rows = rows.masked_fill(~m_all[None], float("-inf"))
+    cols = torch.einsum("jd,ikd->ijk", v_all, text) / temperature  # [b, N, K]: every clip vs bag i
+    cols = cols.masked_fill(~mask[:, None], float("-inf"))
+    positives = rows[torch.arange(b, device=video.device), own]  # [b, K]
+    numerator = torch.logsumexp(positives, dim=1)
+    denominator = torch.logsumexp(torch.cat([rows.flatten(1), cols.flatten(1)], dim=1), dim=1)
+    return _reduce(denominator - numerator, reduction)
+
+
+@dataclass
+class VATTLossOutput:
+    """Weighted total ``loss`` and each objective's per-sample losses ``{"va": [B], "vt": [B]}``."""
+
+    loss: Tensor
+    per_sample: dict[str, Tensor]
+
+
+class VATTLoss(nn.Module):
+    """VATT's objective: ``w_va · NCE(video_va, audio) + w_vt · MIL-NCE(video_vt, text bag)``.
+
+    Both terms are means of per-sample losses, which :class:`VATTLossOutput` also returns, so a
+    gradient harmonizer can treat each objective per sample.
+    """
+
+    def __init__(self, temperature: float = 0.07, weight_va: float = 1.0, weight_vt: float = 1.0) -> None:
+        super().__init__()
+        self.temperature, self.weight_va, self.weight_vt = temperature, weight_va, weight_vt
+
+    def forward(
+        self, video_va: Tensor, audio: Tensor, video_vt: Tensor, text: Tensor, text_mask: Tensor | None = None
+    ) -> VATTLossOutput:
+        per_sample = {
+            "va": nce(video_va, audio, self.temperature, reduction="none"),
+            "vt": mil_nce(video_vt, text, text_mask, self.temperature, reduction="none"),
+        }
+        loss = self.weight_va * per_sample["va"].mean() + self.weight_vt * per_sample["vt"].mean()
+        return VATTLossOutput(loss, per_sample)

@@ -1,0 +1,226 @@
+"""Tri-modal AV-Digits: video, audio and text triplets for contrastive pre-training (DESIGN §3).
+
+Built in memory, in about a second, from the cached AV-Digits arrays (``data.avdigits`` recipe):
+
+* **video** [1, T, S, S]: the sample's digit image moving in one of four directions while it grows or
+  shrinks; the digit is brighter in the frames during which its name is spoken (``sync_contrast``), so
+  video and audio share a timing cue as well as the digit, as real clips do;
+* **audio** [1, n_mels, frames]: the AV-Digits log-mel spectrogram of the spoken digit;
+* **text** [K, L] word ids (+ mask): K caption candidates from different templates, most of which say
+  what the clip shows (``"digit 7 shrinks while moving left"``), some only the digit.
+
+Noise, on the training split only (validation and test stay clean, so evaluation measures what was
+learned): ``misalign_rate`` replaces the text, the audio or both of exactly ``round(rate * N)`` triplets
+with those of a sample of another digit and keeps per-sample flags; ``partial_rate`` replaces a contiguous
+block of ``partial_fraction`` of the frames of exactly ``round(rate * N)`` clips with another digit's
+frames and keeps a per-frame relevance mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from harmonia.config import AVDigitsConfig, MisalignKind, TriModalConfig
+from harmonia.data import captions as cap
+from harmonia.data.avdigits import NUM_CLASSES, SPLITS, AVDigits, load_avdigits
+from harmonia.errors import DataError
+
+TRIMODAL_MODALITIES = ("video", "audio", "text")
+MOTION_AMPLITUDE = 0.3  # translation from -A to +A along the direction, in [-1, 1] image coordinates
+SCALE_RANGE = (0.6, 1.0)  # digit scale at the small and the large end of a zoom
+
+
+@dataclass
+class TriModalSplit:
+    """One split: model inputs, labels, and the ground truth of the injected noise.
+
+    ``inputs`` holds ``video`` [N, 1, T, S, S], ``audio`` [N, 1, n_mels, frames], ``text`` [N, K, L] word
+    ids and ``text_mask`` [N, K, L] (True on real words). ``labels`` is the digit of the video;
+    ``modality_labels[m]`` the digit modality m actually shows (different where it was swapped).
+    """
+
+    inputs: dict[str, Tensor]
+    labels: Tensor
+    modality_labels: dict[str, Tensor]
+    misaligned: dict[str, Tensor]  # "audio", "text": bool [N]
+    relevant_frames: Tensor  # bool [N, T]: False where a partial clip shows unrelated frames
+    captions: list[list[str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def noisy(self) -> Tensor:
+        """Per-sample flag: the triplet has a misaligned modality."""
+        return self.misaligned["audio"] | self.misaligned["text"]
+
+
+@dataclass
+class TriModalAVDigits:
+    config: TriModalConfig
+    base: AVDigits
+    splits: dict[str, TriModalSplit]
+    modalities: tuple[str, ...] = TRIMODAL_MODALITIES
+    num_classes: int = NUM_CLASSES
+    vocabulary: tuple[str, ...] = cap.VOCABULARY
+
+    def split(self, name: str) -> TriModalSplit:
+        if name not in self.splits:
+            raise DataError(f"tri-modal AV-Digits has no split {name!r}; splits: {', '.join(SPLITS)}")
+        return self.splits[name]
+
+
+def load_trimodal_avdigits(
+    cfg: TriModalConfig | None = None,
+    base_cfg: AVDigitsConfig | None = None,
+    *,
+    base: AVDigits | None = None,
+    progress: bool = True,
+) -> TriModalAVDigits:
+    """Tri-modal AV-Digits from the AV-Digits recipe ``base_cfg`` (built and cached when needed)."""
+    cfg = cfg or TriModalConfig()
+    base = base or load_avdigits(base_cfg, progress=progress)
+    splits = {}
+    for code, name in enumerate(SPLITS):
+        data = base.splits[name]
+        if data.speech_span is None:  # pragma: no cover - every cache of recipe version >= 3 has it
+            raise DataError(
+                "this AV-Digits cache has no speech timing; rebuild it with `harmonia data avdigits`"
+            )
+        rng = np.random.default_rng([cfg.seed, code])
+        n = len(data)
+        labels = data.labels.numpy()
+        directions = rng.integers(0, len(cap.DIRECTIONS), n)
+        zooms = rng.integers(0, len(cap.ZOOMS), n)
+        brightness = frame_brightness(
+            data.speech_span, cfg.frames, base.config.clip_seconds, cfg.sync_contrast
+        )
+        video = render_videos(
+            data.inputs["image"][:, 0], cfg.frames, cfg.frame_size, directions, zooms, brightness
+        )
+        texts = cap.sample_captions(labels, directions, zooms, cfg.captions, rng)
+        ids, mask = cap.tokenize([t for clip in texts for t in clip])
+        split = TriModalSplit(
+            inputs={
+                "video": video,
+                "audio": data.inputs["audio"],
+                "text": ids.view(n, cfg.captions, -1),
+                "text_mask": mask.view(n, cfg.captions, -1),
+            },
+            labels=data.labels,
+            modality_labels={m: data.labels.clone() for m in TRIMODAL_MODALITIES},
+            misaligned={m: torch.zeros(n, dtype=torch.bool) for m in ("audio", "text")},
+            relevant_frames=torch.ones(n, cfg.frames, dtype=torch.bool),
+            captions=texts,
+        )
+        if name == "train":
+            misalign(split, cfg.misalign_rate, cfg.misalign_modality, np.random.default_rng([cfg.seed, 10]))
+            replace_partially(
+                split, cfg.partial_rate, cfg.partial_fraction, np.random.default_rng([cfg.seed, 11])
+            )
+        splits[name] = split
+    return TriModalAVDigits(config=cfg, base=base, splits=splits)
+
+
+def frame_brightness(speech_span: Tensor, frames: int, clip_seconds: float, contrast: float) -> Tensor:
+    """[N, T] brightness: 1 in frames that overlap the spoken word fully, ``1 - contrast`` in silent ones.
+
+    Frame t covers [t, t + 1) * clip_seconds / T; its brightness is ``1 - contrast * (1 - overlap)`` with
+    ``overlap`` the fraction of the frame's time during which the word is spoken.
+    """
+    width = clip_seconds / frames
+    starts = torch.arange(frames, dtype=torch.float32) * width
+    onset, end = speech_span[:, :1].float(), speech_span[:, 1:].float()
+    overlap = (torch.minimum(end, starts + width) - torch.maximum(onset, starts)).clamp(min=0) / width
+    return 1.0 - contrast * (1.0 - overlap)
+
+
+def render_videos(
+    images: Tensor,
+    frames: int,
+    size: int,
+    directions: np.ndarray,
+    zooms: np.ndarray,
+    brightness: Tensor,
+) -> Tensor:
+    """[N, 1, T, size, size] clips: each image translated along its direction and scaled over T frames.
+
+    Frame t (progress u = t / (T - 1)) shows the digit at scale s(u) (growing from 0.6 to 1.0 or shrinking
+    back) and offset ``A (2u - 1) d`` along the unit direction d, sampled bilinearly with zero background.
+    """
+    n = images.shape[0]
+    u = torch.linspace(0, 1, frames)
+    unit = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0]])[torch.from_numpy(directions)]
+    offset = MOTION_AMPLITUDE * (2 * u - 1)[None, :, None] * unit[:, None, :]  # [N, T, 2]
+    lo, hi = SCALE_RANGE
+    grow = lo + (hi - lo) * u
+    scale = torch.where(torch.from_numpy(zooms == 0)[:, None], grow[None], grow.flip(0)[None])  # [N, T]
+    theta = torch.zeros(n, frames, 2, 3)
+    theta[..., 0, 0] = theta[..., 1, 1] = 1 / scale
+    theta[..., :, 2] = -offset / scale[..., None]
+    grid = F.affine_grid(theta.view(-1, 2, 3), [n * frames, 1, size, size], align_corners=False)
+    source = (
+        images.float()[:, None, None]
+        .expand(n, frames, 1, *images.shape[1:])
+        .reshape(n * frames, 1, *images.shape[1:])
+    )
+    video = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    video = video.view(n, frames, size, size) * brightness[:, :, None, None]
+    return video[:, None].contiguous()
+
+
+def _donors(labels: np.ndarray, chosen: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """For each chosen sample, a random sample with a different label."""
+    donors = np.empty(len(chosen), dtype=np.int64)
+    for j, i in enumerate(chosen):
+        others = np.flatnonzero(labels != labels[i])
+        if len(others) == 0:
+            raise DataError("cannot misalign: every sample of the split has the same digit")
+        donors[j] = others[rng.integers(len(others))]
+    return donors
+
+
+def misalign(split: TriModalSplit, rate: float, kind: MisalignKind, rng: np.random.Generator) -> None:
+    """Swap the text and/or audio of exactly ``round(rate * N)`` triplets with another digit's, in place."""
+    n = len(split)
+    chosen = np.sort(rng.choice(n, round(rate * n), replace=False))
+    if len(chosen) == 0:
+        return
+    labels = split.labels.numpy()
+    swapped = {
+        MisalignKind.TEXT: ("text",),
+        MisalignKind.AUDIO: ("audio",),
+        MisalignKind.BOTH: ("audio", "text"),
+    }
+    index = torch.from_numpy(chosen)
+    for m in swapped[kind]:
+        donors = torch.from_numpy(_donors(labels, chosen, rng))
+        keys = ("text", "text_mask") if m == "text" else ("audio",)
+        for key in keys:
+            split.inputs[key][index] = split.inputs[key][donors]
+        split.modality_labels[m][index] = split.labels[donors]
+        split.misaligned[m][index] = True
+        if m == "text":
+            for i, d in zip(chosen.tolist(), donors.tolist(), strict=True):
+                split.captions[i] = split.captions[d]
+
+
+def replace_partially(split: TriModalSplit, rate: float, fraction: float, rng: np.random.Generator) -> None:
+    """Replace a contiguous block of ``fraction`` of the frames of ``round(rate * N)`` clips, in place."""
+    n, frames = split.relevant_frames.shape
+    chosen = np.sort(rng.choice(n, round(rate * n), replace=False))
+    if len(chosen) == 0:
+        return
+    block = max(1, round(fraction * frames))
+    donors = _donors(split.labels.numpy(), chosen, rng)
+    starts = rng.integers(0, frames - block + 1, len(chosen))
+    video = split.inputs["video"]
+    original = video.clone()
+    for i, d, s in zip(chosen.tolist(), donors.tolist(), starts.tolist(), strict=True):
+        video[i, :, s : s + block] = original[d, :, s : s + block]
+        split.relevant_frames[i, s : s + block] = False

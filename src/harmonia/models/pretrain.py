@@ -1,0 +1,225 @@
+"""Tri-modal pre-training model (DESIGN §1.4): tokenizers, transformer backbone(s) and VATT heads.
+
+Each modality is cut into tokens by its own tokenizer — video tubelets, spectrogram patches, words — and
+encoded either by **one modality-agnostic transformer shared by all three** (``BackboneKind.SHARED``, the
+setting the harmonization paper studies; a learned modality embedding tells the modalities apart) or by
+one transformer per modality (``SPECIFIC``). Pooled token outputs go through VATT's heads:
+
+    video → e_va (video–audio space) → e_vt (video–text space);  audio → e_a;  text → e_t,
+
+all L2-normalized. With ``return_tokens=True`` the same heads are applied to every token, for token-level
+(fine-grained) losses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from harmonia.config import BackboneKind, PretrainConfig
+from harmonia.errors import InputError
+
+PRETRAIN_MODALITIES = ("video", "audio", "text")
+
+
+class VideoTokenizer(nn.Module):
+    """[B, 1, T, H, W] clips → [B, (T/t)(H/h)(W/w), D] tubelet tokens plus learned positions."""
+
+    def __init__(self, frames: int, size: int, tubelet: tuple[int, int, int], width: int) -> None:
+        super().__init__()
+        grid = (frames // tubelet[0], size // tubelet[1], size // tubelet[2])
+        if min(grid) < 1 or frames % tubelet[0] or size % tubelet[1] or size % tubelet[2]:
+            raise InputError(
+                f"pretrain.tubelet {list(tubelet)} must divide the clip [frames {frames}, {size}x{size}]; "
+                f"choose divisors, e.g. [2, 4, 4]"
+            )
+        self.shape = (1, frames, size, size)
+        self.proj = nn.Conv3d(1, width, kernel_size=tubelet, stride=tubelet)
+        self.position = nn.Parameter(torch.zeros(1, grid[0] * grid[1] * grid[2], width))
+        nn.init.normal_(self.position, std=0.02)
+
+    def forward(self, video: Tensor) -> Tensor:
+        if tuple(video.shape[1:]) != self.shape:
+            raise InputError(
+                f"video: expected [B, {', '.join(map(str, self.shape))}], got {list(video.shape)}"
+            )
+        return self.proj(video).flatten(2).transpose(1, 2) + self.position
+
+
+class SpectrogramTokenizer(nn.Module):
+    """[B, 1, F, T] log-mel → [B, (F/f)(⌈T/t⌉), D] patch tokens (time zero-padded to a multiple of t)."""
+
+    def __init__(self, n_mels: int, frames: int, patch: tuple[int, int], width: int) -> None:
+        super().__init__()
+        if n_mels % patch[0]:
+            raise InputError(f"pretrain.audio_patch[0]={patch[0]} must divide the {n_mels} mel bands")
+        self.n_mels, self.frames, self.patch = n_mels, frames, patch
+        self.pad = -frames % patch[1]
+        self.proj = nn.Conv2d(1, width, kernel_size=patch, stride=patch)
+        n_tokens = (n_mels // patch[0]) * ((frames + self.pad) // patch[1])
+        self.position = nn.Parameter(torch.zeros(1, n_tokens, width))
+        nn.init.normal_(self.position, std=0.02)
+
+    def forward(self, audio: Tensor) -> Tensor:
+        if tuple(audio.shape[1:]) != (1, self.n_mels, self.frames):
+            raise InputError(f"audio: expected [B, 1, {self.n_mels}, {self.frames}], got {list(audio.shape)}")
+        x = F.pad(audio.float(), (0, self.pad))
+        return self.proj(x).flatten(2).transpose(1, 2) + self.position
+
+
+class TextTokenizer(nn.Module):
+    """[N, L] word ids → [N, L, D] word embeddings plus learned positions (id 0 is padding)."""
+
+    def __init__(self, vocabulary_size: int, length: int, width: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary_size, width, padding_idx=0)
+        self.position = nn.Parameter(torch.zeros(1, length, width))
+        nn.init.normal_(self.position, std=0.02)
+        self.length = length
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if ids.dtype != torch.long or ids.shape[-1] > self.length:
+            raise InputError(
+                f"text: expected int64 word ids [..., <= {self.length}], got {ids.dtype} {list(ids.shape)}"
+            )
+        return self.embed(ids) + self.position[:, : ids.shape[-1]]
+
+
+def _transformer(cfg: PretrainConfig) -> nn.Module:
+    layer = nn.TransformerEncoderLayer(
+        cfg.width,
+        cfg.heads,
+        dim_feedforward=2 * cfg.width,
+        dropout=cfg.dropout,
+        batch_first=True,
+        norm_first=True,
+    )
+    return nn.TransformerEncoder(layer, cfg.depth, norm=nn.LayerNorm(cfg.width), enable_nested_tensor=False)
+
+
+def masked_mean(tokens: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean over the token axis (dim -2) of the positions where ``mask`` is True."""
+    if mask is None:
+        return tokens.mean(-2)
+    weights = mask.to(tokens.dtype)[..., None]
+    return (tokens * weights).sum(-2) / weights.sum(-2).clamp(min=1)
+
+
+@dataclass
+class PretrainOutput:
+    """What :class:`TriModalPretrainModel` returns.
+
+    * ``video_va``, ``video_vt``, ``audio`` [B, E] and ``text`` [B, K, E]: L2-normalized embeddings;
+    * ``text_mask`` [B, K]: caption candidates that hold at least one word;
+    * ``features``: pooled backbone outputs before the heads, ``video``/``audio`` [B, D], ``text`` [B, K, D]
+      — ``features["video"]`` is the anchor both losses flow through (the harmonizer's z_v);
+    * ``tokens`` / ``token_masks`` (only with ``return_tokens``): per-token normalized embeddings
+      ``video_va``/``video_vt`` [B, S_v, E], ``audio`` [B, S_a, E], ``text`` [B, K, L, E].
+    """
+
+    video_va: Tensor
+    video_vt: Tensor
+    audio: Tensor
+    text: Tensor
+    text_mask: Tensor
+    features: dict[str, Tensor]
+    tokens: dict[str, Tensor] = field(default_factory=dict)
+    token_masks: dict[str, Tensor] = field(default_factory=dict)
+
+
+class TriModalPretrainModel(nn.Module):
+    """Video, audio and text encoders with VATT heads, sharing one transformer or not (``cfg.backbone``).
+
+    Args:
+        cfg: the ``pretrain`` config section (backbone kind, width, depth, heads, patch sizes, embed_dim).
+        video_shape: (frames, frame size) of the clips.
+        audio_shape: (mel bands, frames) of the spectrograms.
+        vocabulary_size, text_length: word vocabulary and maximum caption length.
+    """
+
+    def __init__(
+        self,
+        cfg: PretrainConfig,
+        video_shape: tuple[int, int],
+        audio_shape: tuple[int, int],
+        vocabulary_size: int,
+        text_length: int,
+    ) -> None:
+        super().__init__()
+        self.backbone_kind = cfg.backbone
+        self.tokenizers = nn.ModuleDict(
+            {
+                "video": VideoTokenizer(*video_shape, tuple(cfg.tubelet), cfg.width),  # type: ignore[arg-type]
+                "audio": SpectrogramTokenizer(*audio_shape, tuple(cfg.audio_patch), cfg.width),  # type: ignore[arg-type]
+                "text": TextTokenizer(vocabulary_size, text_length, cfg.width),
+            }
+        )
+        if cfg.backbone is BackboneKind.SHARED:
+            self.backbone = _transformer(cfg)
+            self.modality_embedding = nn.ParameterDict(
+                {m: nn.Parameter(torch.zeros(1, 1, cfg.width)) for m in PRETRAIN_MODALITIES}
+            )
+        else:
+            self.backbones = nn.ModuleDict({m: _transformer(cfg) for m in PRETRAIN_MODALITIES})
+        e = cfg.embed_dim
+        self.head_va = nn.Linear(cfg.width, e)
+        self.head_vt = nn.Sequential(nn.ReLU(), nn.Linear(e, e))
+        self.head_audio = nn.Linear(cfg.width, e)
+        self.head_text = nn.Linear(cfg.width, e)
+
+    def encode_tokens(self, modality: str, tokens: Tensor, padding: Tensor | None = None) -> Tensor:
+        """Run ``modality``'s tokens [N, S, D] through its backbone; ``padding`` [N, S] is True on pads."""
+        if self.backbone_kind is BackboneKind.SHARED:
+            return self.backbone(tokens + self.modality_embedding[modality], src_key_padding_mask=padding)
+        return self.backbones[modality](tokens, src_key_padding_mask=padding)
+
+    def encode(self, inputs: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor | None]]:
+        """Backbone token outputs and token masks (True = real token) of each modality."""
+        missing = [k for k in ("video", "audio", "text") if k not in inputs]
+        if missing:
+            raise InputError(
+                f"pre-training inputs lack {missing}; expected video, audio, text (and text_mask)"
+            )
+        video = self.encode_tokens("video", self.tokenizers["video"](inputs["video"]))
+        audio = self.encode_tokens("audio", self.tokenizers["audio"](inputs["audio"]))
+        ids = inputs["text"]
+        if ids.dim() != 3:
+            raise InputError(f"text: expected word ids [B, K candidates, L], got {list(ids.shape)}")
+        b, k, length = ids.shape
+        word_mask = inputs.get("text_mask", ids != 0).reshape(b * k, length)
+        # a candidate without words (padding of the bag) attends to its first position instead of nothing
+        attend = word_mask.clone()
+        attend[:, 0] = True
+        text = self.encode_tokens("text", self.tokenizers["text"](ids.reshape(b * k, length)), ~attend)
+        return {
+            "video": (video, None),
+            "audio": (audio, None),
+            "text": (text.view(b, k, length, -1), word_mask.view(b, k, length)),
+        }
+
+    def forward(self, inputs: dict[str, Tensor], return_tokens: bool = False) -> PretrainOutput:
+        encoded = self.encode(inputs)
+        (video, _), (audio, _), (text, word_mask) = encoded["video"], encoded["audio"], encoded["text"]
+        features = {"video": video.mean(1), "audio": audio.mean(1), "text": masked_mean(text, word_mask)}
+        va = self.head_va(features["video"])
+        out = PretrainOutput(
+            video_va=F.normalize(va, dim=-1),
+            video_vt=F.normalize(self.head_vt(va), dim=-1),
+            audio=F.normalize(self.head_audio(features["audio"]), dim=-1),
+            text=F.normalize(self.head_text(features["text"]), dim=-1),
+            text_mask=word_mask.any(-1),
+            features=features,
+        )
+        if return_tokens:
+            token_va = self.head_va(video)
+            out.tokens = {
+                "video_va": F.normalize(token_va, dim=-1),
+                "video_vt": F.normalize(self.head_vt(token_va), dim=-1),
+                "audio": F.normalize(self.head_audio(audio), dim=-1),
+                "text": F.normalize(self.head_text(text), dim=-1),
+            }
+            out.token_masks = {"text": word_mask}
+        return out

@@ -1,0 +1,162 @@
+"""Tri-modal contrastive pre-training: the trainer of ``task: pretrain`` (DESIGN §1.4, §4).
+
+Each step minimizes VATT's ``w_va · NCE(video_va, audio) + w_vt · MIL-NCE(video_vt, captions)``. Every
+epoch logs zero-shot retrieval R@1/5/10 (video↔text, video↔audio) on validation and test; at the end a
+linear probe of the digit is fit on each frozen backbone's pooled features. Run folder, checkpoints, resume
+and logging come from :class:`~harmonia.train.base.BaseTrainer`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from harmonia.contrastive import VATTLoss, VATTLossOutput
+from harmonia.data.loader import BatchLoader
+from harmonia.data.trimodal import TriModalAVDigits, TriModalSplit, load_trimodal_avdigits
+from harmonia.errors import ConfigError
+from harmonia.eval.probe import linear_probe
+from harmonia.eval.retrieval import retrieval_metrics
+from harmonia.models.pretrain import PretrainOutput, TriModalPretrainModel
+from harmonia.train.base import BaseTrainer
+
+INPUT_KEYS = ("video", "audio", "text", "text_mask")
+
+
+class PretrainTrainer(BaseTrainer):
+    """Pre-train a :class:`~harmonia.models.pretrain.TriModalPretrainModel` on tri-modal AV-Digits.
+
+    Arguments as :class:`~harmonia.train.base.BaseTrainer`; ``dataset`` may be a loaded
+    :class:`~harmonia.data.trimodal.TriModalAVDigits`.
+    """
+
+    model: TriModalPretrainModel
+
+    def setup(self, dataset: TriModalAVDigits | None) -> None:
+        cfg = self.cfg
+        self.dataset = dataset or load_trimodal_avdigits(
+            cfg.data.trimodal, cfg.data.avdigits, progress=self.progress
+        )
+        self.modalities = list(self.dataset.modalities)
+        train = self.dataset.split("train")
+        audio, text = train.inputs["audio"], train.inputs["text"]
+        self.model = TriModalPretrainModel(
+            cfg.pretrain,
+            video_shape=(cfg.data.trimodal.frames, cfg.data.trimodal.frame_size),
+            audio_shape=(int(audio.shape[2]), int(audio.shape[3])),
+            vocabulary_size=len(self.dataset.vocabulary),
+            text_length=int(text.shape[-1]),
+        ).to(self.device)
+        self.loss = VATTLoss(cfg.pretrain.temperature, cfg.pretrain.weight_va, cfg.pretrain.weight_vt)
+        self.train_loader = BatchLoader(
+            {k: train.inputs[k] for k in INPUT_KEYS},
+            train.labels,
+            cfg.train.batch_size,
+            shuffle=True,
+            seed=cfg.train.seed,
+            drop_last=True,  # contrastive batches of one size (and equal per rank under DDP)
+        )
+        if len(self.train_loader) == 0:
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size} exceeds the {len(train)} training triplets; "
+                f"lower train.batch_size"
+            )
+        self.last_losses: VATTLossOutput | None = None
+
+    def compute_loss(self, output: PretrainOutput) -> VATTLossOutput:
+        return self.loss(output.video_va, output.audio, output.video_vt, output.text, output.text_mask)
+
+    def train_step(self, batch: dict[str, Any]) -> tuple[Any, float]:
+        self.step_metrics = {}
+        for cb in self.callbacks:
+            cb.before_forward(self, batch)
+        output = self.model(batch["inputs"])
+        losses = self.compute_loss(output)
+        if not torch.isfinite(losses.loss):
+            self._raise_non_finite(losses.loss, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.loss.backward()
+        for cb in self.callbacks:
+            cb.after_backward(self, batch, output)
+        if self.cfg.optim.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip_norm)
+        for cb in self.callbacks:
+            cb.before_optimizer_step(self)
+        self.optimizer.step()
+        self.global_step += 1
+        self.last_losses = losses
+        return output, float(losses.loss.detach())
+
+    def epoch_tally(self) -> dict[str, float]:
+        return {"loss_va": 0.0, "loss_vt": 0.0}
+
+    def tally_step(self, tally: dict[str, float], batch: dict[str, Any], output: Any) -> None:
+        assert self.last_losses is not None
+        for key, per_sample in self.last_losses.per_sample.items():
+            tally[f"loss_{key}"] += float(per_sample.detach().sum())
+
+    # ----------------------------------------------------------------------------------------------
+    # evaluation
+
+    @torch.no_grad()
+    def embed(self, split: TriModalSplit) -> dict[str, Tensor]:
+        """Embeddings and pooled backbone features of a whole split, in eval mode, on the CPU.
+
+        A clip's text is its caption bag: the mean of its candidates' (normalized) embeddings,
+        re-normalized, and the mean of their pooled features.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        parts: dict[str, list[Tensor]] = {}
+        try:
+            bs = self.cfg.train.eval_batch_size
+            for start in range(0, len(split), bs):
+                inputs = {k: split.inputs[k][start : start + bs].to(self.device) for k in INPUT_KEYS}
+                out = self.model(inputs)
+                bag = out.text_mask.to(out.text.dtype)[..., None]
+                text = F.normalize((out.text * bag).sum(1), dim=-1)
+                text_features = (out.features["text"] * bag).sum(1) / bag.sum(1).clamp(min=1)
+                for key, value in {
+                    "video_va": out.video_va,
+                    "video_vt": out.video_vt,
+                    "audio": out.audio,
+                    "text": text,
+                    "features/video": out.features["video"],
+                    "features/audio": out.features["audio"],
+                    "features/text": text_features,
+                }.items():
+                    parts.setdefault(key, []).append(value.float().cpu())
+        finally:
+            self.model.train(was_training)
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Zero-shot retrieval R@1/5/10, video↔text (vt space) and video↔audio (va space)."""
+        e = self.embed(self.dataset.split(split))
+        metrics = retrieval_metrics(
+            {("video", "text"): (e["video_vt"], e["text"]), ("video", "audio"): (e["video_va"], e["audio"])}
+        )
+        return {f"{split}/{k}": v for k, v in metrics.items()}
+
+    def probe_encoders(self) -> dict[str, float]:
+        """Digit linear-probe test accuracy on each modality's frozen pooled backbone features.
+
+        Training labels are the digit each modality actually shows (a swapped caption is labelled with
+        its own digit), so the probe measures the representation, not the injected noise.
+        """
+        train, test = self.dataset.split("train"), self.dataset.split("test")
+        e_train, e_test = self.embed(train), self.embed(test)
+        return {
+            m: linear_probe(
+                e_train[f"features/{m}"],
+                train.modality_labels[m],
+                e_test[f"features/{m}"],
+                test.labels,
+                self.dataset.num_classes,
+                seed=self.cfg.train.seed,
+            ).accuracy
+            for m in self.modalities
+        }
