@@ -52,3 +52,29 @@ def tiny_experiment(out_dir: Path, *overrides: str) -> ExperimentConfig:
             *overrides,
         ],
     )
+
+
+def tiny_pretrain(out_dir: Path, *overrides: str) -> ExperimentConfig:
+    """Tri-modal pre-training on the tiny recipe, about a second per epoch."""
+    recipe = [f"data.avdigits.{k}={v!r}".replace("'", "") for k, v in TINY_RECIPE.items()]
+    return load_config(
+        None,
+        [
+            *recipe,
+            f"out_dir={out_dir}",
+            "name=tiny_pretrain",
+            "task=pretrain",
+            "data.name=trimodal_avdigits",
+            "data.modalities=[video,audio,text]",
+            "pretrain.width=16",
+            "pretrain.depth=1",
+            "pretrain.heads=2",
+            "pretrain.embed_dim=16",
+            "optim.name=adamw",
+            "optim.lr=0.003",
+            "train.epochs=2",
+            "train.batch_size=16",
+            "train.log_every=1",
+            *overrides,
+        ],
+    )

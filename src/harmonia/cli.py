@@ -122,7 +122,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         run_speed_benchmark(args.out, args.overrides, args.speed_steps, args.speed_rounds, not args.quiet)
         return 0
-    raise HarmoniaError(f"unknown benchmark {args.benchmark!r}; available: imbalance, balance, balance-speed")
+    if args.benchmark == "pretrain":
+        from harmonia.bench.pretrain import RATES, run_pretrain_benchmark
+
+        if args.config:
+            raise HarmoniaError("bench pretrain runs its own recipe; change it with overrides, not --config")
+        run_pretrain_benchmark(
+            seeds=args.seeds,
+            out_dir=args.out,
+            rates=args.rates or RATES,
+            overrides=args.overrides,
+            progress=not args.quiet,
+        )
+        return 0
+    raise HarmoniaError(
+        f"unknown benchmark {args.benchmark!r}; available: imbalance, balance, balance-speed, pretrain"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,11 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_data)
 
     p = sub.add_parser("bench", help="run a benchmark and write a Markdown report")
-    p.add_argument("benchmark", help="imbalance, balance or balance-speed")
+    p.add_argument("benchmark", help="imbalance, balance, balance-speed or pretrain")
     p.add_argument("overrides", nargs="*", help="config overrides applied to every run")
     p.add_argument("--config", default=None, help="base config (default: the benchmark's own)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     p.add_argument("--variants", nargs="+", help="balance: fusion/method pairs, e.g. concat/none concat/opm")
+    p.add_argument(
+        "--rates", type=float, nargs="+", help="pretrain: misalignment rates (default 0 0.1 0.3 0.5)"
+    )
     p.add_argument("--speed-steps", type=int, default=20, help="balance: batches timed per round")
     p.add_argument("--speed-rounds", type=int, default=5, help="balance: timing rounds after a warm-up")
     p.add_argument("--out", default="bench-results", help="folder for runs and the report")

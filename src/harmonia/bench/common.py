@@ -10,7 +10,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from harmonia.config import ExperimentConfig
-from harmonia.train import Trainer
+from harmonia.train import build_trainer
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -28,8 +28,9 @@ def run_variant(cfg: ExperimentConfig, seeds: Sequence[int], progress: bool) -> 
         run_cfg = dataclasses.replace(
             cfg, name=f"{cfg.name}_seed{seed}", train=dataclasses.replace(cfg.train, seed=seed)
         )
-        result = Trainer(run_cfg, overwrite=True, progress=False).fit()
+        result = build_trainer(run_cfg, overwrite=True, progress=False).fit()
         results.append(result.to_dict())
         if progress:
-            tqdm.write(f"  {run_cfg.name}: test acc {result.test['accuracy']:.4f}, probe {result.probe}")
+            shown = {k: round(v, 4) for k, v in result.test.items() if k in ("accuracy", "video_to_text/R@1")}
+            tqdm.write(f"  {run_cfg.name}: test {shown}, probe {result.probe}")
     return results

@@ -108,11 +108,11 @@ def load_trimodal_avdigits(
         split = TriModalSplit(
             inputs={
                 "video": video,
-                "audio": data.inputs["audio"],
+                "audio": data.inputs["audio"].clone(),  # misalignment edits it in place
                 "text": ids.view(n, cfg.captions, -1),
                 "text_mask": mask.view(n, cfg.captions, -1),
             },
-            labels=data.labels,
+            labels=data.labels.clone(),
             modality_labels={m: data.labels.clone() for m in TRIMODAL_MODALITIES},
             misaligned={m: torch.zeros(n, dtype=torch.bool) for m in ("audio", "text")},
             relevant_frames=torch.ones(n, cfg.frames, dtype=torch.bool),

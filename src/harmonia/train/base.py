@@ -276,7 +276,9 @@ class BaseTrainer:
             for cb in self.callbacks:
                 cb.on_train_start(self)
             while self.epoch < self.cfg.train.epochs:
+                epoch_start = time.perf_counter()
                 train_stats = self._train_epoch()
+                train_stats["train/epoch_seconds"] = time.perf_counter() - epoch_start
                 self.scheduler.step()
                 metrics = {**train_stats, **self.evaluate("val"), **self.evaluate("test")}
                 for cb in self.callbacks:

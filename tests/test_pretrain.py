@@ -1,0 +1,221 @@
+"""Tri-modal AV-Digits, the pre-training model and ``task: pretrain`` end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_RECIPE, tiny_pretrain
+from harmonia.config import AVDigitsConfig, MisalignKind, PretrainConfig, TriModalConfig
+from harmonia.data import captions as cap
+from harmonia.data.avdigits import load_avdigits
+from harmonia.data.trimodal import frame_brightness, load_trimodal_avdigits, render_videos
+from harmonia.errors import ConfigError, InputError
+from harmonia.models.pretrain import TriModalPretrainModel
+from harmonia.train import PretrainTrainer, build_trainer
+from harmonia.train.logging import read_metrics
+
+
+@pytest.fixture(scope="module")
+def base() -> object:
+    return load_avdigits(AVDigitsConfig(**TINY_RECIPE), progress=False)
+
+
+def test_clean_triplets_agree_and_captions_describe_the_clip(base: object) -> None:
+    ds = load_trimodal_avdigits(TriModalConfig(frames=4, captions=2), base=base)  # type: ignore[arg-type]
+    for name in ("train", "val", "test"):
+        split = ds.split(name)
+        n = len(split)
+        assert split.inputs["video"].shape == (n, 1, 4, 16, 16)
+        assert split.inputs["text"].shape[:2] == (n, 2) and split.inputs["text"].dtype == torch.long
+        assert not split.noisy.any() and split.relevant_frames.all()
+        for m in ("video", "audio", "text"):
+            assert torch.equal(split.modality_labels[m], split.labels)
+        for i in range(n):
+            digit = int(split.labels[i])
+            for text in split.captions[i]:
+                assert cap.DIGIT_WORDS[digit] in text.split() or str(digit) in text.split()
+    ids, mask = cap.tokenize(["a seven moves left and grows", "number 7 wobbles"])
+    assert [cap.VOCABULARY[i] for i in ids[0][mask[0]]] == ["a", "seven", "moves", "left", "and", "grows"]
+    assert cap.VOCABULARY[int(ids[1, 2])] == cap.UNKNOWN and not mask[0, 6:].any()
+
+
+def test_misalignment_rate_is_exact_and_flags_are_true(base: object) -> None:
+    clean = load_trimodal_avdigits(TriModalConfig(), base=base).split("train")  # type: ignore[arg-type]
+    for kind, swapped in (
+        (MisalignKind.TEXT, {"text"}),
+        (MisalignKind.AUDIO, {"audio"}),
+        (MisalignKind.BOTH, {"audio", "text"}),
+    ):
+        ds = load_trimodal_avdigits(TriModalConfig(misalign_rate=0.3, misalign_modality=kind), base=base)  # type: ignore[arg-type]
+        split = ds.split("train")
+        n = len(split)
+        assert int(split.noisy.sum()) == round(0.3 * n)
+        for m in ("audio", "text"):
+            flags = split.misaligned[m]
+            assert int(flags.sum()) == (round(0.3 * n) if m in swapped else 0)
+            # a flagged modality shows another digit; an unflagged one is untouched
+            assert (split.modality_labels[m][flags] != split.labels[flags]).all()
+            key = "text" if m == "text" else "audio"
+            assert torch.equal(split.inputs[key][~flags], clean.inputs[key][~flags])
+            if flags.any():
+                assert not torch.equal(split.inputs[key][flags], clean.inputs[key][flags])
+        assert torch.equal(split.inputs["video"], clean.inputs["video"])
+        assert not ds.split("test").noisy.any()
+
+
+def test_partial_clips_replace_a_block_of_frames_with_another_digit(base: object) -> None:
+    cfg = TriModalConfig(frames=8, partial_rate=0.5, partial_fraction=0.25)
+    clean = load_trimodal_avdigits(TriModalConfig(frames=8), base=base).split("train")  # type: ignore[arg-type]
+    split = load_trimodal_avdigits(cfg, base=base).split("train")  # type: ignore[arg-type]
+    partial = (~split.relevant_frames).any(1)
+    assert int(partial.sum()) == round(0.5 * len(split))
+    assert ((~split.relevant_frames).sum(1)[partial] == 2).all()
+    same = (split.inputs["video"] == clean.inputs["video"]).flatten(3).all(-1)[:, 0]  # [N, T] frame kept
+    assert torch.equal(same[~partial], torch.ones_like(same[~partial]))
+    assert bool(same[split.relevant_frames].all())
+
+
+def test_video_motion_and_speech_sync_by_hand() -> None:
+    # a single bright pixel at the centre of an 8x8 image, moving right and growing
+    image = torch.zeros(1, 9, 9)
+    image[0, 4, 4] = 1.0
+    video = render_videos(image, 3, 9, np.array([1]), np.array([0]), torch.ones(1, 3))[0, 0]
+    centroid_x = [(frame.sum(0) * torch.arange(9)).sum() / frame.sum() for frame in video]
+    assert centroid_x[0] < 4 < centroid_x[2] and abs(float(centroid_x[1]) - 4) < 1e-4
+    # word spoken from 0.25 to 0.5 s of a 1 s clip, 4 frames of 0.25 s: only frame 1 overlaps it fully
+    brightness = frame_brightness(torch.tensor([[0.25, 0.5]]), 4, 1.0, contrast=0.6)
+    torch.testing.assert_close(brightness, torch.tensor([[0.4, 1.0, 0.4, 0.4]]))
+    brightness = frame_brightness(torch.tensor([[0.375, 0.5]]), 4, 1.0, contrast=0.6)
+    torch.testing.assert_close(brightness, torch.tensor([[0.4, 0.7, 0.4, 0.4]]))
+
+
+@pytest.mark.parametrize("backbone", ["shared", "specific"])
+def test_model_outputs_normalized_embeddings_and_tokens(backbone: str) -> None:
+    cfg = PretrainConfig(backbone=backbone, width=16, depth=1, heads=2, embed_dim=8)  # type: ignore[arg-type]
+    model = TriModalPretrainModel(cfg, (4, 16), (32, 51), len(cap.VOCABULARY), cap.MAX_WORDS)
+    ids, mask = cap.tokenize(["a seven moves left and grows", "number 7", "", "the digit one"])
+    inputs = {
+        "video": torch.rand(2, 1, 4, 16, 16),
+        "audio": torch.randn(2, 1, 32, 51),
+        "text": ids.view(2, 2, -1),
+        "text_mask": mask.view(2, 2, -1),
+    }
+    out = model(inputs, return_tokens=True)
+    for e in (out.video_va, out.video_vt, out.audio, out.text):
+        torch.testing.assert_close(e.norm(dim=-1), torch.ones(e.shape[:-1]))
+    assert out.text.shape == (2, 2, 8) and out.text_mask.tolist() == [[True, True], [False, True]]
+    assert out.features["video"].shape == (2, 16)
+    assert out.tokens["video_vt"].shape == (2, 2 * 4 * 4, 8) and out.tokens["audio"].shape == (2, 4 * 13, 8)
+    assert out.tokens["text"].shape == (2, 2, cap.MAX_WORDS, 8)
+    shared = sum(
+        p.numel()
+        for p in TriModalPretrainModel(
+            PretrainConfig(width=16, heads=2), (4, 16), (32, 51), 50, 6
+        ).parameters()
+    )
+    specific = sum(
+        p.numel()
+        for p in TriModalPretrainModel(
+            PretrainConfig(width=16, heads=2, backbone="specific"), (4, 16), (32, 51), 50, 6
+        ).parameters()  # type: ignore[arg-type]
+    )
+    assert specific > shared
+    with pytest.raises(InputError, match="video: expected"):
+        model({**inputs, "video": torch.rand(2, 1, 5, 16, 16)})
+    with pytest.raises(InputError, match="lack"):
+        model({"video": inputs["video"]})
+    with pytest.raises(InputError, match="must divide"):
+        TriModalPretrainModel(PretrainConfig(tubelet=[3, 4, 4]), (4, 16), (32, 51), 50, 6)
+
+
+def test_pretrain_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="pre-training uses video, audio and text"):
+        tiny_pretrain(tmp_path, "data.modalities=[video,audio]")
+    with pytest.raises(ConfigError, match="divisible"):
+        tiny_pretrain(tmp_path, "pretrain.width=10", "pretrain.heads=4")
+    with pytest.raises(ConfigError, match="misalign_modality: 'txt' is not a valid choice"):
+        tiny_pretrain(tmp_path, "data.trimodal.misalign_modality=txt")
+    with pytest.raises(ConfigError, match="exceeds the"):
+        PretrainTrainer(tiny_pretrain(tmp_path, "train.batch_size=5000"), progress=False)
+
+
+def test_pretraining_learns_logs_and_resumes_exactly(tmp_path: Path) -> None:
+    cfg = tiny_pretrain(tmp_path, "train.epochs=3", "data.trimodal.misalign_rate=0.2")
+    trainer = build_trainer(cfg, progress=False)
+    assert isinstance(trainer, PretrainTrainer)
+    full = trainer.fit()
+    assert set(full.probe) == {"video", "audio", "text"}
+    assert {"video_to_text/R@1", "text_to_video/R@10", "audio_to_video/R@5"} <= set(full.test)
+    epochs = [r for r in read_metrics(full.run_dir / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2]
+    assert epochs[-1]["train/loss_vt"] < epochs[0]["train/loss_vt"]
+    assert json.loads((full.run_dir / "results.json").read_text())["test"] == full.test
+
+    short = build_trainer(
+        tiny_pretrain(tmp_path, "name=resumed", "train.epochs=2", "data.trimodal.misalign_rate=0.2"),
+        progress=False,
+    )
+    short.fit()
+    resumed = build_trainer(
+        tiny_pretrain(tmp_path, "name=resumed", "train.epochs=3", "data.trimodal.misalign_rate=0.2"),
+        resume=True,
+        progress=False,
+    ).fit()
+    assert resumed.test == full.test and resumed.probe == full.probe
+
+
+def test_bench_pretrain_recipe_is_the_config_file() -> None:
+    from harmonia.bench.pretrain import PRETRAIN_RECIPE
+    from harmonia.config import load_config, to_dict
+
+    here = Path(__file__).resolve().parents[1]
+    assert to_dict(load_config(here / "configs" / "trimodal_pretrain.yaml")) == to_dict(
+        load_config(None, PRETRAIN_RECIPE)
+    )
+
+
+def test_bench_pretrain_writes_report_and_plot(tmp_path: Path) -> None:
+    from harmonia.cli import main
+
+    tiny = _tiny_pretrain_overrides()
+    assert (
+        main(
+            [
+                "bench",
+                "pretrain",
+                "--seeds",
+                "2",
+                "--rates",
+                "0",
+                "0.5",
+                "--out",
+                str(tmp_path),
+                "--quiet",
+                *tiny,
+            ]
+        )
+        == 0
+    )
+    report = (tmp_path / "pretrain" / "pretrain.md").read_text()
+    assert "| 50% |" in report and "video → text" in report and "--rates 0.0 0.5" in report
+    assert (tmp_path / "pretrain" / "pretrain.png").stat().st_size > 1000
+    summary = json.loads((tmp_path / "pretrain" / "pretrain.json").read_text())
+    assert len(summary["runs"]["0.5"]) == 2 and summary["runs"]["0.5"][0]["epoch_seconds"] > 0
+
+
+def _tiny_pretrain_overrides() -> list[str]:
+    recipe = [f"data.avdigits.{k}={v!r}".replace("'", "") for k, v in TINY_RECIPE.items()]
+    return [
+        *recipe,
+        "pretrain.width=16",
+        "pretrain.depth=1",
+        "pretrain.heads=2",
+        "pretrain.embed_dim=16",
+        "train.epochs=1",
+        "train.batch_size=16",
+    ]
