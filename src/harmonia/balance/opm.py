@@ -40,6 +40,9 @@ class OPM(nn.Module):
             resumable (the step counter and q are buffers, saved with ``state_dict``).
     """
 
+    q: Tensor
+    num_steps: Tensor
+
     def __init__(
         self,
         modalities: Sequence[str],

@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harmonia.config import BackboneKind, PretrainConfig
+from harmonia.config import BackboneKind, PretrainConfig, TextEncoderKind
+from harmonia.data import captions as native_captions
 from harmonia.errors import InputError
+from harmonia.models.text import MiniLMTextEncoder
 
 PRETRAIN_MODALITIES = ("video", "audio", "text")
 
@@ -154,9 +156,13 @@ class TriModalPretrainModel(nn.Module):
             {
                 "video": VideoTokenizer(*video_shape, tuple(cfg.tubelet), cfg.width),  # type: ignore[arg-type]
                 "audio": SpectrogramTokenizer(*audio_shape, tuple(cfg.audio_patch), cfg.width),  # type: ignore[arg-type]
-                "text": TextTokenizer(vocabulary_size, text_length, cfg.width),
             }
         )
+        self.minilm: MiniLMTextEncoder | None = None
+        if cfg.text_encoder is TextEncoderKind.MINILM:
+            self.minilm = MiniLMTextEncoder(cfg.width, finetune=cfg.text_finetune)
+        else:
+            self.tokenizers["text"] = TextTokenizer(vocabulary_size, text_length, cfg.width)
         if cfg.backbone is BackboneKind.SHARED:
             self.backbone = _transformer(cfg)
             self.modality_embedding = nn.ParameterDict(
@@ -169,6 +175,16 @@ class TriModalPretrainModel(nn.Module):
         self.head_vt = nn.Sequential(nn.ReLU(), nn.Linear(e, e))
         self.head_audio = nn.Linear(cfg.width, e)
         self.head_text = nn.Linear(cfg.width, e)
+
+    def tokenize_captions(self, captions: list[list[str]]) -> tuple[Tensor, Tensor]:
+        """Caption bags (K strings per clip) → ids [N, K, L] and word mask [N, K, L] for this text encoder."""
+        k = len(captions[0]) if captions else 0
+        flat = [c for bag in captions for c in bag]
+        if self.minilm is not None:
+            ids, mask = self.minilm.tokenize(flat)
+        else:
+            ids, mask = native_captions.tokenize(flat)
+        return ids.view(len(captions), k, -1), mask.view(len(captions), k, -1)
 
     def encode_tokens(self, modality: str, tokens: Tensor, padding: Tensor | None = None) -> Tensor:
         """Run ``modality``'s tokens [N, S, D] through its backbone; ``padding`` [N, S] is True on pads."""
@@ -190,10 +206,13 @@ class TriModalPretrainModel(nn.Module):
             raise InputError(f"text: expected word ids [B, K candidates, L], got {list(ids.shape)}")
         b, k, length = ids.shape
         word_mask = inputs.get("text_mask", ids != 0).reshape(b * k, length)
-        # a candidate without words (padding of the bag) attends to its first position instead of nothing
-        attend = word_mask.clone()
-        attend[:, 0] = True
-        text = self.encode_tokens("text", self.tokenizers["text"](ids.reshape(b * k, length)), ~attend)
+        if self.minilm is not None:  # MiniLM is the text transformer; the backbone sees video and audio
+            text = self.minilm(ids.reshape(b * k, length), word_mask)
+        else:
+            # a candidate without words (padding of the bag) attends to its first position, not to nothing
+            attend = word_mask.clone()
+            attend[:, 0] = True
+            text = self.encode_tokens("text", self.tokenizers["text"](ids.reshape(b * k, length)), ~attend)
         return {
             "video": (video, None),
             "audio": (audio, None),
@@ -203,6 +222,7 @@ class TriModalPretrainModel(nn.Module):
     def forward(self, inputs: dict[str, Tensor], return_tokens: bool = False) -> PretrainOutput:
         encoded = self.encode(inputs)
         (video, _), (audio, _), (text, word_mask) = encoded["video"], encoded["audio"], encoded["text"]
+        assert word_mask is not None
         features = {"video": video.mean(1), "audio": audio.mean(1), "text": masked_mean(text, word_mask)}
         va = self.head_va(features["video"])
         out = PretrainOutput(

@@ -9,7 +9,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from harmonia.models import MultimodalOutput
-    from harmonia.train.trainer import Trainer
+    from harmonia.train.base import BaseTrainer as Trainer
 
 
 class Callback:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from harmonia.config import TextEncoderKind
 from harmonia.contrastive import VATTLoss, VATTLossOutput
 from harmonia.data.loader import BatchLoader
 from harmonia.data.trimodal import TriModalAVDigits, TriModalSplit, load_trimodal_avdigits
@@ -50,6 +51,9 @@ class PretrainTrainer(BaseTrainer):
             vocabulary_size=len(self.dataset.vocabulary),
             text_length=int(text.shape[-1]),
         ).to(self.device)
+        if cfg.pretrain.text_encoder is not TextEncoderKind.NATIVE:
+            for split in self.dataset.splits.values():  # captions as this text encoder tokenizes them
+                split.inputs["text"], split.inputs["text_mask"] = self.model.tokenize_captions(split.captions)
         self.loss = VATTLoss(cfg.pretrain.temperature, cfg.pretrain.weight_va, cfg.pretrain.weight_vt)
         self.train_loader = BatchLoader(
             {k: train.inputs[k] for k in INPUT_KEYS},

@@ -1,0 +1,202 @@
+"""Cross-modality gradient harmonization (DESIGN §1.5–1.6; Wu et al., NeurIPS 2022).
+
+:class:`GradientHarmonizer` replaces ``loss.backward()`` for two per-sample objectives that flow through a
+shared quantity — VATT's L_va and L_vt through the video anchor z_v:
+
+* ``mode="feature"`` (default): g^k = ∂(w_k · mean_i ℓ^k_i)/∂z [B, D] by one ``torch.autograd.grad`` per loss
+  (row i is sample i's gradient; only the small graph between z and the losses is traversed), realigned row
+  by row (:func:`~harmonia.contrastive.realign.realign`), optionally filtered by a
+  :class:`~harmonia.contrastive.curriculum.ConflictCurriculum`, then one backward through everything:
+  the anchor's upstream (the video backbone) receives the realigned rows, every other branch (heads, audio,
+  text) the ordinary gradient of the kept samples' loss. No second forward pass.
+* ``mode="batch"``: PCGrad on the whole-batch gradients of the two losses with respect to ``params`` (the
+  multi-task baseline; two backward passes). Parameters outside ``params`` get the plain summed gradient.
+
+With ``rule="none"`` and no curriculum, the gradients equal a plain ``(sum of losses).backward()``.
+Statistics of every call (per-sample cosine, conflict and kept fractions) come back as
+:class:`HarmonizeStats`; they are what ``harmonia audit`` ranks.
+
+When samples are dropped by the curriculum, the loss is the mean over the kept samples, and the realigned
+anchor rows of the kept samples are rescaled by B / kept to match it (rows were computed for the mean over
+the whole batch); dropped rows get zero.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from harmonia.contrastive.curriculum import ConflictCurriculum
+from harmonia.contrastive.realign import RealignRule, realign, row_cosine
+
+
+class HarmonizeMode(str, enum.Enum):
+    FEATURE = "feature"
+    BATCH = "batch"
+
+
+@dataclass
+class HarmonizeStats:
+    """One call's statistics: ``cosine`` [B] (feature mode; one value in batch mode), ``kept`` [B] bool."""
+
+    cosine: Tensor
+    kept: Tensor
+    conflict_fraction: float
+    kept_fraction: float
+    threshold: float | None = None
+
+    def metrics(self) -> dict[str, float]:
+        out = {
+            "harmonize/conflict_fraction": self.conflict_fraction,
+            "harmonize/kept_fraction": self.kept_fraction,
+            "harmonize/mean_cosine": float(self.cosine.mean()),
+        }
+        if self.threshold is not None:
+            out["harmonize/threshold"] = self.threshold
+        return out
+
+
+class GradientHarmonizer:
+    """Backward pass that realigns two objectives' gradients per sample, with an optional curriculum.
+
+    Args:
+        mode: ``feature`` or ``batch`` (see the module docstring).
+        rule: ``pcgrad``, ``gradvac`` or ``none``.
+        curriculum: keep only samples whose conflict score passes its schedule (feature mode).
+        params: the shared parameters PCGrad acts on (batch mode).
+        gradvac_beta: rate of the moving average of cosines that is gradvac's target φ_T.
+        gradvac_target: initial φ_T.
+    """
+
+    def __init__(
+        self,
+        mode: HarmonizeMode | str = HarmonizeMode.FEATURE,
+        rule: RealignRule | str = RealignRule.PCGRAD,
+        curriculum: ConflictCurriculum | None = None,
+        params: Sequence[torch.nn.Parameter] | None = None,
+        gradvac_beta: float = 0.01,
+        gradvac_target: float = 0.0,
+    ) -> None:
+        self.mode, self.rule = HarmonizeMode(mode), RealignRule(rule)
+        if self.mode is HarmonizeMode.BATCH:
+            if not params:
+                raise ValueError(
+                    "GradientHarmonizer(mode='batch') needs params: the shared parameters to realign"
+                )
+            if curriculum is not None:
+                raise ValueError("a curriculum needs per-sample conflict scores: use mode='feature'")
+        self.curriculum, self.params = curriculum, list(params or [])
+        self.gradvac_beta, self.gradvac_target = gradvac_beta, gradvac_target
+        self.num_steps = 0
+
+    def backward(
+        self,
+        losses: Mapping[str, Tensor],
+        anchor: Tensor | None = None,
+        weights: Mapping[str, float] | None = None,
+    ) -> HarmonizeStats:
+        """Backpropagate ``Σ_k w_k mean_i losses[k]_i`` (two objectives, per-sample [B] each), harmonized."""
+        if len(losses) != 2:
+            raise ValueError(f"GradientHarmonizer realigns two objectives, got {list(losses)}")
+        (name_a, loss_a), (name_b, loss_b) = losses.items()
+        if loss_a.dim() != 1 or loss_a.shape != loss_b.shape:
+            raise ValueError(
+                f"GradientHarmonizer needs per-sample losses [B] (reduction='none'), "
+                f"got {tuple(loss_a.shape)}, "
+                f"{tuple(loss_b.shape)}"
+            )
+        w_a, w_b = (weights or {}).get(name_a, 1.0), (weights or {}).get(name_b, 1.0)
+        if self.mode is HarmonizeMode.BATCH:
+            stats = self._batch(w_a * loss_a.mean(), w_b * loss_b.mean())
+        else:
+            if anchor is None:
+                raise ValueError(
+                    "GradientHarmonizer(mode='feature') needs the anchor both losses flow through"
+                )
+            stats = self._feature(w_a * loss_a, w_b * loss_b, anchor)
+        self.num_steps += 1
+        return stats
+
+    def _target(self, cos: Tensor) -> float:
+        target = self.gradvac_target
+        self.gradvac_target = (1 - self.gradvac_beta) * target + self.gradvac_beta * float(cos.mean())
+        return target
+
+    def _feature(self, loss_a: Tensor, loss_b: Tensor, anchor: Tensor) -> HarmonizeStats:
+        b = loss_a.shape[0]
+        g_a, g_b = (torch.autograd.grad(x.mean(), anchor, retain_graph=True)[0] for x in (loss_a, loss_b))
+        target = self._target(row_cosine(g_a, g_b)) if self.rule is RealignRule.GRADVAC else 0.0
+        new_a, new_b, cos = realign(g_a, g_b, self.rule, target)
+        cos = cos.detach()
+        threshold = None
+        if self.curriculum is None:
+            kept = torch.ones(b, dtype=torch.bool, device=cos.device)
+        else:
+            kept = self.curriculum.keep_mask(cos, self.num_steps)
+            threshold = self.curriculum.threshold(self.num_steps)
+        n_kept = int(kept.sum())
+        if n_kept == b:
+            total = loss_a.mean() + loss_b.mean()
+            plain = g_a + g_b
+        else:
+            keep = kept.to(loss_a.dtype)
+            total = ((loss_a + loss_b) * keep).sum() / n_kept
+            plain = torch.autograd.grad(total, anchor, retain_graph=True)[0]
+            new_a, new_b = new_a * keep[:, None] * (b / n_kept), new_b * keep[:, None] * (b / n_kept)
+        if self.rule is RealignRule.NONE and n_kept == b:
+            total.backward()  # nothing to change: exactly the plain backward
+        else:
+            torch.autograd.backward(
+                [total, anchor], [torch.ones_like(total), (new_a + new_b - plain).detach()]
+            )
+        return HarmonizeStats(
+            cosine=cos,
+            kept=kept,
+            conflict_fraction=float((cos < 0).float().mean()),
+            kept_fraction=n_kept / b,
+            threshold=threshold,
+        )
+
+    def _batch(self, loss_a: Tensor, loss_b: Tensor) -> HarmonizeStats:
+        grads_a = torch.autograd.grad(loss_a, self.params, retain_graph=True, allow_unused=True)
+        grads_b = torch.autograd.grad(loss_b, self.params, retain_graph=True, allow_unused=True)
+        flat_a = torch.cat([_flat(g, p) for g, p in zip(grads_a, self.params, strict=True)])[None]
+        flat_b = torch.cat([_flat(g, p) for g, p in zip(grads_b, self.params, strict=True)])[None]
+        target = self._target(row_cosine(flat_a, flat_b)) if self.rule is RealignRule.GRADVAC else 0.0
+        new_a, new_b, cos = realign(flat_a, flat_b, self.rule, target)
+        # the other parameters: plain gradient of the sum (the shared ones are overwritten below)
+        saved = {id(p): p.grad for p in self.params}
+        (loss_a + loss_b).backward()
+        combined, offset = (new_a + new_b)[0], 0
+        for p in self.params:
+            n = p.numel()
+            g = combined[offset : offset + n].view_as(p)
+            offset += n
+            before = saved[id(p)]
+            p.grad = g.clone() if before is None else before + g
+        return HarmonizeStats(
+            cosine=cos.detach(),
+            kept=torch.ones(1, dtype=torch.bool),
+            conflict_fraction=float((cos < 0).float().mean()),
+            kept_fraction=1.0,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"num_steps": self.num_steps, "gradvac_target": self.gradvac_target}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.num_steps = int(state["num_steps"])
+        self.gradvac_target = float(state["gradvac_target"])
+
+
+def _flat(grad: Tensor | None, param: Tensor) -> Tensor:
+    return (
+        torch.zeros(param.numel(), device=param.device, dtype=param.dtype)
+        if grad is None
+        else grad.reshape(-1)
+    )
