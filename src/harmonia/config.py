@@ -27,6 +27,8 @@ from typing import Any, TypeVar
 import yaml
 
 from harmonia.balance.ogm import OGMForm
+from harmonia.contrastive.curriculum import CurriculumKeep, CurriculumShape
+from harmonia.contrastive.realign import RealignRule
 from harmonia.errors import ConfigError
 from harmonia.models.fusion import FusionKind
 
@@ -294,6 +296,54 @@ class PretrainConfig:
             raise ConfigError("pretrain.weight_va and pretrain.weight_vt are both 0: nothing to train")
 
 
+class HarmonizeModeKind(str, enum.Enum):
+    NONE = "none"
+    FEATURE = "feature"
+    BATCH = "batch"
+
+
+@dataclass
+class HarmonizeConfig:
+    """Cross-modality gradient harmonization of task: pretrain (DESIGN §1.5-1.6)."""
+
+    mode: HarmonizeModeKind = param(
+        HarmonizeModeKind.NONE,
+        help="none: plain backward; feature: per-sample realignment at the video anchor; batch: PCGrad on "
+        "the shared parameters' whole-batch gradients",
+    )
+    rule: RealignRule = param(RealignRule.PCGRAD, help="pcgrad, gradvac or none (only report conflicts)")
+    gradvac_beta: float = param(
+        0.01, help="gradvac: rate of the moving average of cosines (target)", gt=0, le=1
+    )
+    curriculum: bool = param(False, help="train first on triplets whose two losses agree (feature mode)")
+    curriculum_start: float = param(0.0, help="curriculum: first cosine threshold γ_0", ge=-1, le=1)
+    curriculum_end: float = param(
+        -1.0, help="curriculum: final threshold (-1 keeps every triplet)", ge=-1, le=1
+    )
+    curriculum_epochs: float = param(
+        10.0, help="curriculum: epochs over which the threshold anneals from start to end", gt=0
+    )
+    curriculum_shape: CurriculumShape = param(CurriculumShape.LINEAR, help="linear or cosine annealing")
+    curriculum_keep: CurriculumKeep = param(
+        CurriculumKeep.THRESHOLD, help="threshold (c_i >= γ(t)) or top_fraction (highest p(t) of the batch)"
+    )
+    curriculum_start_fraction: float = param(
+        0.5, help="curriculum top_fraction: share of the batch kept at the start", gt=0, le=1
+    )
+
+    def __post_init__(self) -> None:
+        _coerce_enums(self, "harmonize")
+        if self.curriculum and self.mode is not HarmonizeModeKind.FEATURE:
+            raise ConfigError(
+                "harmonize.curriculum needs per-sample conflict scores: set harmonize.mode=feature"
+            )
+        if self.curriculum_end > self.curriculum_start:
+            raise ConfigError(
+                f"harmonize.curriculum_end={self.curriculum_end} must be <= curriculum_start="
+                f"{self.curriculum_start} (the threshold anneals downwards)"
+            )
+
+
 @dataclass
 class TrainConfig:
     epochs: int = param(20, help="number of training epochs", ge=1)
@@ -320,6 +370,9 @@ class ExperimentConfig:
     balance: BalanceConfig = param(default_factory=BalanceConfig, help="modality balancing (OGM, OPM)")
     pretrain: PretrainConfig = param(
         default_factory=PretrainConfig, help="tri-modal contrastive pre-training (task: pretrain)"
+    )
+    harmonize: HarmonizeConfig = param(
+        default_factory=HarmonizeConfig, help="gradient harmonization of pre-training (task: pretrain)"
     )
     train: TrainConfig = param(default_factory=TrainConfig, help="training loop")
 
@@ -348,6 +401,8 @@ class ExperimentConfig:
                 )
             if self.balance.method is not BalanceMethod.NONE:
                 raise ConfigError("balance.method applies to task=classify; set balance.method=none")
+        elif self.harmonize.mode is not HarmonizeModeKind.NONE:
+            raise ConfigError("harmonize.mode applies to task=pretrain; set harmonize.mode=none")
         if not self.data.modalities:
             raise ConfigError("data.modalities: give at least one modality, e.g. [audio, image]")
         if len(set(self.data.modalities)) != len(self.data.modalities):

@@ -162,3 +162,21 @@ def classification_metrics(logits: Tensor, labels: Tensor, num_classes: int) -> 
         "macro_f1": macro_f1(pred, labels, num_classes),
         "mAP": mean_average_precision(probs, labels, num_classes),
     }
+
+
+def auroc(scores: ArrayLike, positive: ArrayLike) -> float:
+    """Area under the ROC curve of ``scores`` for detecting ``positive`` (bool) samples.
+
+    The Mann–Whitney form: the probability that a random positive scores higher than a random negative,
+    ties counting one half. NaN when either class is empty.
+    """
+    s = _to_numpy(scores, "scores").astype(np.float64).ravel()
+    p = _to_numpy(positive, "positive").astype(bool).ravel()
+    _same_length(s, p, "scores and positive")
+    n_pos, n_neg = int(p.sum()), int((~p).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    from scipy.stats import rankdata
+
+    ranks = rankdata(s)  # average ranks for ties
+    return float((ranks[p].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

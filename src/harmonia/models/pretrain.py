@@ -176,6 +176,14 @@ class TriModalPretrainModel(nn.Module):
         self.head_audio = nn.Linear(cfg.width, e)
         self.head_text = nn.Linear(cfg.width, e)
 
+    def anchor_parameters(self) -> list[nn.Parameter]:
+        """Parameters upstream of the video anchor ``features["video"]``: the video tokenizer and the video
+        backbone (in the shared setting, the whole shared transformer and the video modality embedding)."""
+        params = list(self.tokenizers["video"].parameters())
+        if self.backbone_kind is BackboneKind.SHARED:
+            return [*params, *self.backbone.parameters(), self.modality_embedding["video"]]
+        return [*params, *self.backbones["video"].parameters()]
+
     def tokenize_captions(self, captions: list[list[str]]) -> tuple[Tensor, Tensor]:
         """Caption bags (K strings per clip) → ids [N, K, L] and word mask [N, K, L] for this text encoder."""
         k = len(captions[0]) if captions else 0

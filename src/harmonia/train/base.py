@@ -84,6 +84,7 @@ class BaseTrainer:
 
     model: nn.Module
     train_loader: BatchLoader
+    dataset: Any
 
     def __init__(
         self,
@@ -299,6 +300,8 @@ class BaseTrainer:
             logger.close()
         if self.cfg.balance.method is not BalanceMethod.NONE:
             plot_balance_curves({"": self.run_dir}, self.run_dir / "balance_curves.png")
+        for cb in self.callbacks:
+            cb.on_train_end(self)
         result = TrainResult(self.run_dir, test, probe, self.epoch, time.perf_counter() - start)
         (self.run_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=1))
         return result

@@ -43,6 +43,9 @@ class Callback:
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
         """After evaluation of ``epoch``; ``metrics`` may be extended and is then logged."""
 
+    def on_train_end(self, trainer: Trainer) -> None:
+        """Once, after the final evaluation (reports, plots)."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

@@ -14,8 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from harmonia.config import TextEncoderKind
+from harmonia.config import HarmonizeConfig, HarmonizeModeKind, PretrainConfig, TextEncoderKind
 from harmonia.contrastive import VATTLoss, VATTLossOutput
+from harmonia.contrastive.curriculum import ConflictCurriculum
+from harmonia.contrastive.harmonize import GradientHarmonizer
+from harmonia.contrastive.hooks import HarmonizeCallback
 from harmonia.data.loader import BatchLoader
 from harmonia.data.trimodal import TriModalAVDigits, TriModalSplit, load_trimodal_avdigits
 from harmonia.errors import ConfigError
@@ -25,6 +28,32 @@ from harmonia.models.pretrain import PretrainOutput, TriModalPretrainModel
 from harmonia.train.base import BaseTrainer
 
 INPUT_KEYS = ("video", "audio", "text", "text_mask")
+
+
+def build_harmonize_callback(
+    cfg: HarmonizeConfig, model: TriModalPretrainModel, steps_per_epoch: int, pretrain: PretrainConfig
+) -> HarmonizeCallback | None:
+    """The harmonizer ``harmonize`` asks for (``None`` for ``mode: none``)."""
+    if cfg.mode is HarmonizeModeKind.NONE:
+        return None
+    curriculum = None
+    if cfg.curriculum:
+        curriculum = ConflictCurriculum(
+            cfg.curriculum_start,
+            cfg.curriculum_end,
+            steps=max(1, round(cfg.curriculum_epochs * steps_per_epoch)),
+            shape=cfg.curriculum_shape,
+            keep=cfg.curriculum_keep,
+            start_fraction=cfg.curriculum_start_fraction,
+        )
+    harmonizer = GradientHarmonizer(
+        mode=cfg.mode.value,
+        rule=cfg.rule,
+        curriculum=curriculum,
+        params=model.anchor_parameters() if cfg.mode is HarmonizeModeKind.BATCH else None,
+        gradvac_beta=cfg.gradvac_beta,
+    )
+    return HarmonizeCallback(harmonizer, {"va": pretrain.weight_va, "vt": pretrain.weight_vt})
 
 
 class PretrainTrainer(BaseTrainer):
@@ -69,6 +98,11 @@ class PretrainTrainer(BaseTrainer):
                 f"lower train.batch_size"
             )
         self.last_losses: VATTLossOutput | None = None
+        self.harmonize = build_harmonize_callback(
+            cfg.harmonize, self.model, len(self.train_loader), cfg.pretrain
+        )
+        if self.harmonize is not None:
+            self.callbacks.insert(0, self.harmonize)
 
     def compute_loss(self, output: PretrainOutput) -> VATTLossOutput:
         return self.loss(output.video_va, output.audio, output.video_vt, output.text, output.text_mask)
@@ -82,7 +116,10 @@ class PretrainTrainer(BaseTrainer):
         if not torch.isfinite(losses.loss):
             self._raise_non_finite(losses.loss, batch)
         self.optimizer.zero_grad(set_to_none=True)
-        losses.loss.backward()
+        if self.harmonize is None:
+            losses.loss.backward()
+        else:
+            self.harmonize.backward(self, batch, losses, output)
         for cb in self.callbacks:
             cb.after_backward(self, batch, output)
         if self.cfg.optim.grad_clip_norm is not None:

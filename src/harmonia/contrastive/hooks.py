@@ -1,0 +1,108 @@
+"""The trainer's use of the harmonizer: one callback, through the same public API a user's loop calls."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from harmonia.contrastive.harmonize import GradientHarmonizer, HarmonizeMode
+from harmonia.contrastive.losses import VATTLossOutput
+from harmonia.eval.metrics import auroc
+from harmonia.train.callbacks import Callback
+
+if TYPE_CHECKING:
+    from harmonia.models.pretrain import PretrainOutput
+    from harmonia.train.base import BaseTrainer as Trainer
+
+CONFLICTS_DIR = "conflicts"
+
+
+class HarmonizeCallback(Callback):
+    """Runs the pre-training backward through a :class:`GradientHarmonizer`.
+
+    Logs the harmonizer's statistics every step (``harmonize/conflict_fraction``, ``kept_fraction``,
+    ``mean_cosine``, ``threshold``). In feature mode it also keeps every training triplet's conflict score:
+    each epoch's scores go to ``conflicts/epoch_NNN.npz`` in the run folder, the epoch metrics get
+    ``train/conflict_auroc`` (how well −cos finds the misaligned triplets, when the data has some), and the
+    run ends with ``conflict_histograms.png``.
+    """
+
+    def __init__(self, harmonizer: GradientHarmonizer, weights: Mapping[str, float]) -> None:
+        self.harmonizer, self.weights = harmonizer, dict(weights)
+        self._indices: list[torch.Tensor] = []
+        self._cosines: list[torch.Tensor] = []
+        self._kept: list[torch.Tensor] = []
+
+    def backward(
+        self, trainer: Trainer, batch: Mapping[str, Any], losses: VATTLossOutput, output: PretrainOutput
+    ) -> None:
+        stats = self.harmonizer.backward(losses.per_sample, output.features["video"], self.weights)
+        trainer.step_metrics.update(stats.metrics())
+        if self.harmonizer.mode is HarmonizeMode.FEATURE:
+            self._indices.append(batch["indices"].cpu())
+            self._cosines.append(stats.cosine.float().cpu())
+            self._kept.append(stats.kept.cpu())
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
+        if not self._cosines:
+            return
+        index, cosine, kept = torch.cat(self._indices), torch.cat(self._cosines), torch.cat(self._kept)
+        self._indices, self._cosines, self._kept = [], [], []
+        folder = trainer.run_dir / CONFLICTS_DIR
+        folder.mkdir(exist_ok=True)
+        noisy = getattr(trainer.dataset.split("train"), "noisy", torch.zeros(0, dtype=torch.bool))
+        flags = noisy[index] if len(noisy) else torch.zeros_like(kept)
+        np.savez(
+            folder / f"epoch_{epoch:03d}.npz",
+            index=index.numpy(),
+            cosine=cosine.numpy(),
+            kept=kept.numpy(),
+            noisy=flags.numpy(),
+        )
+        metrics["train/conflict_mean_cosine"] = float(cosine.mean())
+        if flags.any() and not flags.all():
+            metrics["train/conflict_auroc"] = auroc(-cosine, flags)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        files = sorted((trainer.run_dir / CONFLICTS_DIR).glob("epoch_*.npz"))
+        if files:
+            plot_conflict_histograms(files, trainer.run_dir / "conflict_histograms.png")
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.harmonizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.harmonizer.load_state_dict(state)
+
+
+def plot_conflict_histograms(files: list[Path], out: Path, panels: int = 6) -> None:
+    """Histograms of the per-triplet conflict score of up to ``panels`` evenly spaced epochs, clean and
+    misaligned triplets apart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = [
+        files[i]
+        for i in np.unique(np.linspace(0, len(files) - 1, min(panels, len(files))).round().astype(int))
+    ]
+    fig, axes = plt.subplots(1, len(chosen), figsize=(3.2 * len(chosen), 2.8), sharey=True, squeeze=False)
+    bins = np.linspace(-1, 1, 41)
+    for ax, path in zip(axes[0], chosen, strict=True):
+        data = np.load(path)
+        cos, noisy = data["cosine"], data["noisy"].astype(bool)
+        ax.hist(cos[~noisy], bins=bins, alpha=0.7, label="clean", density=True)
+        if noisy.any():
+            ax.hist(cos[noisy], bins=bins, alpha=0.7, label="misaligned", density=True)
+        ax.set_title(f"epoch {int(path.stem.split('_')[1]) + 1}", fontsize=9)
+        ax.set_xlabel("cos(g_va, g_vt)")
+    axes[0][0].set_ylabel("density")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
