@@ -180,3 +180,56 @@ def test_batch_mode_trains_and_config_errors(tmp_path: Path) -> None:
         tiny_experiment(tmp_path, "harmonize.mode=feature")
     with pytest.raises(ConfigError, match="anneals downwards"):
         tiny_pretrain(tmp_path, "harmonize.curriculum_start=-0.5", "harmonize.curriculum_end=0.5")
+
+
+class ToyAnchor(torch.nn.Module):
+    def __init__(self, toy: Toy) -> None:
+        super().__init__()
+        self.toy = toy
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.toy.W.T
+
+
+def test_per_sample_parameter_grads_equal_a_loop_on_the_real_video_branch() -> None:
+    from harmonia.config import PretrainConfig
+    from harmonia.contrastive.harmonize import per_sample_parameter_grads
+    from harmonia.data import captions
+    from harmonia.models.pretrain import TriModalPretrainModel, VideoAnchor
+
+    torch.manual_seed(0)
+    model = TriModalPretrainModel(
+        PretrainConfig(width=16, heads=2, depth=1), (4, 16), (32, 51), len(captions.VOCABULARY), 6
+    )
+    anchor = VideoAnchor(model)
+    params = anchor.anchor_named_parameters()
+    video, rows = torch.rand(5, 1, 4, 16, 16), torch.randn(5, 16)
+    batched = per_sample_parameter_grads(anchor, params, video, rows)
+    for i in range(5):
+        z = anchor(video[i : i + 1])[0]
+        loop = torch.autograd.grad((z * rows[i]).sum(), list(params.values()))
+        for (name, value), expected in zip(batched.items(), loop, strict=True):
+            torch.testing.assert_close(value[i], expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_parameter_mode_realigns_per_sample_parameter_gradients() -> None:
+    model, x = Toy(), _x()
+    g_a, g_b = _row_grads(model, x)
+    per_a = g_a[:, :, None] * x[:, None, :]  # sample i's dL_a/dW = g_a,i x_iᵀ
+    per_b = g_b[:, :, None] * x[:, None, :]
+    expected_w = _pcgrad_rows(per_a.flatten(1), per_b.flatten(1)).sum(0).view(D, D_IN)
+    _, losses = model.losses(x)
+    expected_v = torch.autograd.grad(losses["vt"].mean(), model.V)[0]
+    anchor = ToyAnchor(model)
+    harmonizer = GradientHarmonizer(mode="parameter", anchor_module=anchor, anchor_params={"toy.W": model.W})
+    z, losses = model.losses(x)
+    stats = harmonizer.backward(losses, z, anchor_input=x)
+    torch.testing.assert_close(model.W.grad, expected_w)
+    torch.testing.assert_close(model.V.grad, expected_v)
+    torch.testing.assert_close(
+        stats.cosine, torch.nn.functional.cosine_similarity(per_a.flatten(1), per_b.flatten(1))
+    )
+    with pytest.raises(ValueError, match="needs anchor_module"):
+        GradientHarmonizer(mode="parameter")
+    with pytest.raises(ValueError, match="needs anchor_input"):
+        harmonizer.backward(losses, z)

@@ -9,6 +9,9 @@ shared quantity — VATT's L_va and L_vt through the video anchor z_v:
   :class:`~harmonia.contrastive.curriculum.ConflictCurriculum`, then one backward through everything:
   the anchor's upstream (the video backbone) receives the realigned rows, every other branch (heads, audio,
   text) the ordinary gradient of the kept samples' loss. No second forward pass.
+* ``mode="parameter"``: the same, but the conflict is measured and resolved on per-sample gradients with
+  respect to the anchor's upstream parameters, J_iᵀ g^k_i, computed with ``torch.func`` (``vmap(grad)``: a
+  second, batched pass through the anchor's branch). Faithful to "per-sample gradients" and expensive.
 * ``mode="batch"``: PCGrad on the whole-batch gradients of the two losses with respect to ``params`` (the
   multi-task baseline; two backward passes). Parameters outside ``params`` get the plain summed gradient.
 
@@ -37,7 +40,29 @@ from harmonia.contrastive.realign import RealignRule, realign, row_cosine
 
 class HarmonizeMode(str, enum.Enum):
     FEATURE = "feature"
+    PARAMETER = "parameter"
     BATCH = "batch"
+
+
+def per_sample_parameter_grads(
+    module: torch.nn.Module, params: Mapping[str, Tensor], inputs: Tensor, rows: Tensor
+) -> dict[str, Tensor]:
+    """Per-sample gradients J_iᵀ g_i [B, *param.shape] of ``z_i = module(inputs[i])`` pulled back from
+    ``rows`` g_i = ∂L/∂z_i, with ``torch.func.vmap(grad(...))`` over the samples (one batched pass).
+
+    Since ∂L/∂θ = Σ_i J_iᵀ g_i, these sum to the batch gradient reaching ``params`` through z.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    def pulled_back(p: dict[str, Tensor], x: Tensor, g: Tensor) -> Tensor:
+        return (functional_call(module, p, (x[None],), strict=False)[0] * g).sum()
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    detached = {k: v.detach() for k, v in params.items()}
+    # the math attention kernel is made of ops vmap can batch; the fused CPU kernels have no batching rule
+    with sdpa_kernel(SDPBackend.MATH):
+        return vmap(grad(pulled_back), in_dims=(None, 0, 0))(detached, inputs, rows.detach())
 
 
 @dataclass
@@ -69,6 +94,8 @@ class GradientHarmonizer:
         rule: ``pcgrad``, ``gradvac`` or ``none``.
         curriculum: keep only samples whose conflict score passes its schedule (feature mode).
         params: the shared parameters PCGrad acts on (batch mode).
+        anchor_module, anchor_params: parameter mode: the module mapping one sample's input to its anchor
+            and the named parameters whose per-sample gradients are realigned.
         gradvac_beta: rate of the moving average of cosines that is gradvac's target φ_T.
         gradvac_target: initial φ_T.
     """
@@ -81,8 +108,16 @@ class GradientHarmonizer:
         params: Sequence[torch.nn.Parameter] | None = None,
         gradvac_beta: float = 0.01,
         gradvac_target: float = 0.0,
+        anchor_module: torch.nn.Module | None = None,
+        anchor_params: Mapping[str, torch.nn.Parameter] | None = None,
     ) -> None:
         self.mode, self.rule = HarmonizeMode(mode), RealignRule(rule)
+        if self.mode is HarmonizeMode.PARAMETER and (anchor_module is None or not anchor_params):
+            raise ValueError(
+                "GradientHarmonizer(mode='parameter') needs anchor_module (input -> anchor) and "
+                "anchor_params (its named parameters to realign)"
+            )
+        self.anchor_module, self.anchor_params = anchor_module, dict(anchor_params or {})
         if self.mode is HarmonizeMode.BATCH:
             if not params:
                 raise ValueError(
@@ -99,8 +134,13 @@ class GradientHarmonizer:
         losses: Mapping[str, Tensor],
         anchor: Tensor | None = None,
         weights: Mapping[str, float] | None = None,
+        anchor_input: Tensor | None = None,
     ) -> HarmonizeStats:
-        """Backpropagate ``Σ_k w_k mean_i losses[k]_i`` (two objectives, per-sample [B] each), harmonized."""
+        """Backpropagate ``Σ_k w_k mean_i losses[k]_i`` (two objectives, per-sample [B] each), harmonized.
+
+        ``anchor`` is the [B, D] tensor both losses flow through (feature and parameter modes);
+        ``anchor_input`` the anchor module's input (parameter mode).
+        """
         if len(losses) != 2:
             raise ValueError(f"GradientHarmonizer realigns two objectives, got {list(losses)}")
         (name_a, loss_a), (name_b, loss_b) = losses.items()
@@ -118,7 +158,11 @@ class GradientHarmonizer:
                 raise ValueError(
                     "GradientHarmonizer(mode='feature') needs the anchor both losses flow through"
                 )
-            stats = self._feature(w_a * loss_a, w_b * loss_b, anchor)
+            if self.mode is HarmonizeMode.PARAMETER and anchor_input is None:
+                raise ValueError(
+                    "GradientHarmonizer(mode='parameter') needs anchor_input, the anchor module's input"
+                )
+            stats = self._feature(w_a * loss_a, w_b * loss_b, anchor, anchor_input)
         self.num_steps += 1
         return stats
 
@@ -127,11 +171,24 @@ class GradientHarmonizer:
         self.gradvac_target = (1 - self.gradvac_beta) * target + self.gradvac_beta * float(cos.mean())
         return target
 
-    def _feature(self, loss_a: Tensor, loss_b: Tensor, anchor: Tensor) -> HarmonizeStats:
+    def _feature(
+        self, loss_a: Tensor, loss_b: Tensor, anchor: Tensor, anchor_input: Tensor | None = None
+    ) -> HarmonizeStats:
         b = loss_a.shape[0]
         g_a, g_b = (torch.autograd.grad(x.mean(), anchor, retain_graph=True)[0] for x in (loss_a, loss_b))
-        target = self._target(row_cosine(g_a, g_b)) if self.rule is RealignRule.GRADVAC else 0.0
-        new_a, new_b, cos = realign(g_a, g_b, self.rule, target)
+        per_param: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
+        if self.mode is HarmonizeMode.PARAMETER:
+            assert self.anchor_module is not None and anchor_input is not None
+            per_param = (
+                per_sample_parameter_grads(self.anchor_module, self.anchor_params, anchor_input, g_a),
+                per_sample_parameter_grads(self.anchor_module, self.anchor_params, anchor_input, g_b),
+            )
+            rows_a = torch.cat([v.flatten(1) for v in per_param[0].values()], 1)
+            rows_b = torch.cat([v.flatten(1) for v in per_param[1].values()], 1)
+        else:
+            rows_a, rows_b = g_a, g_b
+        target = self._target(row_cosine(rows_a, rows_b)) if self.rule is RealignRule.GRADVAC else 0.0
+        new_a, new_b, cos = realign(rows_a, rows_b, self.rule, target)
         cos = cos.detach()
         threshold = None
         if self.curriculum is None:
@@ -148,7 +205,16 @@ class GradientHarmonizer:
             total = ((loss_a + loss_b) * keep).sum() / n_kept
             plain = torch.autograd.grad(total, anchor, retain_graph=True)[0]
             new_a, new_b = new_a * keep[:, None] * (b / n_kept), new_b * keep[:, None] * (b / n_kept)
-        if self.rule is RealignRule.NONE and n_kept == b:
+        if per_param is not None:
+            # everything but the anchor path as usual; the anchor's parameters get the realigned sum
+            torch.autograd.backward([total, anchor], [torch.ones_like(total), -plain.detach()])
+            combined, offset = (new_a + new_b).sum(0), 0
+            for p in self.anchor_params.values():
+                n = p.numel()
+                g = combined[offset : offset + n].view_as(p)
+                offset += n
+                p.grad = g.clone() if p.grad is None else p.grad + g
+        elif self.rule is RealignRule.NONE and n_kept == b:
             total.backward()  # nothing to change: exactly the plain backward
         else:
             torch.autograd.backward(

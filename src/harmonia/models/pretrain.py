@@ -176,6 +176,10 @@ class TriModalPretrainModel(nn.Module):
         self.head_audio = nn.Linear(cfg.width, e)
         self.head_text = nn.Linear(cfg.width, e)
 
+    def video_anchor(self, video: Tensor) -> Tensor:
+        """The anchor z_v [B, width]: the pooled video backbone output (``features["video"]``)."""
+        return self.encode_tokens("video", self.tokenizers["video"](video)).mean(1)
+
     def anchor_parameters(self) -> list[nn.Parameter]:
         """Parameters upstream of the video anchor ``features["video"]``: the video tokenizer and the video
         backbone (in the shared setting, the whole shared transformer and the video modality embedding)."""
@@ -207,7 +211,7 @@ class TriModalPretrainModel(nn.Module):
             raise InputError(
                 f"pre-training inputs lack {missing}; expected video, audio, text (and text_mask)"
             )
-        video = self.encode_tokens("video", self.tokenizers["video"](inputs["video"]))
+        video = self.encode_tokens("video", self.tokenizers["video"](inputs["video"]))  # see video_anchor
         audio = self.encode_tokens("audio", self.tokenizers["audio"](inputs["audio"]))
         ids = inputs["text"]
         if ids.dim() != 3:
@@ -251,3 +255,19 @@ class TriModalPretrainModel(nn.Module):
             }
             out.token_masks = {"text": word_mask}
         return out
+
+
+class VideoAnchor(nn.Module):
+    """``video -> z_v`` of a :class:`TriModalPretrainModel` as a module of its own (shares its parameters),
+    for per-sample parameter gradients with ``torch.func`` (the harmonizer's parameter mode)."""
+
+    def __init__(self, model: TriModalPretrainModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, video: Tensor) -> Tensor:
+        return self.model.video_anchor(video)
+
+    def anchor_named_parameters(self) -> dict[str, nn.Parameter]:
+        ids = {id(p) for p in self.model.anchor_parameters()}
+        return {n: p for n, p in self.named_parameters() if id(p) in ids}
