@@ -156,3 +156,20 @@ def test_gathered_negatives_match_one_process_on_the_whole_batch(tmp_path: Path)
         torch.testing.assert_close(got["vt"], per_vt.detach()[half])
         for grad, full in zip(got["grads"], (a, b, v, t), strict=True):
             torch.testing.assert_close(grad, 2 * full.grad[half])
+
+
+@pytest.mark.parametrize("loss", ["nce", "mil_nce"])
+def test_own_gradients_only_gives_each_sample_its_own_loss_gradient(loss: str) -> None:
+    a, b = _unit(5, 4, seed=1).requires_grad_(), _unit(5, 2, 4, seed=2).requires_grad_()
+
+    def per_sample(own: bool) -> torch.Tensor:
+        if loss == "nce":
+            return nce(a, b[:, 0], 0.1, reduction="none", own_gradients_only=own)
+        return mil_nce(a, b, temperature=0.1, reduction="none", own_gradients_only=own)
+
+    values = per_sample(True)
+    torch.testing.assert_close(values, per_sample(False))  # same values
+    (grad_a,) = torch.autograd.grad(values.sum(), a)
+    for i in range(5):  # row i of the gradient of the sum = gradient of sample i's own loss w.r.t. a_i
+        (own,) = torch.autograd.grad(per_sample(False)[i], a)
+        torch.testing.assert_close(grad_a[i], own[i])

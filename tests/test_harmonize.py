@@ -233,3 +233,65 @@ def test_parameter_mode_realigns_per_sample_parameter_gradients() -> None:
         GradientHarmonizer(mode="parameter")
     with pytest.raises(ValueError, match="needs anchor_input"):
         harmonizer.backward(losses, z)
+
+
+def _tiny_bench_overrides() -> list[str]:
+    from conftest import TINY_RECIPE
+
+    recipe = [f"data.avdigits.{k}={v!r}".replace("'", "") for k, v in TINY_RECIPE.items()]
+    return [
+        *recipe,
+        "pretrain.width=16",
+        "pretrain.depth=1",
+        "pretrain.heads=2",
+        "pretrain.embed_dim=16",
+        "train.epochs=1",
+        "train.batch_size=16",
+    ]
+
+
+def test_audit_ranks_triplets_and_scores_detectors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import csv
+
+    from harmonia.cli import main
+
+    cfg = tiny_pretrain(tmp_path, "data.trimodal.misalign_rate=0.3")
+    trainer = build_trainer(cfg, progress=False)
+    split_size = len(trainer.dataset.split("train"))
+    trainer.fit()
+
+    config = tmp_path / "tiny_pretrain" / "config.yaml"
+    assert main(["audit", str(config), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "AUROC" in printed and "conflict (-cos)" in printed and "loss_vt" in printed
+    with open(tmp_path / "tiny_pretrain" / "audit_feature.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == split_size and [int(r["rank"]) for r in rows] == list(range(1, split_size + 1))
+    cos = [float(r["conflict_cosine"]) for r in rows]
+    assert cos == sorted(cos)  # most conflicting first
+    assert sum(int(r["misaligned_text"]) for r in rows) == round(0.3 * split_size)
+    assert (
+        main(["audit", str(config), "--quiet", "--mode", "parameter", "--out", str(tmp_path / "p.csv")]) == 0
+    )
+    assert main(["audit", str(config), "--checkpoint", str(tmp_path / "missing.pt"), "--quiet"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_bench_harmonize_writes_report(tmp_path: Path) -> None:
+    from harmonia.bench.harmonize import run_harmonize_benchmark
+
+    summary = run_harmonize_benchmark(
+        seeds=1,
+        out_dir=tmp_path,
+        variants=["baseline", "realign+curriculum"],
+        backbones=["specific"],
+        overrides=_tiny_bench_overrides(),
+        speed_steps=2,
+        speed_rounds=1,
+        progress=False,
+    )
+    report = (tmp_path / "harmonize" / "harmonize.md").read_text()
+    assert "| specific | realign+curriculum |" in report and "torch.func" in report and "AUROC" in report
+    assert set(summary["speed"]["steps"]) >= {"plain", "feature", "parameter", "batch"}
+    assert summary["speed"]["steps"]["plain"]["ratio"] == 1.0
+    assert (tmp_path / "harmonize" / "harmonize.png").stat().st_size > 1000

@@ -1,4 +1,4 @@
-"""Command line: ``harmonia train | data | bench``."""
+"""Command line: ``harmonia train | audit | data | bench``."""
 
 from __future__ import annotations
 
@@ -75,6 +75,29 @@ def format_result(test: dict[str, float], probe: dict[str, float], seconds: floa
     return "\n".join(lines)
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from harmonia.config import load_config
+    from harmonia.contrastive.audit import audit_conflicts
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(cfg.out_dir) / cfg.name
+    checkpoint = Path(args.checkpoint) if args.checkpoint else run_dir / "checkpoints" / "last.pt"
+    out = Path(args.out) if args.out else run_dir / f"audit_{args.mode}.csv"
+    result = audit_conflicts(cfg, checkpoint, out, mode=args.mode, progress=not args.quiet)
+    n = len(result.cosine)
+    print(f"scored {n} training triplets with {checkpoint}; ranked CSV (most conflicting first): {out}")
+    print(f"conflicting (cos < 0): {float((result.cosine < 0).float().mean()):.1%}")
+    if result.auroc:
+        print(
+            f"misaligned triplets (ground truth): {int(result.noisy.sum())} of {n}; AUROC of each detector:"
+        )
+        for name, value in result.auroc.items():
+            print(f"  {name:<20} {value:.3f}")
+    return 0
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     from harmonia.config import AVDigitsConfig, apply_overrides, from_dict
     from harmonia.data.avdigits import dataset_summary, format_summary, load_avdigits
@@ -135,8 +158,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         return 0
+    if args.benchmark == "harmonize":
+        from harmonia.bench.harmonize import VARIANTS, run_harmonize_benchmark
+
+        if args.config:
+            raise HarmoniaError("bench harmonize runs its own recipe; change it with overrides, not --config")
+        run_harmonize_benchmark(
+            seeds=args.seeds,
+            out_dir=args.out,
+            variants=args.variants or tuple(VARIANTS),
+            overrides=args.overrides,
+            speed_steps=args.speed_steps,
+            speed_rounds=args.speed_rounds,
+            progress=not args.quiet,
+        )
+        return 0
     raise HarmoniaError(
-        f"unknown benchmark {args.benchmark!r}; available: imbalance, balance, balance-speed, pretrain"
+        f"unknown benchmark {args.benchmark!r}; "
+        "available: imbalance, balance, balance-speed, pretrain, harmonize"
     )
 
 
@@ -153,6 +192,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("audit", help="rank training triplets by cross-modal gradient conflict (pretrain)")
+    p.add_argument("config", help="the task=pretrain experiment YAML the checkpoint was trained with")
+    p.add_argument("overrides", nargs="*", help="the same dotted overrides as the training run")
+    p.add_argument("--checkpoint", help="checkpoint to audit (default: out_dir/name/checkpoints/last.pt)")
+    p.add_argument("--out", help="CSV to write (default: out_dir/name/audit_<mode>.csv)")
+    p.add_argument("--mode", choices=["feature", "parameter"], default="feature", help="where gradients meet")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_audit)
+
     p = sub.add_parser("data", help="build a dataset (if needed) and print its statistics")
     p.add_argument("dataset", help="dataset name: avdigits")
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. audio_snr_db=5 image_blur_sigma=1")
@@ -162,11 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_data)
 
     p = sub.add_parser("bench", help="run a benchmark and write a Markdown report")
-    p.add_argument("benchmark", help="imbalance, balance, balance-speed or pretrain")
+    p.add_argument("benchmark", help="imbalance, balance, balance-speed, pretrain or harmonize")
     p.add_argument("overrides", nargs="*", help="config overrides applied to every run")
     p.add_argument("--config", default=None, help="base config (default: the benchmark's own)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
-    p.add_argument("--variants", nargs="+", help="balance: fusion/method pairs, e.g. concat/none concat/opm")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        help="balance: fusion/method pairs, e.g. concat/none concat/opm; harmonize: baseline realign ...",
+    )
     p.add_argument(
         "--rates", type=float, nargs="+", help="pretrain: misalignment rates (default 0 0.1 0.3 0.5)"
     )

@@ -96,6 +96,11 @@ class BackboneKind(str, enum.Enum):
     SPECIFIC = "specific"
 
 
+class VTHeadKind(str, enum.Enum):
+    MLP = "mlp"
+    SHARED = "shared"
+
+
 class TextEncoderKind(str, enum.Enum):
     NATIVE = "native"
     MINILM = "minilm"
@@ -281,6 +286,10 @@ class PretrainConfig:
     audio_patch: list[int] = param(
         default_factory=lambda: [8, 4], help="spectrogram patch size [mel bands, frames]"
     )
+    vt_head: VTHeadKind = param(
+        VTHeadKind.MLP,
+        help="mlp: VATT's video-text space e_vt = Linear(ReLU(e_va)); shared: e_vt = e_va (one space)",
+    )
     temperature: float = param(0.07, help="softmax temperature of both contrastive losses", gt=0)
     weight_va: float = param(1.0, help="weight of the video-audio NCE loss", ge=0)
     weight_vt: float = param(1.0, help="weight of the video-text MIL-NCE loss", ge=0)
@@ -299,6 +308,7 @@ class PretrainConfig:
 class HarmonizeModeKind(str, enum.Enum):
     NONE = "none"
     FEATURE = "feature"
+    PARAMETER = "parameter"
     BATCH = "batch"
 
 
@@ -308,8 +318,9 @@ class HarmonizeConfig:
 
     mode: HarmonizeModeKind = param(
         HarmonizeModeKind.NONE,
-        help="none: plain backward; feature: per-sample realignment at the video anchor; batch: PCGrad on "
-        "the shared parameters' whole-batch gradients",
+        help="none: plain backward; feature: per-sample realignment at the video anchor; parameter: on "
+        "per-sample gradients of the video branch's parameters (torch.func); batch: PCGrad on whole-batch "
+        "gradients of the video branch",
     )
     rule: RealignRule = param(RealignRule.PCGRAD, help="pcgrad, gradvac or none (only report conflicts)")
     gradvac_beta: float = param(

@@ -40,9 +40,10 @@ class HarmonizeCallback(Callback):
     def backward(
         self, trainer: Trainer, batch: Mapping[str, Any], losses: VATTLossOutput, output: PretrainOutput
     ) -> None:
-        stats = self.harmonizer.backward(losses.per_sample, output.features["video"], self.weights)
+        video = batch["inputs"]["video"] if self.harmonizer.mode is HarmonizeMode.PARAMETER else None
+        stats = self.harmonizer.backward(losses.per_sample, output.features["video"], self.weights, video)
         trainer.step_metrics.update(stats.metrics())
-        if self.harmonizer.mode is HarmonizeMode.FEATURE:
+        if self.harmonizer.mode is not HarmonizeMode.BATCH:
             self._indices.append(batch["indices"].cpu())
             self._cosines.append(stats.cosine.float().cpu())
             self._kept.append(stats.kept.cpu())

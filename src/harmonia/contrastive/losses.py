@@ -36,14 +36,35 @@ def _check(name: str, x: Tensor, dims: int) -> None:
         )
 
 
+def _similarity(queries: Tensor, keys: Tensor, offset: int, own_only: bool) -> Tensor:
+    """queries @ keysᵀ; with ``own_only`` every key but the query's own pair (at column offset + i) is
+    detached, so that sample i's loss has gradients only through sample i's own embeddings."""
+    if not own_only:
+        return queries @ keys.T
+    own = keys[offset : offset + queries.shape[0]]
+    sim = queries @ keys.detach().T
+    diagonal = (queries * (own - own.detach())).sum(-1)  # zero in value, carries the own key's gradient
+    rows = torch.arange(queries.shape[0], device=queries.device)
+    return sim + torch.zeros_like(sim).index_put((rows, rows + offset), diagonal)
+
+
 def nce(
-    a: Tensor, b: Tensor, temperature: float = 0.07, reduction: Reduction = "mean", *, gather: bool = True
+    a: Tensor,
+    b: Tensor,
+    temperature: float = 0.07,
+    reduction: Reduction = "mean",
+    *,
+    gather: bool = True,
+    own_gradients_only: bool = False,
 ) -> Tensor:
     """Symmetric InfoNCE between paired rows of ``a`` [B, D] and ``b`` [B, D] (VATT's L_va, CLIP's loss).
 
     With s_ij = a_i · b_j / τ over the global batch (all ranks when ``gather``), sample i's loss is
 
         ℓ_i = ½ [ −log softmax_j(s_ij)[i] − log softmax_j(s_ji)[i] ].
+
+    ``own_gradients_only`` keeps the values but lets ℓ_i's gradient reach only a_i and b_i (the other
+    samples, as negatives, are constants): then ∂(Σ_i ℓ_i)/∂a_i = ∂ℓ_i/∂a_i, sample i's own gradient.
     """
     _check("nce: a", a, 2)
     _check("nce: b", b, 2)
@@ -54,8 +75,12 @@ def nce(
     a_all, offset = gather_with_grad(a) if gather else (a, 0)
     b_all, _ = gather_with_grad(b) if gather else (b, 0)
     targets = torch.arange(a.shape[0], device=a.device) + offset
-    a_to_b = F.cross_entropy(a @ b_all.T / temperature, targets, reduction="none")
-    b_to_a = F.cross_entropy(b @ a_all.T / temperature, targets, reduction="none")
+    a_to_b = F.cross_entropy(
+        _similarity(a, b_all, offset, own_gradients_only) / temperature, targets, reduction="none"
+    )
+    b_to_a = F.cross_entropy(
+        _similarity(b, a_all, offset, own_gradients_only) / temperature, targets, reduction="none"
+    )
     return _reduce(0.5 * (a_to_b + b_to_a), reduction)
 
 
@@ -67,6 +92,7 @@ def mil_nce(
     reduction: Reduction = "mean",
     *,
     gather: bool = True,
+    own_gradients_only: bool = False,
 ) -> Tensor:
     """MIL-NCE (Miech et al., CVPR 2020) between clips ``video`` [B, D] and their candidate bags ``text``
     [B, K, D]; ``mask`` [B, K] marks the real candidates (default: all).
@@ -100,9 +126,22 @@ def mil_nce(
     t_all, _ = gather_with_grad(text) if gather else (text, 0)
     m_all = gather_with_grad(mask.float())[0].bool() if gather else mask
     own = torch.arange(b, device=video.device) + offset
-    rows = torch.einsum("id,jkd->ijk", video, t_all) / temperature  # [b, N, K]: clip i vs every bag
+    rows = torch.einsum(
+        "id,jkd->ijk", video, t_all.detach() if own_gradients_only else t_all
+    )  # clip i vs bags
+    cols = torch.einsum(
+        "jd,ikd->ijk", v_all.detach() if own_gradients_only else v_all, text
+    )  # clips vs bag i
+    if own_gradients_only:  # zero in value: puts back the gradient through sample i's own pair only
+        local = torch.arange(b, device=video.device)
+        rows = rows.index_put(
+            (local, own), torch.einsum("id,ikd->ik", video, text - text.detach()), accumulate=True
+        )
+        cols = cols.index_put(
+            (local, own), torch.einsum("id,ikd->ik", video - video.detach(), text), accumulate=True
+        )
+    rows, cols = rows / temperature, cols / temperature
     rows = rows.masked_fill(~m_all[None], float("-inf"))
-    cols = torch.einsum("jd,ikd->ijk", v_all, text) / temperature  # [b, N, K]: every clip vs bag i
     cols = cols.masked_fill(~mask[:, None], float("-inf"))
     positives = rows[torch.arange(b, device=video.device), own]  # [b, K]
     numerator = torch.logsumexp(positives, dim=1)
@@ -130,11 +169,19 @@ class VATTLoss(nn.Module):
         self.temperature, self.weight_va, self.weight_vt = temperature, weight_va, weight_vt
 
     def forward(
-        self, video_va: Tensor, audio: Tensor, video_vt: Tensor, text: Tensor, text_mask: Tensor | None = None
+        self,
+        video_va: Tensor,
+        audio: Tensor,
+        video_vt: Tensor,
+        text: Tensor,
+        text_mask: Tensor | None = None,
+        own_gradients_only: bool = False,
     ) -> VATTLossOutput:
         per_sample = {
-            "va": nce(video_va, audio, self.temperature, reduction="none"),
-            "vt": mil_nce(video_vt, text, text_mask, self.temperature, reduction="none"),
+            "va": nce(video_va, audio, self.temperature, "none", own_gradients_only=own_gradients_only),
+            "vt": mil_nce(
+                video_vt, text, text_mask, self.temperature, "none", own_gradients_only=own_gradients_only
+            ),
         }
         loss = self.weight_va * per_sample["va"].mean() + self.weight_vt * per_sample["vt"].mean()
         return VATTLossOutput(loss, per_sample)

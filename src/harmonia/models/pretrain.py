@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harmonia.config import BackboneKind, PretrainConfig, TextEncoderKind
+from harmonia.config import BackboneKind, PretrainConfig, TextEncoderKind, VTHeadKind
 from harmonia.data import captions as native_captions
 from harmonia.errors import InputError
 from harmonia.models.text import MiniLMTextEncoder
@@ -172,7 +172,9 @@ class TriModalPretrainModel(nn.Module):
             self.backbones = nn.ModuleDict({m: _transformer(cfg) for m in PRETRAIN_MODALITIES})
         e = cfg.embed_dim
         self.head_va = nn.Linear(cfg.width, e)
-        self.head_vt = nn.Sequential(nn.ReLU(), nn.Linear(e, e))
+        self.head_vt = (
+            nn.Sequential(nn.ReLU(), nn.Linear(e, e)) if cfg.vt_head is VTHeadKind.MLP else nn.Identity()
+        )
         self.head_audio = nn.Linear(cfg.width, e)
         self.head_text = nn.Linear(cfg.width, e)
 

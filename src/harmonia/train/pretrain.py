@@ -24,7 +24,7 @@ from harmonia.data.trimodal import TriModalAVDigits, TriModalSplit, load_trimoda
 from harmonia.errors import ConfigError
 from harmonia.eval.probe import linear_probe
 from harmonia.eval.retrieval import retrieval_metrics
-from harmonia.models.pretrain import PretrainOutput, TriModalPretrainModel
+from harmonia.models.pretrain import PretrainOutput, TriModalPretrainModel, VideoAnchor
 from harmonia.train.base import BaseTrainer
 
 INPUT_KEYS = ("video", "audio", "text", "text_mask")
@@ -36,6 +36,7 @@ def build_harmonize_callback(
     """The harmonizer ``harmonize`` asks for (``None`` for ``mode: none``)."""
     if cfg.mode is HarmonizeModeKind.NONE:
         return None
+    anchor = VideoAnchor(model)
     curriculum = None
     if cfg.curriculum:
         curriculum = ConflictCurriculum(
@@ -52,6 +53,8 @@ def build_harmonize_callback(
         curriculum=curriculum,
         params=model.anchor_parameters() if cfg.mode is HarmonizeModeKind.BATCH else None,
         gradvac_beta=cfg.gradvac_beta,
+        anchor_module=anchor if cfg.mode is HarmonizeModeKind.PARAMETER else None,
+        anchor_params=anchor.anchor_named_parameters() if cfg.mode is HarmonizeModeKind.PARAMETER else None,
     )
     return HarmonizeCallback(harmonizer, {"va": pretrain.weight_va, "vt": pretrain.weight_vt})
 
