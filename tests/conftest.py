@@ -54,6 +54,20 @@ def tiny_experiment(out_dir: Path, *overrides: str) -> ExperimentConfig:
     )
 
 
+def tiny_pretrain_overrides() -> list[str]:
+    """The tiny recipe and a small pre-training model, as dotted overrides (for benchmark calls)."""
+    recipe = [f"data.avdigits.{k}={v!r}".replace("'", "") for k, v in TINY_RECIPE.items()]
+    return [
+        *recipe,
+        "pretrain.width=16",
+        "pretrain.depth=1",
+        "pretrain.heads=2",
+        "pretrain.embed_dim=16",
+        "train.epochs=1",
+        "train.batch_size=16",
+    ]
+
+
 def tiny_pretrain(out_dir: Path, *overrides: str) -> ExperimentConfig:
     """Tri-modal pre-training on the tiny recipe, about a second per epoch."""
     recipe = [f"data.avdigits.{k}={v!r}".replace("'", "") for k, v in TINY_RECIPE.items()]

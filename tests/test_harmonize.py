@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_experiment, tiny_pretrain
+from conftest import tiny_experiment, tiny_pretrain, tiny_pretrain_overrides
 from harmonia.contrastive.curriculum import ConflictCurriculum
 from harmonia.contrastive.harmonize import GradientHarmonizer
 from harmonia.errors import ConfigError
@@ -235,21 +235,6 @@ def test_parameter_mode_realigns_per_sample_parameter_gradients() -> None:
         harmonizer.backward(losses, z)
 
 
-def _tiny_bench_overrides() -> list[str]:
-    from conftest import TINY_RECIPE
-
-    recipe = [f"data.avdigits.{k}={v!r}".replace("'", "") for k, v in TINY_RECIPE.items()]
-    return [
-        *recipe,
-        "pretrain.width=16",
-        "pretrain.depth=1",
-        "pretrain.heads=2",
-        "pretrain.embed_dim=16",
-        "train.epochs=1",
-        "train.batch_size=16",
-    ]
-
-
 def test_audit_ranks_triplets_and_scores_detectors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import csv
 
@@ -285,7 +270,7 @@ def test_bench_harmonize_writes_report(tmp_path: Path) -> None:
         out_dir=tmp_path,
         variants=["baseline", "realign+curriculum"],
         backbones=["specific"],
-        overrides=_tiny_bench_overrides(),
+        overrides=tiny_pretrain_overrides(),
         speed_steps=2,
         speed_rounds=1,
         progress=False,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_RECIPE, tiny_pretrain
+from conftest import TINY_RECIPE, tiny_pretrain, tiny_pretrain_overrides
 from harmonia.config import AVDigitsConfig, MisalignKind, PretrainConfig, TriModalConfig
 from harmonia.data import captions as cap
 from harmonia.data.avdigits import load_avdigits
@@ -125,6 +125,14 @@ def test_model_outputs_normalized_embeddings_and_tokens(backbone: str) -> None:
         ).parameters()  # type: ignore[arg-type]
     )
     assert specific > shared
+    same_space = TriModalPretrainModel(
+        PretrainConfig(width=16, heads=2, vt_head="shared"),  # type: ignore[arg-type]
+        (4, 16),
+        (32, 51),
+        len(cap.VOCABULARY),
+        cap.MAX_WORDS,
+    )(inputs)
+    torch.testing.assert_close(same_space.video_vt, same_space.video_va)
     with pytest.raises(InputError, match="video: expected"):
         model({**inputs, "video": torch.rand(2, 1, 5, 16, 16)})
     with pytest.raises(InputError, match="lack"):
@@ -182,7 +190,7 @@ def test_bench_pretrain_recipe_is_the_config_file() -> None:
 def test_bench_pretrain_writes_report_and_plot(tmp_path: Path) -> None:
     from harmonia.cli import main
 
-    tiny = _tiny_pretrain_overrides()
+    tiny = tiny_pretrain_overrides()
     assert (
         main(
             [
@@ -206,19 +214,6 @@ def test_bench_pretrain_writes_report_and_plot(tmp_path: Path) -> None:
     assert (tmp_path / "pretrain" / "pretrain.png").stat().st_size > 1000
     summary = json.loads((tmp_path / "pretrain" / "pretrain.json").read_text())
     assert len(summary["runs"]["0.5"]) == 2 and summary["runs"]["0.5"][0]["epoch_seconds"] > 0
-
-
-def _tiny_pretrain_overrides() -> list[str]:
-    recipe = [f"data.avdigits.{k}={v!r}".replace("'", "") for k, v in TINY_RECIPE.items()]
-    return [
-        *recipe,
-        "pretrain.width=16",
-        "pretrain.depth=1",
-        "pretrain.heads=2",
-        "pretrain.embed_dim=16",
-        "train.epochs=1",
-        "train.batch_size=16",
-    ]
 
 
 def test_minilm_text_encoder_is_offline_frozen_and_memoized(tmp_path: Path) -> None:

@@ -11,16 +11,14 @@ methods interleaved step by step; the report gives the median of the per-batch r
 from __future__ import annotations
 
 import json
-import statistics
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from harmonia.bench.common import fmt, mean_std, run_variant
+from harmonia.bench.common import fmt, mean_std, paired_step_times, run_variant
 from harmonia.config import load_config
 from harmonia.errors import ConfigError
 from harmonia.train import Trainer
@@ -106,25 +104,8 @@ def measure_step_times(
             for i, n in enumerate(names)
         ]
         batches = [b for _, b in zip(range(steps), trainers[0].train_loader, strict=False)]
-        seconds: list[list[float]] = [[] for _ in names]
-        ratios: list[list[float]] = [[] for _ in names]
-        for r in tqdm(range(rounds + 1), desc="step timing", disable=not progress, unit="round"):
-            for j, batch in enumerate(batches):
-                shift = (r * len(batches) + j) % len(names)
-                elapsed = [0.0] * len(names)
-                for i in [*range(shift, len(names)), *range(shift)]:
-                    start = time.perf_counter()
-                    trainers[i].train_step(batch)
-                    elapsed[i] = time.perf_counter() - start
-                if r == 0:
-                    continue
-                for i in range(len(names)):
-                    seconds[i].append(elapsed[i])
-                    ratios[i].append(elapsed[i] / elapsed[0])
-    return {
-        n: {"seconds": statistics.median(seconds[i]), "ratio": statistics.median(ratios[i])}
-        for i, n in enumerate(names)
-    }
+        timed = paired_step_times(trainers, batches, rounds, progress)
+    return dict(zip(names, timed, strict=True))
 
 
 def run_speed_benchmark(

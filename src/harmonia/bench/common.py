@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,3 +35,33 @@ def run_variant(cfg: ExperimentConfig, seeds: Sequence[int], progress: bool) -> 
             shown = {k: round(v, 4) for k, v in result.test.items() if k in ("accuracy", "video_to_text/R@1")}
             tqdm.write(f"  {run_cfg.name}: test {shown}, probe {result.probe}")
     return results
+
+
+def paired_step_times(
+    trainers: Sequence[Any], batches: Sequence[dict[str, Any]], rounds: int, progress: bool = True
+) -> list[dict[str, float]]:
+    """Median step time of each trainer and median of its per-batch ratios to ``trainers[0]``.
+
+    For every batch each trainer takes one step, in an order rotated from batch to batch; each step time is
+    divided by the first trainer's time on the same batch. The first of ``rounds + 1`` rounds is a warm-up.
+    Pairing at the step level cancels the slow drifts of a shared machine.
+    """
+    n = len(trainers)
+    seconds: list[list[float]] = [[] for _ in range(n)]
+    ratios: list[list[float]] = [[] for _ in range(n)]
+    for r in tqdm(range(rounds + 1), desc="step timing", disable=not progress, unit="round"):
+        for j, batch in enumerate(batches):
+            shift = (r * len(batches) + j) % n
+            elapsed = [0.0] * n
+            for i in [*range(shift, n), *range(shift)]:
+                start = time.perf_counter()
+                trainers[i].train_step(batch)
+                elapsed[i] = time.perf_counter() - start
+            if r == 0:
+                continue
+            for i in range(n):
+                seconds[i].append(elapsed[i])
+                ratios[i].append(elapsed[i] / elapsed[0])
+    return [
+        {"seconds": statistics.median(seconds[i]), "ratio": statistics.median(ratios[i])} for i in range(n)
+    ]

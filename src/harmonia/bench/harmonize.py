@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from harmonia.bench.common import fmt, mean_std, run_variant
+from harmonia.bench.common import fmt, mean_std, paired_step_times, run_variant
 from harmonia.bench.pretrain import PRETRAIN_RECIPE
 from harmonia.config import load_config
 from harmonia.contrastive.audit import audit_conflicts
@@ -139,24 +139,7 @@ def measure_speed(overrides: Sequence[str], steps: int, rounds: int, progress: b
             for i, n in enumerate(names)
         ]
         batches = [b for _, b in zip(range(steps), trainers[0].train_loader, strict=False)]
-        seconds: list[list[float]] = [[] for _ in names]
-        ratios: list[list[float]] = [[] for _ in names]
-        for r in tqdm(range(rounds + 1), desc="step timing", disable=not progress, unit="round"):
-            for j, batch in enumerate(batches):
-                shift = (r * len(batches) + j) % len(names)
-                elapsed = [0.0] * len(names)
-                for i in [*range(shift, len(names)), *range(shift)]:
-                    start = time.perf_counter()
-                    trainers[i].train_step(batch)
-                    elapsed[i] = time.perf_counter() - start
-                if r:
-                    for i in range(len(names)):
-                        seconds[i].append(elapsed[i])
-                        ratios[i].append(elapsed[i] / elapsed[0])
-        steps_table = {
-            n: {"seconds": statistics.median(seconds[i]), "ratio": statistics.median(ratios[i])}
-            for i, n in enumerate(names)
-        }
+        steps_table = dict(zip(names, paired_step_times(trainers, batches, rounds, progress), strict=True))
         model = trainers[0].model
         assert isinstance(model, TriModalPretrainModel)
         per_sample = time_per_sample_gradients(VideoAnchor(model), batches[0]["inputs"]["video"], rounds)

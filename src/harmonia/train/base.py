@@ -342,6 +342,15 @@ class BaseTrainer:
         stats.update({f"train/{k}": v / total_seen for k, v in tally.items()})
         return stats
 
+    def _finish_step(self) -> None:
+        """After the backward pass: clip, let callbacks see the gradients, step the optimizer."""
+        if self.cfg.optim.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip_norm)
+        for cb in self.callbacks:
+            cb.before_optimizer_step(self)
+        self.optimizer.step()
+        self.global_step += 1
+
     def _raise_non_finite(self, loss: torch.Tensor, batch: dict[str, Any]) -> None:
         last = (
             f"the last good checkpoint is {self.checkpoint_path} (end of epoch {self.epoch}); "

@@ -125,12 +125,7 @@ class PretrainTrainer(BaseTrainer):
             self.harmonize.backward(self, batch, losses, output)
         for cb in self.callbacks:
             cb.after_backward(self, batch, output)
-        if self.cfg.optim.grad_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip_norm)
-        for cb in self.callbacks:
-            cb.before_optimizer_step(self)
-        self.optimizer.step()
-        self.global_step += 1
+        self._finish_step()
         self.last_losses = losses
         return output, float(losses.loss.detach())
 
