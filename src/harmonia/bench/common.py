@@ -18,9 +18,9 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def fmt(values: Sequence[float], scale: float = 100.0) -> str:
+def fmt(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
     mean, std = mean_std(values)
-    return f"{mean * scale:.1f} ± {std * scale:.1f}"
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
 def run_variant(cfg: ExperimentConfig, seeds: Sequence[int], progress: bool) -> list[dict[str, Any]]:

@@ -202,7 +202,7 @@ def format_report(summary: dict[str, Any], command: str) -> str:
         ]
         for backbone, rows in summary["audit"].items():
             cells = [
-                fmt([r[k] for r in rows], scale=1.0)
+                fmt([r[k] for r in rows], scale=1.0, digits=3)
                 for k in ("conflict (-cos)", "loss_vt", "loss_va + loss_vt")
             ]
             lines.append(f"| {backbone} | {' | '.join(cells)} |")
