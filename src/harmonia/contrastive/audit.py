@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from harmonia.config import ExperimentConfig, TaskKind
-from harmonia.contrastive.harmonize import per_sample_parameter_grads
+from harmonia.contrastive.harmonize import per_sample_parameter_rows
 from harmonia.contrastive.realign import row_cosine
 from harmonia.errors import CheckpointError, ConfigError
 from harmonia.eval.metrics import auroc
@@ -77,19 +77,10 @@ def audit_conflicts(
         g_va = torch.autograd.grad(losses["va"].mean(), anchor, retain_graph=True)[0]
         g_vt = torch.autograd.grad(losses["vt"].mean(), anchor)[0]
         if mode == "parameter":
-            rows = [
-                torch.cat(
-                    [
-                        v.flatten(1)
-                        for v in per_sample_parameter_grads(
-                            anchor_module, anchor_params, inputs["video"], g
-                        ).values()
-                    ],
-                    1,
-                )
+            g_va, g_vt = (
+                per_sample_parameter_rows(anchor_module, anchor_params, inputs["video"], g)
                 for g in (g_va, g_vt)
-            ]
-            g_va, g_vt = rows
+            )
         cosines.append(row_cosine(g_va, g_vt).detach().cpu())
         va.append(losses["va"].detach().cpu())
         vt.append(losses["vt"].detach().cpu())

@@ -65,6 +65,23 @@ def per_sample_parameter_grads(
         return vmap(grad(pulled_back), in_dims=(None, 0, 0))(detached, inputs, rows.detach())
 
 
+def per_sample_parameter_rows(
+    module: torch.nn.Module, params: Mapping[str, Tensor], inputs: Tensor, rows: Tensor
+) -> Tensor:
+    """:func:`per_sample_parameter_grads` flattened and concatenated in ``params`` order: [B, Σ numel]."""
+    grads = per_sample_parameter_grads(module, params, inputs, rows)
+    return torch.cat([grads[name].flatten(1) for name in params], 1)
+
+
+def _add_flat_gradient(params: Sequence[Tensor], flat: Tensor) -> None:
+    """Add ``flat`` (the concatenation of one gradient per parameter, in order) to each ``param.grad``."""
+    offset = 0
+    for p in params:
+        g = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+        p.grad = g.clone() if p.grad is None else p.grad + g
+
+
 @dataclass
 class HarmonizeStats:
     """One call's statistics: ``cosine`` [B] (feature mode; one value in batch mode), ``kept`` [B] bool."""
@@ -176,15 +193,13 @@ class GradientHarmonizer:
     ) -> HarmonizeStats:
         b = loss_a.shape[0]
         g_a, g_b = (torch.autograd.grad(x.mean(), anchor, retain_graph=True)[0] for x in (loss_a, loss_b))
-        per_param: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
-        if self.mode is HarmonizeMode.PARAMETER:
+        in_parameter_space = self.mode is HarmonizeMode.PARAMETER
+        if in_parameter_space:
             assert self.anchor_module is not None and anchor_input is not None
-            per_param = (
-                per_sample_parameter_grads(self.anchor_module, self.anchor_params, anchor_input, g_a),
-                per_sample_parameter_grads(self.anchor_module, self.anchor_params, anchor_input, g_b),
+            rows_a, rows_b = (
+                per_sample_parameter_rows(self.anchor_module, self.anchor_params, anchor_input, g)
+                for g in (g_a, g_b)
             )
-            rows_a = torch.cat([v.flatten(1) for v in per_param[0].values()], 1)
-            rows_b = torch.cat([v.flatten(1) for v in per_param[1].values()], 1)
         else:
             rows_a, rows_b = g_a, g_b
         target = self._target(row_cosine(rows_a, rows_b)) if self.rule is RealignRule.GRADVAC else 0.0
@@ -205,15 +220,10 @@ class GradientHarmonizer:
             total = ((loss_a + loss_b) * keep).sum() / n_kept
             plain = torch.autograd.grad(total, anchor, retain_graph=True)[0]
             new_a, new_b = new_a * keep[:, None] * (b / n_kept), new_b * keep[:, None] * (b / n_kept)
-        if per_param is not None:
+        if in_parameter_space:
             # everything but the anchor path as usual; the anchor's parameters get the realigned sum
             torch.autograd.backward([total, anchor], [torch.ones_like(total), -plain.detach()])
-            combined, offset = (new_a + new_b).sum(0), 0
-            for p in self.anchor_params.values():
-                n = p.numel()
-                g = combined[offset : offset + n].view_as(p)
-                offset += n
-                p.grad = g.clone() if p.grad is None else p.grad + g
+            _add_flat_gradient(list(self.anchor_params.values()), (new_a + new_b).sum(0))
         elif self.rule is RealignRule.NONE and n_kept == b:
             total.backward()  # nothing to change: exactly the plain backward
         else:
@@ -235,16 +245,12 @@ class GradientHarmonizer:
         flat_b = torch.cat([_flat(g, p) for g, p in zip(grads_b, self.params, strict=True)])[None]
         target = self._target(row_cosine(flat_a, flat_b)) if self.rule is RealignRule.GRADVAC else 0.0
         new_a, new_b, cos = realign(flat_a, flat_b, self.rule, target)
-        # the other parameters: plain gradient of the sum (the shared ones are overwritten below)
-        saved = {id(p): p.grad for p in self.params}
+        # the other parameters: plain gradient of the sum; the shared ones get the realigned sum instead
+        saved = [p.grad for p in self.params]
         (loss_a + loss_b).backward()
-        combined, offset = (new_a + new_b)[0], 0
-        for p in self.params:
-            n = p.numel()
-            g = combined[offset : offset + n].view_as(p)
-            offset += n
-            before = saved[id(p)]
-            p.grad = g.clone() if before is None else before + g
+        for p, before in zip(self.params, saved, strict=True):
+            p.grad = before
+        _add_flat_gradient(self.params, (new_a + new_b)[0])
         return HarmonizeStats(
             cosine=cos.detach(),
             kept=torch.ones(1, dtype=torch.bool),

@@ -55,8 +55,7 @@ class HarmonizeCallback(Callback):
         self._indices, self._cosines, self._kept = [], [], []
         folder = trainer.run_dir / CONFLICTS_DIR
         folder.mkdir(exist_ok=True)
-        noisy = getattr(trainer.dataset.split("train"), "noisy", torch.zeros(0, dtype=torch.bool))
-        flags = noisy[index] if len(noisy) else torch.zeros_like(kept)
+        flags = trainer.dataset.split("train").noisy[index]
         np.savez(
             folder / f"epoch_{epoch:03d}.npz",
             index=index.numpy(),

@@ -86,15 +86,16 @@ class MiniLMTextEncoder(nn.Module):
         if next(bert.parameters()).device != ids.device:
             bert.to(ids.device)
         keys = [row.cpu().numpy().tobytes() for row in ids]
-        todo = [i for i, k in enumerate(dict.fromkeys(keys)) if k not in self._memo]
-        unique = list(dict.fromkeys(keys))
-        if todo:
-            rows = torch.tensor([keys.index(unique[i]) for i in todo], device=ids.device)
+        first_row: dict[bytes, int] = {}
+        for i, key in enumerate(keys):
+            first_row.setdefault(key, i)
+        missing = [key for key in first_row if key not in self._memo]
+        if missing:
+            rows = torch.tensor([first_row[key] for key in missing], device=ids.device)
             with torch.no_grad():
                 states = bert(input_ids=ids[rows], attention_mask=mask[rows].long()).last_hidden_state
-            for i, s in zip(todo, states, strict=True):
-                self._memo[unique[i]] = s
-        return torch.stack([self._memo[k] for k in keys])
+            self._memo.update(zip(missing, states, strict=True))
+        return torch.stack([self._memo[key] for key in keys])
 
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
         if self.finetune:
