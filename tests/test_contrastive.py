@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harmonia.contrastive import VATTLoss, mil_nce, nce
+from harmonia.contrastive import VATTLoss, finegrained_nce, mil_nce, nce
 from harmonia.eval.retrieval import recall_at_k, retrieval_metrics
 
 
@@ -127,19 +127,47 @@ def _gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         v, t = _unit(8, 5, seed=3), _unit(8, 3, 5, seed=4)
         half = slice(rank * 4, (rank + 1) * 4)
         local = [x[half].clone().requires_grad_() for x in (a, b, v, t)]
+        fine = [x[half].clone().requires_grad_() for x in _fine_inputs()]
         per_va = nce(local[0], local[1], 0.1, reduction="none")
         per_vt = mil_nce(local[2], local[3], temperature=0.1, reduction="none")
-        (per_va.mean() + per_vt.mean()).backward()
+        per_fine = _fine_losses(*fine, mask=_fine_mask()[half])
+        (per_va.mean() + per_vt.mean() + sum(x.mean() for x in per_fine)).backward()
         torch.save(
-            {"va": per_va.detach(), "vt": per_vt.detach(), "grads": [x.grad for x in local]},
+            {
+                "va": per_va.detach(),
+                "vt": per_vt.detach(),
+                "fine": [x.detach() for x in per_fine],
+                "grads": [x.grad for x in local + fine],
+            },
             Path(out_dir) / f"rank{rank}.pt",
         )
     finally:
         dist.destroy_process_group()
 
 
+def _fine_inputs() -> list[torch.Tensor]:
+    return [_unit(8, 3, 5, seed=5), _unit(8, 2, 5, seed=6), _unit(8, 2, 3, 5, seed=7)]
+
+
+def _fine_mask() -> torch.Tensor:
+    mask = torch.ones(8, 2, 3, dtype=torch.bool)
+    mask[1, 1] = False  # a padded candidate
+    mask[6, 0, 2] = False  # a padded word
+    return mask
+
+
+def _fine_losses(
+    a: torch.Tensor, b: torch.Tensor, bags: torch.Tensor, mask: torch.Tensor
+) -> list[torch.Tensor]:
+    return [
+        finegrained_nce(a, b, temperature=0.1, reduction="none"),
+        finegrained_nce(a, bags, None, mask, 0.1, direction="over_a", reduction="none", chunk_size=2),
+    ]
+
+
 def test_gathered_negatives_match_one_process_on_the_whole_batch(tmp_path: Path) -> None:
-    """2 gloo processes, 4 samples each: same per-sample losses as 1 process on 8; and each rank's
+    """2 gloo processes, 4 samples each (coarse and fine-grained losses): same per-sample losses as 1
+    process on 8; and each rank's
     embedding gradient is R x the single-process one, so DDP's average over ranks gives the same update."""
     import torch.multiprocessing as mp
 
@@ -148,13 +176,17 @@ def test_gathered_negatives_match_one_process_on_the_whole_batch(tmp_path: Path)
     v, t = _unit(8, 5, seed=3).requires_grad_(), _unit(8, 3, 5, seed=4).requires_grad_()
     per_va = nce(a, b, 0.1, reduction="none")
     per_vt = mil_nce(v, t, temperature=0.1, reduction="none")
-    (per_va.mean() + per_vt.mean()).backward()
+    fine = [x.requires_grad_() for x in _fine_inputs()]
+    per_fine = _fine_losses(*fine, mask=_fine_mask())
+    (per_va.mean() + per_vt.mean() + sum(x.mean() for x in per_fine)).backward()
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         half = slice(rank * 4, (rank + 1) * 4)
         torch.testing.assert_close(got["va"], per_va.detach()[half])
         torch.testing.assert_close(got["vt"], per_vt.detach()[half])
-        for grad, full in zip(got["grads"], (a, b, v, t), strict=True):
+        for value, full_value in zip(got["fine"], per_fine, strict=True):
+            torch.testing.assert_close(value, full_value.detach()[half])
+        for grad, full in zip(got["grads"], (a, b, v, t, *fine), strict=True):
             torch.testing.assert_close(grad, 2 * full.grad[half])
 
 

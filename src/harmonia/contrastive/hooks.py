@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from harmonia.contrastive.harmonize import GradientHarmonizer, HarmonizeMode
-from harmonia.contrastive.losses import VATTLossOutput
+from harmonia.contrastive.vatt import VATTLossOutput
 from harmonia.eval.metrics import auroc
 from harmonia.train.callbacks import Callback
 

@@ -1,5 +1,8 @@
 """Contrastive losses of tri-modal pre-training (DESIGN §1.4): symmetric InfoNCE and MIL-NCE.
 
+``nce_from_scores`` and ``mil_nce_from_scores`` hold the maths for any pair score (the fine-grained loss
+uses them with attention-pooled token scores).
+
 Both return one loss per local sample with ``reduction="none"`` (the harmonizer and the noisy-pair audit
 work per sample) and take negatives from every data-parallel rank through :func:`gather_with_grad`.
 Embeddings are used as given: L2-normalize them first for cosine similarities.
@@ -7,12 +10,11 @@ Embeddings are used as given: L2-normalize them first for cosine similarities.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from harmonia.contrastive.gather import gather_with_grad
 
@@ -74,14 +76,21 @@ def nce(
         )
     a_all, offset = gather_with_grad(a) if gather else (a, 0)
     b_all, _ = gather_with_grad(b) if gather else (b, 0)
-    targets = torch.arange(a.shape[0], device=a.device) + offset
-    a_to_b = F.cross_entropy(
-        _similarity(a, b_all, offset, own_gradients_only) / temperature, targets, reduction="none"
-    )
-    b_to_a = F.cross_entropy(
-        _similarity(b, a_all, offset, own_gradients_only) / temperature, targets, reduction="none"
-    )
-    return _reduce(0.5 * (a_to_b + b_to_a), reduction)
+    rows = _similarity(a, b_all, offset, own_gradients_only)
+    cols = _similarity(b, a_all, offset, own_gradients_only)
+    return _reduce(nce_from_scores(rows, cols, offset, temperature), reduction)
+
+
+def nce_from_scores(rows: Tensor, cols: Tensor, offset: int, temperature: float) -> Tensor:
+    """Per-sample symmetric InfoNCE [B] from any pair scores: ``rows[i, j]`` = s(a_i, b_j) and
+    ``cols[i, j]`` = s(a_j, b_i) for the B local samples i (at global index offset + i) and all N samples j.
+
+        ℓ_i = ½ [ −log softmax_j(rows[i] / τ)[offset + i] − log softmax_j(cols[i] / τ)[offset + i] ]
+    """
+    targets = torch.arange(rows.shape[0], device=rows.device) + offset
+    a_to_b = F.cross_entropy(rows / temperature, targets, reduction="none")
+    b_to_a = F.cross_entropy(cols / temperature, targets, reduction="none")
+    return 0.5 * (a_to_b + b_to_a)
 
 
 def mil_nce(
@@ -140,48 +149,21 @@ def mil_nce(
         cols = cols.index_put(
             (local, own), torch.einsum("id,ikd->ik", video - video.detach(), text), accumulate=True
         )
-    rows, cols = rows / temperature, cols / temperature
-    rows = rows.masked_fill(~m_all[None], float("-inf"))
-    cols = cols.masked_fill(~mask[:, None], float("-inf"))
-    positives = rows[torch.arange(b, device=video.device), own]  # [b, K]
-    numerator = torch.logsumexp(positives, dim=1)
-    denominator = torch.logsumexp(torch.cat([rows.flatten(1), cols.flatten(1)], dim=1), dim=1)
-    return _reduce(denominator - numerator, reduction)
+    return _reduce(mil_nce_from_scores(rows, cols, m_all, mask, offset, temperature), reduction)
 
 
-@dataclass
-class VATTLossOutput:
-    """Weighted total ``loss`` and each objective's per-sample losses ``{"va": [B], "vt": [B]}``."""
+def mil_nce_from_scores(
+    rows: Tensor, cols: Tensor, row_mask: Tensor, col_mask: Tensor, offset: int, temperature: float
+) -> Tensor:
+    """Per-sample MIL-NCE [B] from any clip-candidate scores: ``rows[i, j, k]`` = s(clip i, candidate k of
+    bag j) and ``cols[i, j, k]`` = s(clip j, candidate k of bag i), for the B local clips i (global index
+    offset + i) and all N clips j. ``row_mask`` [N, K] and ``col_mask`` [B, K] mark real candidates.
 
-    loss: Tensor
-    per_sample: dict[str, Tensor]
-
-
-class VATTLoss(nn.Module):
-    """VATT's objective: ``w_va · NCE(video_va, audio) + w_vt · MIL-NCE(video_vt, text bag)``.
-
-    Both terms are means of per-sample losses, which :class:`VATTLossOutput` also returns, so a
-    gradient harmonizer can treat each objective per sample.
+        ℓ_i = logsumexp({rows[i]} ∪ {cols[i]}) / τ − logsumexp_k rows[i, offset + i, k] / τ
     """
-
-    def __init__(self, temperature: float = 0.07, weight_va: float = 1.0, weight_vt: float = 1.0) -> None:
-        super().__init__()
-        self.temperature, self.weight_va, self.weight_vt = temperature, weight_va, weight_vt
-
-    def forward(
-        self,
-        video_va: Tensor,
-        audio: Tensor,
-        video_vt: Tensor,
-        text: Tensor,
-        text_mask: Tensor | None = None,
-        own_gradients_only: bool = False,
-    ) -> VATTLossOutput:
-        per_sample = {
-            "va": nce(video_va, audio, self.temperature, "none", own_gradients_only=own_gradients_only),
-            "vt": mil_nce(
-                video_vt, text, text_mask, self.temperature, "none", own_gradients_only=own_gradients_only
-            ),
-        }
-        loss = self.weight_va * per_sample["va"].mean() + self.weight_vt * per_sample["vt"].mean()
-        return VATTLossOutput(loss, per_sample)
+    rows = (rows / temperature).masked_fill(~row_mask[None], float("-inf"))
+    cols = (cols / temperature).masked_fill(~col_mask[:, None], float("-inf"))
+    local = torch.arange(rows.shape[0], device=rows.device)
+    numerator = torch.logsumexp(rows[local, local + offset], dim=1)
+    denominator = torch.logsumexp(torch.cat([rows.flatten(1), cols.flatten(1)], dim=1), dim=1)
+    return denominator - numerator
