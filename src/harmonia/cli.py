@@ -173,9 +173,27 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         return 0
+    if args.benchmark == "finegrained":
+        from harmonia.bench.finegrained import BATCH_SIZES, DEFAULT_VARIANTS, run_finegrained_benchmark
+
+        if args.config:
+            raise HarmoniaError(
+                "bench finegrained runs its own recipe; change it with overrides, not --config"
+            )
+        run_finegrained_benchmark(
+            seeds=args.seeds,
+            out_dir=args.out,
+            variants=args.variants or DEFAULT_VARIANTS,
+            batch_sizes=args.batch_sizes or BATCH_SIZES,
+            overrides=args.overrides,
+            speed_steps=args.speed_steps,
+            speed_rounds=args.speed_rounds,
+            progress=not args.quiet,
+        )
+        return 0
     raise HarmoniaError(
         f"unknown benchmark {args.benchmark!r}; "
-        "available: imbalance, balance, balance-speed, pretrain, harmonize"
+        "available: imbalance, balance, balance-speed, pretrain, harmonize, finegrained"
     )
 
 
@@ -210,15 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_data)
 
     p = sub.add_parser("bench", help="run a benchmark and write a Markdown report")
-    p.add_argument("benchmark", help="imbalance, balance, balance-speed, pretrain or harmonize")
+    p.add_argument("benchmark", help="imbalance, balance, balance-speed, pretrain, harmonize or finegrained")
     p.add_argument("overrides", nargs="*", help="config overrides applied to every run")
     p.add_argument("--config", default=None, help="base config (default: the benchmark's own)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     p.add_argument(
         "--variants",
         nargs="+",
-        help="balance: fusion/method pairs, e.g. concat/none concat/opm; harmonize: baseline realign ...",
+        help="balance: fusion/method pairs, e.g. concat/none concat/opm; harmonize: baseline realign ...; "
+        "finegrained: coarse finegrained finegrained-av",
     )
+    p.add_argument("--batch-sizes", type=int, nargs="+", help="finegrained: batch sizes (default 16 32 128)")
     p.add_argument(
         "--rates", type=float, nargs="+", help="pretrain: misalignment rates (default 0 0.1 0.3 0.5)"
     )

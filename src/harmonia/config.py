@@ -28,7 +28,9 @@ import yaml
 
 from harmonia.balance.ogm import OGMForm
 from harmonia.contrastive.curriculum import CurriculumKeep, CurriculumShape
+from harmonia.contrastive.finegrained import PoolDirection
 from harmonia.contrastive.realign import RealignRule
+from harmonia.contrastive.vatt import ContrastiveGrain
 from harmonia.errors import ConfigError
 from harmonia.models.fusion import FusionKind
 
@@ -293,6 +295,25 @@ class PretrainConfig:
     temperature: float = param(0.07, help="softmax temperature of both contrastive losses", gt=0)
     weight_va: float = param(1.0, help="weight of the video-audio NCE loss", ge=0)
     weight_vt: float = param(1.0, help="weight of the video-text MIL-NCE loss", ge=0)
+    va_loss: ContrastiveGrain = param(
+        ContrastiveGrain.COARSE,
+        help="coarse: NCE of pooled clip and audio embeddings; finegrained: NCE of attention-pooled "
+        "video-tubelet x spectrogram-patch similarities (DESIGN 1.7)",
+    )
+    vt_loss: ContrastiveGrain = param(
+        ContrastiveGrain.COARSE,
+        help="coarse: MIL-NCE of pooled clip and caption embeddings; finegrained: MIL-NCE of "
+        "attention-pooled video-tubelet x word similarities (DESIGN 1.7)",
+    )
+    tau_att: float = param(0.1, help="finegrained: temperature of the attention over tokens", gt=0)
+    pool_direction: PoolDirection = param(
+        PoolDirection.BOTH,
+        help="finegrained: over_a (each word attends over the clip's tubelets), over_b (each tubelet over "
+        "the words) or both (mean of the two scores)",
+    )
+    chunk_size: int = param(
+        0, help="finegrained: clips per chunk of the token-similarity tensor (0: a 64 MiB budget)", ge=0
+    )
 
     def __post_init__(self) -> None:
         _coerce_enums(self, "pretrain")
@@ -364,6 +385,9 @@ class TrainConfig:
     device: str = param("cpu", help="torch device: cpu, cuda, cuda:1, ...")
     probe: bool = param(True, help="fit a linear probe on each frozen encoder after training")
     log_every: int = param(10, help="write step metrics every N steps", ge=1)
+    eval_every: int = param(
+        1, help="evaluate on val and test every N epochs (and always after the last)", ge=1
+    )
     num_threads: int | None = param(None, help="torch CPU threads (null: torch's default)", ge=1)
 
 

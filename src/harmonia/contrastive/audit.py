@@ -65,15 +65,16 @@ def audit_conflicts(
         raise CheckpointError(f"checkpoint {checkpoint} does not fit this config's model: {exc}") from exc
     model, split = trainer.model, trainer.dataset.split("train")
     model.eval()
-    anchor_module = VideoAnchor(model)
+    pooled = not trainer.loss.needs_tokens  # fine-grained losses flow through the video tokens
+    anchor_module = VideoAnchor(model, pooled=pooled)
     anchor_params = anchor_module.anchor_named_parameters()
     cosines, va, vt = [], [], []
     bs = cfg.train.batch_size
     for start in tqdm(range(0, len(split), bs), desc="audit", disable=not progress, unit="batch"):
         inputs = {k: split.inputs[k][start : start + bs].to(trainer.device) for k in INPUT_KEYS}
-        out = model(inputs)
+        out = trainer.forward(inputs)
         losses = trainer.compute_loss(out).per_sample
-        anchor = out.features["video"]
+        anchor = out.features["video" if pooled else "video_tokens"]
         g_va = torch.autograd.grad(losses["va"].mean(), anchor, retain_graph=True)[0]
         g_vt = torch.autograd.grad(losses["vt"].mean(), anchor)[0]
         if mode == "parameter":
@@ -81,6 +82,7 @@ def audit_conflicts(
                 per_sample_parameter_rows(anchor_module, anchor_params, inputs["video"], g)
                 for g in (g_va, g_vt)
             )
+        g_va, g_vt = g_va.flatten(1), g_vt.flatten(1)
         cosines.append(row_cosine(g_va, g_vt).detach().cpu())
         va.append(losses["va"].detach().cpu())
         vt.append(losses["vt"].detach().cpu())

@@ -66,18 +66,34 @@ def _masked_mean(x: Tensor, mask: Tensor, dim: int) -> Tensor:
     return (x * weights).sum(dim) / weights.sum(dim).clamp(min=1)
 
 
+def _rows(mask: Tensor | None, rows: slice) -> Tensor | None:
+    return None if mask is None else mask[rows]
+
+
 def _chunk_scores(
-    a: Tensor, a_mask: Tensor, b: Tensor, b_mask: Tensor, tau_att: float, direction: PoolDirection
+    a: Tensor,
+    a_mask: Tensor | None,
+    b: Tensor,
+    b_mask: Tensor | None,
+    tau_att: float,
+    direction: PoolDirection,
 ) -> Tensor:
-    sim = torch.einsum("ikd,jld->ijkl", a, b)  # [ca, Nb, K, J]
-    am, bm = a_mask[:, None, :, None], b_mask[None, :, None, :]
+    # laid out [ca, Nb, J, K]: both softmaxes then run over dims with a long contiguous inner stride
+    ca, k, d = a.shape
+    nb, j, _ = b.shape
+    sim = (a.reshape(ca * k, d) @ b.reshape(nb * j, d).T).view(ca, k, nb, j).permute(0, 2, 3, 1).contiguous()
+    logits = sim / tau_att
     scores = []
-    if direction is not PoolDirection.OVER_B:
-        alpha = _masked_softmax(sim / tau_att, am, dim=2)
-        scores.append(_masked_mean((alpha * sim).sum(2), b_mask[None], dim=-1))
-    if direction is not PoolDirection.OVER_A:
-        beta = _masked_softmax(sim / tau_att, bm, dim=3)
-        scores.append(_masked_mean((beta * sim).sum(3), a_mask[:, None], dim=-1))
+    if direction is not PoolDirection.OVER_B:  # α over a's tokens (K), for each b token j
+        alpha = logits.softmax(-1) if a_mask is None else _masked_softmax(logits, a_mask[:, None, None], -1)
+        per_b_token = (alpha * sim).sum(-1)  # [ca, Nb, J]
+        scores.append(per_b_token.mean(-1) if b_mask is None else _masked_mean(per_b_token, b_mask[None], -1))
+    if direction is not PoolDirection.OVER_A:  # β over b's tokens (J), for each a token k
+        beta = logits.softmax(2) if b_mask is None else _masked_softmax(logits, b_mask[None, :, :, None], 2)
+        per_a_token = (beta * sim).sum(2)  # [ca, Nb, K]
+        scores.append(
+            per_a_token.mean(-1) if a_mask is None else _masked_mean(per_a_token, a_mask[:, None], -1)
+        )
     return scores[0] if len(scores) == 1 else 0.5 * (scores[0] + scores[1])
 
 
@@ -103,22 +119,24 @@ def token_scores(
     a_mask, b_mask = _mask(a, a_mask, "token_scores: a_mask"), _mask(b, b_mask, "token_scores: b_mask")
     # zero the padding so that garbage (even NaN) there cannot leak into S through 0 * x
     a, b = torch.where(a_mask[..., None], a, 0), torch.where(b_mask[..., None], b, 0)
+    a_pad = None if bool(a_mask.all()) else a_mask  # no masking work where every token is real
+    b_pad = None if bool(b_mask.all()) else b_mask
     if chunk_size is None:
         chunk_size = max(1, CHUNK_ELEMENTS // max(1, b.shape[0] * a.shape[1] * b.shape[1]))
     if chunk_size < 1:
         raise ValueError(f"token_scores: chunk_size must be >= 1, got {chunk_size}")
     if chunk_size >= a.shape[0]:
-        return _chunk_scores(a, a_mask, b, b_mask, tau_att, direction)
+        return _chunk_scores(a, a_pad, b, b_pad, tau_att, direction)
     recompute = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
     parts = []
     for start in range(0, a.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
         if recompute:
             part = checkpoint(
-                _chunk_scores, a[rows], a_mask[rows], b, b_mask, tau_att, direction, use_reentrant=False
+                _chunk_scores, a[rows], _rows(a_pad, rows), b, b_pad, tau_att, direction, use_reentrant=False
             )
         else:
-            part = _chunk_scores(a[rows], a_mask[rows], b, b_mask, tau_att, direction)
+            part = _chunk_scores(a[rows], _rows(a_pad, rows), b, b_pad, tau_att, direction)
         parts.append(part)
     return torch.cat(parts)
 

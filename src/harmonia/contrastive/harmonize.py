@@ -155,8 +155,10 @@ class GradientHarmonizer:
     ) -> HarmonizeStats:
         """Backpropagate ``Σ_k w_k mean_i losses[k]_i`` (two objectives, per-sample [B] each), harmonized.
 
-        ``anchor`` is the [B, D] tensor both losses flow through (feature and parameter modes);
-        ``anchor_input`` the anchor module's input (parameter mode).
+        ``anchor`` is the [B, D] tensor both losses flow through (feature and parameter modes), or a
+        [B, S, D] tensor of tokens (rows are then flattened to S·D: use the tokens when a loss is
+        fine-grained, whose gradient bypasses the pooled anchor); ``anchor_input`` the anchor module's
+        input (parameter mode).
         """
         if len(losses) != 2:
             raise ValueError(f"GradientHarmonizer realigns two objectives, got {list(losses)}")
@@ -200,8 +202,8 @@ class GradientHarmonizer:
                 per_sample_parameter_rows(self.anchor_module, self.anchor_params, anchor_input, g)
                 for g in (g_a, g_b)
             )
-        else:
-            rows_a, rows_b = g_a, g_b
+        else:  # an anchor of tokens [B, S, D] gives rows of S·D
+            rows_a, rows_b = g_a.flatten(1), g_b.flatten(1)
         target = self._target(row_cosine(rows_a, rows_b)) if self.rule is RealignRule.GRADVAC else 0.0
         new_a, new_b, cos = realign(rows_a, rows_b, self.rule, target)
         cos = cos.detach()
@@ -227,9 +229,8 @@ class GradientHarmonizer:
         elif self.rule is RealignRule.NONE and n_kept == b:
             total.backward()  # nothing to change: exactly the plain backward
         else:
-            torch.autograd.backward(
-                [total, anchor], [torch.ones_like(total), (new_a + new_b - plain).detach()]
-            )
+            realigned = (new_a + new_b).view_as(plain)
+            torch.autograd.backward([total, anchor], [torch.ones_like(total), (realigned - plain).detach()])
         return HarmonizeStats(
             cosine=cos,
             kept=kept,

@@ -28,11 +28,14 @@ class HarmonizeCallback(Callback):
     ``mean_cosine``, ``threshold``). In feature mode it also keeps every training triplet's conflict score:
     each epoch's scores go to ``conflicts/epoch_NNN.npz`` in the run folder, the epoch metrics get
     ``train/conflict_auroc`` (how well −cos finds the misaligned triplets, when the data has some), and the
-    run ends with ``conflict_histograms.png``.
+    run ends with ``conflict_histograms.png``. ``anchor_key`` names the ``output.features`` entry both
+    losses flow through: ``video`` (pooled) or ``video_tokens`` (for fine-grained losses).
     """
 
-    def __init__(self, harmonizer: GradientHarmonizer, weights: Mapping[str, float]) -> None:
-        self.harmonizer, self.weights = harmonizer, dict(weights)
+    def __init__(
+        self, harmonizer: GradientHarmonizer, weights: Mapping[str, float], anchor_key: str = "video"
+    ) -> None:
+        self.harmonizer, self.weights, self.anchor_key = harmonizer, dict(weights), anchor_key
         self._indices: list[torch.Tensor] = []
         self._cosines: list[torch.Tensor] = []
         self._kept: list[torch.Tensor] = []
@@ -41,7 +44,8 @@ class HarmonizeCallback(Callback):
         self, trainer: Trainer, batch: Mapping[str, Any], losses: VATTLossOutput, output: PretrainOutput
     ) -> None:
         video = batch["inputs"]["video"] if self.harmonizer.mode is HarmonizeMode.PARAMETER else None
-        stats = self.harmonizer.backward(losses.per_sample, output.features["video"], self.weights, video)
+        anchor = output.features[self.anchor_key]
+        stats = self.harmonizer.backward(losses.per_sample, anchor, self.weights, video)
         trainer.step_metrics.update(stats.metrics())
         if self.harmonizer.mode is not HarmonizeMode.BATCH:
             self._indices.append(batch["indices"].cpu())

@@ -19,7 +19,14 @@ def recall_at_k(queries: Tensor, gallery: Tensor, ks: Sequence[int] = (1, 5, 10)
         raise ValueError(
             f"recall_at_k: expected paired [N, D] tensors, got {tuple(queries.shape)}, {tuple(gallery.shape)}"
         )
-    scores = queries.double() @ gallery.double().T
+    return recall_at_k_from_scores(queries.double() @ gallery.double().T, ks)
+
+
+def recall_at_k_from_scores(scores: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:
+    """R@K from any score matrix [N, N] (``scores[i, j]``: query i vs gallery j; the match on the
+    diagonal), with ties broken at random in expectation as :func:`recall_at_k`."""
+    if scores.dim() != 2 or scores.shape[0] != scores.shape[1]:
+        raise ValueError(f"recall_at_k: expected square scores [N, N], got {tuple(scores.shape)}")
     true = scores.diagonal()[:, None]
     higher = (scores > true).sum(1).double()
     equal = (scores == true).sum(1).double() - 1
@@ -30,9 +37,18 @@ def retrieval_metrics(
     pairs: dict[tuple[str, str], tuple[Tensor, Tensor]], ks: Sequence[int] = (1, 5, 10)
 ) -> dict[str, float]:
     """``"<a>_to_<b>/R@K"`` in both directions for each ``(a, b): (embeddings_a, embeddings_b)``."""
+    return retrieval_metrics_from_scores(
+        {pair: x.double() @ y.double().T for pair, (x, y) in pairs.items()}, ks
+    )
+
+
+def retrieval_metrics_from_scores(
+    scores: dict[tuple[str, str], Tensor], ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """``"<a>_to_<b>/R@K"`` in both directions for each ``(a, b): scores`` [N_a, N_b] (a as queries)."""
     out: dict[str, float] = {}
-    for (a, b), (x, y) in pairs.items():
-        for (q, g), (qx, gx) in (((a, b), (x, y)), ((b, a), (y, x))):
-            for k, r in recall_at_k(qx, gx, ks).items():
+    for (a, b), s in scores.items():
+        for (q, g), qs in (((a, b), s), ((b, a), s.T)):
+            for k, r in recall_at_k_from_scores(qs, ks).items():
                 out[f"{q}_to_{g}/R@{k}"] = r
     return out

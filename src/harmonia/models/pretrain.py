@@ -117,7 +117,8 @@ class PretrainOutput:
     * ``video_va``, ``video_vt``, ``audio`` [B, E] and ``text`` [B, K, E]: L2-normalized embeddings;
     * ``text_mask`` [B, K]: caption candidates that hold at least one word;
     * ``features``: pooled backbone outputs before the heads, ``video``/``audio`` [B, D], ``text`` [B, K, D]
-      — ``features["video"]`` is the anchor both losses flow through (the harmonizer's z_v);
+      — ``features["video"]`` is the anchor both coarse losses flow through (the harmonizer's z_v) — and
+      the video backbone's token outputs ``video_tokens`` [B, S_v, D], the anchor of fine-grained losses;
     * ``tokens`` / ``token_masks`` (only with ``return_tokens``): per-token normalized embeddings
       ``video_va``/``video_vt`` [B, S_v, E], ``audio`` [B, S_a, E], ``text`` [B, K, L, E].
     """
@@ -178,9 +179,11 @@ class TriModalPretrainModel(nn.Module):
         self.head_audio = nn.Linear(cfg.width, e)
         self.head_text = nn.Linear(cfg.width, e)
 
-    def video_anchor(self, video: Tensor) -> Tensor:
-        """The anchor z_v [B, width]: the pooled video backbone output (``features["video"]``)."""
-        return self.encode_tokens("video", self.tokenizers["video"](video)).mean(1)
+    def video_anchor(self, video: Tensor, pooled: bool = True) -> Tensor:
+        """The anchor z_v: the pooled video backbone output [B, width] (``features["video"]``), or with
+        ``pooled=False`` its tokens [B, S_v, width] (``features["video_tokens"]``)."""
+        tokens = self.encode_tokens("video", self.tokenizers["video"](video))
+        return tokens.mean(1) if pooled else tokens
 
     def anchor_parameters(self) -> list[nn.Parameter]:
         """Parameters upstream of the video anchor ``features["video"]``: the video tokenizer and the video
@@ -237,7 +240,12 @@ class TriModalPretrainModel(nn.Module):
         encoded = self.encode(inputs)
         (video, _), (audio, _), (text, word_mask) = encoded["video"], encoded["audio"], encoded["text"]
         assert word_mask is not None
-        features = {"video": video.mean(1), "audio": audio.mean(1), "text": masked_mean(text, word_mask)}
+        features = {
+            "video": video.mean(1),
+            "audio": audio.mean(1),
+            "text": masked_mean(text, word_mask),
+            "video_tokens": video,
+        }
         va = self.head_va(features["video"])
         out = PretrainOutput(
             video_va=F.normalize(va, dim=-1),
@@ -261,14 +269,15 @@ class TriModalPretrainModel(nn.Module):
 
 class VideoAnchor(nn.Module):
     """``video -> z_v`` of a :class:`TriModalPretrainModel` as a module of its own (shares its parameters),
-    for per-sample parameter gradients with ``torch.func`` (the harmonizer's parameter mode)."""
+    for per-sample parameter gradients with ``torch.func`` (the harmonizer's parameter mode); the pooled
+    anchor or, with ``pooled=False``, the video tokens."""
 
-    def __init__(self, model: TriModalPretrainModel) -> None:
+    def __init__(self, model: TriModalPretrainModel, pooled: bool = True) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.pooled = model, pooled
 
     def forward(self, video: Tensor) -> Tensor:
-        return self.model.video_anchor(video)
+        return self.model.video_anchor(video, self.pooled)
 
     def anchor_named_parameters(self) -> dict[str, nn.Parameter]:
         ids = {id(p) for p in self.model.anchor_parameters()}

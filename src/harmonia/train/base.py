@@ -276,19 +276,25 @@ class BaseTrainer:
         try:
             for cb in self.callbacks:
                 cb.on_train_start(self)
-            while self.epoch < self.cfg.train.epochs:
+            epochs, last_test = self.cfg.train.epochs, None
+            while self.epoch < epochs:
                 epoch_start = time.perf_counter()
                 train_stats = self._train_epoch()
                 train_stats["train/epoch_seconds"] = time.perf_counter() - epoch_start
                 self.scheduler.step()
-                metrics = {**train_stats, **self.evaluate("val"), **self.evaluate("test")}
+                metrics = dict(train_stats)
+                if (self.epoch + 1) % self.cfg.train.eval_every == 0 or self.epoch + 1 == epochs:
+                    last_test = self.evaluate("test")
+                    metrics |= {**self.evaluate("val"), **last_test}
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, self.epoch, metrics)
                 logger.log("epoch", self.global_step, self.epoch, metrics)
                 self._check_finite_state()
                 self.epoch += 1
                 self.save_checkpoint()
-            test = {k.removeprefix("test/"): v for k, v in self.evaluate("test").items()}
+            if last_test is None:  # resumed after the last epoch
+                last_test = self.evaluate("test")
+            test = {k.removeprefix("test/"): v for k, v in last_test.items()}
             probe = self.probe_encoders() if self.cfg.train.probe else {}
             logger.log(
                 "final",

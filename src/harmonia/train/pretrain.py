@@ -15,15 +15,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from harmonia.config import HarmonizeConfig, HarmonizeModeKind, PretrainConfig, TextEncoderKind
-from harmonia.contrastive import VATTLoss, VATTLossOutput
+from harmonia.contrastive import ContrastiveGrain, FineGrainedNCE, VATTLoss, VATTLossOutput
 from harmonia.contrastive.curriculum import ConflictCurriculum
+from harmonia.contrastive.finegrained import token_scores
 from harmonia.contrastive.harmonize import GradientHarmonizer
 from harmonia.contrastive.hooks import HarmonizeCallback
 from harmonia.data.loader import BatchLoader
 from harmonia.data.trimodal import TriModalAVDigits, TriModalSplit, load_trimodal_avdigits
 from harmonia.errors import ConfigError
 from harmonia.eval.probe import linear_probe
-from harmonia.eval.retrieval import retrieval_metrics
+from harmonia.eval.retrieval import retrieval_metrics_from_scores
 from harmonia.models.pretrain import PretrainOutput, TriModalPretrainModel, VideoAnchor
 from harmonia.train.base import BaseTrainer
 
@@ -33,10 +34,12 @@ INPUT_KEYS = ("video", "audio", "text", "text_mask")
 def build_harmonize_callback(
     cfg: HarmonizeConfig, model: TriModalPretrainModel, steps_per_epoch: int, pretrain: PretrainConfig
 ) -> HarmonizeCallback | None:
-    """The harmonizer ``harmonize`` asks for (``None`` for ``mode: none``)."""
+    """The harmonizer ``harmonize`` asks for (``None`` for ``mode: none``). Its anchor is the pooled video
+    feature, or the video tokens when a loss is fine-grained (its gradient bypasses the pooled feature)."""
     if cfg.mode is HarmonizeModeKind.NONE:
         return None
-    anchor = VideoAnchor(model)
+    pooled = ContrastiveGrain.FINEGRAINED not in (pretrain.va_loss, pretrain.vt_loss)
+    anchor = VideoAnchor(model, pooled=pooled)
     curriculum = None
     if cfg.curriculum:
         curriculum = ConflictCurriculum(
@@ -56,7 +59,11 @@ def build_harmonize_callback(
         anchor_module=anchor if cfg.mode is HarmonizeModeKind.PARAMETER else None,
         anchor_params=anchor.anchor_named_parameters() if cfg.mode is HarmonizeModeKind.PARAMETER else None,
     )
-    return HarmonizeCallback(harmonizer, {"va": pretrain.weight_va, "vt": pretrain.weight_vt})
+    return HarmonizeCallback(
+        harmonizer,
+        {"va": pretrain.weight_va, "vt": pretrain.weight_vt},
+        anchor_key="video" if pooled else "video_tokens",
+    )
 
 
 class PretrainTrainer(BaseTrainer):
@@ -86,7 +93,15 @@ class PretrainTrainer(BaseTrainer):
         if cfg.pretrain.text_encoder is not TextEncoderKind.NATIVE:
             for split in self.dataset.splits.values():  # captions as this text encoder tokenizes them
                 split.inputs["text"], split.inputs["text_mask"] = self.model.tokenize_captions(split.captions)
-        self.loss = VATTLoss(cfg.pretrain.temperature, cfg.pretrain.weight_va, cfg.pretrain.weight_vt)
+        p = cfg.pretrain
+        self.loss = VATTLoss(
+            p.temperature,
+            p.weight_va,
+            p.weight_vt,
+            va=p.va_loss,
+            vt=p.vt_loss,
+            finegrained=FineGrainedNCE(p.temperature, p.tau_att, p.pool_direction, p.chunk_size or None),
+        )
         self.train_loader = BatchLoader(
             {k: train.inputs[k] for k in INPUT_KEYS},
             train.labels,
@@ -107,14 +122,18 @@ class PretrainTrainer(BaseTrainer):
         if self.harmonize is not None:
             self.callbacks.insert(0, self.harmonize)
 
+    def forward(self, inputs: dict[str, Tensor]) -> PretrainOutput:
+        """The model's output, with token outputs when a loss is fine-grained."""
+        return self.model(inputs, return_tokens=self.loss.needs_tokens)
+
     def compute_loss(self, output: PretrainOutput) -> VATTLossOutput:
-        return self.loss(output.video_va, output.audio, output.video_vt, output.text, output.text_mask)
+        return self.loss.from_output(output)
 
     def train_step(self, batch: dict[str, Any]) -> tuple[Any, float]:
         self.step_metrics = {}
         for cb in self.callbacks:
             cb.before_forward(self, batch)
-        output = self.model(batch["inputs"])
+        output = self.forward(batch["inputs"])
         losses = self.compute_loss(output)
         if not torch.isfinite(losses.loss):
             self._raise_non_finite(losses.loss, batch)
@@ -154,7 +173,7 @@ class PretrainTrainer(BaseTrainer):
             bs = self.cfg.train.eval_batch_size
             for start in range(0, len(split), bs):
                 inputs = {k: split.inputs[k][start : start + bs].to(self.device) for k in INPUT_KEYS}
-                out = self.model(inputs)
+                out = self.forward(inputs)
                 bag = out.text_mask.to(out.text.dtype)[..., None]
                 text = F.normalize((out.text * bag).sum(1), dim=-1)
                 text_features = (out.features["text"] * bag).sum(1) / bag.sum(1).clamp(min=1)
@@ -166,8 +185,12 @@ class PretrainTrainer(BaseTrainer):
                     "features/video": out.features["video"],
                     "features/audio": out.features["audio"],
                     "features/text": text_features,
+                    **{f"tokens/{k}": v for k, v in out.tokens.items()},
+                    **{f"token_masks/{k}": v for k, v in out.token_masks.items()},
                 }.items():
-                    parts.setdefault(key, []).append(value.float().cpu())
+                    parts.setdefault(key, []).append(
+                        value.cpu() if key.startswith("token_masks") else value.float().cpu()
+                    )
         finally:
             self.model.train(was_training)
         return {k: torch.cat(v) for k, v in parts.items()}
@@ -175,10 +198,30 @@ class PretrainTrainer(BaseTrainer):
     def evaluate(self, split: str) -> dict[str, float]:
         """Zero-shot retrieval R@1/5/10, video↔text (vt space) and video↔audio (va space)."""
         e = self.embed(self.dataset.split(split))
-        metrics = retrieval_metrics(
-            {("video", "text"): (e["video_vt"], e["text"]), ("video", "audio"): (e["video_va"], e["audio"])}
+        metrics = retrieval_metrics_from_scores(
+            {("video", "text"): self._scores_vt(e), ("video", "audio"): self._scores_va(e)}
         )
         return {f"{split}/{k}": v for k, v in metrics.items()}
+
+    def _scores_va(self, e: dict[str, Tensor]) -> Tensor:
+        """Clip × audio scores of a split: cosines, or the fine-grained score when L_va is fine-grained."""
+        if self.loss.va is ContrastiveGrain.COARSE:
+            return e["video_va"].double() @ e["audio"].double().T
+        fine = self.loss.finegrained
+        return token_scores(e["tokens/video_va"], e["tokens/audio"], None, None, fine.tau_att, fine.direction)
+
+    def _scores_vt(self, e: dict[str, Tensor]) -> Tensor:
+        """Clip × caption-bag scores: cosines with the mean caption embedding, or (fine-grained L_vt) the
+        mean fine-grained score over the bag's real candidates."""
+        if self.loss.vt is ContrastiveGrain.COARSE:
+            return e["video_vt"].double() @ e["text"].double().T
+        fine, text, words = self.loss.finegrained, e["tokens/text"], e["token_masks/text"]
+        n, k = text.shape[:2]
+        per_candidate = token_scores(
+            e["tokens/video_vt"], text.flatten(0, 1), None, words.flatten(0, 1), fine.tau_att, fine.direction
+        ).view(-1, n, k)
+        real = words.any(-1).to(per_candidate.dtype)  # [n, k]
+        return ((per_candidate * real).sum(-1) / real.sum(-1).clamp(min=1)).double()
 
     def probe_encoders(self) -> dict[str, float]:
         """Digit linear-probe test accuracy on each modality's frozen pooled backbone features.
