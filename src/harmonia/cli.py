@@ -236,14 +236,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants",
         nargs="+",
         help="balance: fusion/method pairs, e.g. concat/none concat/opm; harmonize: baseline realign ...; "
-        "finegrained: coarse finegrained finegrained-av",
+        "finegrained: coarse finegrained finegrained-both finegrained-av",
     )
     p.add_argument("--batch-sizes", type=int, nargs="+", help="finegrained: batch sizes (default 16 32 128)")
     p.add_argument(
         "--rates", type=float, nargs="+", help="pretrain: misalignment rates (default 0 0.1 0.3 0.5)"
     )
-    p.add_argument("--speed-steps", type=int, default=20, help="balance: batches timed per round")
-    p.add_argument("--speed-rounds", type=int, default=5, help="balance: timing rounds after a warm-up")
+    p.add_argument(
+        "--speed-steps",
+        type=int,
+        default=20,
+        help="balance-speed, harmonize, finegrained: batches timed per round",
+    )
+    p.add_argument(
+        "--speed-rounds",
+        type=int,
+        default=5,
+        help="balance-speed, harmonize, finegrained: timing rounds after a warm-up",
+    )
     p.add_argument("--out", default="bench-results", help="folder for runs and the report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_bench)

@@ -33,8 +33,13 @@ from harmonia.train.pretrain import PretrainTrainer
 PARTIAL = ["data.trimodal.partial_rate=0.5", "data.trimodal.partial_fraction=0.5"]
 VARIANTS: dict[str, list[str]] = {
     "coarse": [],
-    "finegrained": ["pretrain.vt_loss=finegrained"],
-    "finegrained-av": ["pretrain.vt_loss=finegrained", "pretrain.va_loss=finegrained"],
+    "finegrained": ["pretrain.vt_loss=finegrained", "pretrain.pool_direction=over_a"],
+    "finegrained-both": ["pretrain.vt_loss=finegrained", "pretrain.pool_direction=both"],
+    "finegrained-av": [
+        "pretrain.vt_loss=finegrained",
+        "pretrain.va_loss=finegrained",
+        "pretrain.pool_direction=over_a",
+    ],
 }
 DEFAULT_VARIANTS = ("coarse", "finegrained")
 BATCH_SIZES = (16, 32, 128)
@@ -57,7 +62,7 @@ def run_finegrained_benchmark(
     variants: Sequence[str] = DEFAULT_VARIANTS,
     batch_sizes: Sequence[int] = BATCH_SIZES,
     overrides: Sequence[str] = (),
-    speed_steps: int = 10,
+    speed_steps: int = 20,
     speed_rounds: int = 5,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -96,7 +101,15 @@ def run_finegrained_benchmark(
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "finegrained.json").write_text(json.dumps(summary, indent=1))
-    command = " ".join(["harmonia bench finegrained", *overrides, f"--seeds {seeds}", f"--out {out_dir}"])
+    command = " ".join(
+        [
+            "harmonia bench finegrained",
+            *overrides,
+            f"--seeds {seeds}",
+            f"--speed-steps {speed_steps} --speed-rounds {speed_rounds}",
+            f"--out {out_dir}",
+        ]
+    )
     if tuple(variants) != DEFAULT_VARIANTS:
         command += " --variants " + " ".join(variants)
     if tuple(batch_sizes) != BATCH_SIZES:
