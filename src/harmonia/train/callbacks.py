@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from harmonia.models import MultimodalOutput
     from harmonia.train.base import BaseTrainer as Trainer
 
 
@@ -34,8 +33,9 @@ class Callback:
         """Between encoders and fusion head (e.g. to drop a modality's features); return the features."""
         return features
 
-    def after_backward(self, trainer: Trainer, batch: Mapping[str, Any], output: MultimodalOutput) -> None:
-        """After ``loss.backward()``: gradients are in ``.grad``."""
+    def after_backward(self, trainer: Trainer, batch: Mapping[str, Any], output: Any) -> None:
+        """After ``loss.backward()``: gradients are in ``.grad``; ``output`` is the model's output (a
+        ``MultimodalOutput`` in supervised training, a ``PretrainOutput`` in pre-training)."""
 
     def before_optimizer_step(self, trainer: Trainer) -> None:
         """After gradient clipping, just before ``optimizer.step()``."""
