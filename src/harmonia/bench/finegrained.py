@@ -301,6 +301,7 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
                 label=v,
             )
         ax.set(xlabel="batch size", ylabel=label, xscale="log")
+        ax.minorticks_off()
         ax.set_xticks([int(b) for b in summary["speed"]], list(summary["speed"]))
         ax.legend(fontsize=8)
     for ax in axes:
