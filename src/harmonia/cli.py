@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -11,24 +12,59 @@ from harmonia.errors import HarmoniaError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from harmonia.train.distributed import launched_distributed, shutdown_distributed
+
+    try:
+        return _train(args)
+    except RuntimeError as exc:
+        if not (launched_distributed() and _is_collective_failure(exc)):
+            raise
+        rank = os.environ.get("RANK", "?")
+        print(
+            f"harmonia: error: rank {rank}: a collective operation with the other ranks failed or timed out "
+            f"(train.dist_timeout_s bounds the wait): another rank has probably stopped; see its log above. "
+            f"Restart with --resume to continue from the last checkpoint. ({str(exc).splitlines()[0]})",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        shutdown_distributed()
+
+
+def _is_collective_failure(exc: RuntimeError) -> bool:
+    import torch.distributed as dist
+
+    text = str(exc).lower()
+    return isinstance(exc, dist.DistBackendError) or any(
+        word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "peer")
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
     from harmonia.config import TaskKind, load_config
     from harmonia.train import build_trainer
 
     cfg = load_config(args.config, args.overrides)
     trainer = build_trainer(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    main_rank = trainer.dist.is_main
     what = "resuming" if args.resume else "training"
     model = (
         f"{cfg.pretrain.backbone.value} backbone, contrastive pre-training"
         if cfg.task is TaskKind.PRETRAIN
         else f"{cfg.model.fusion.value} fusion"
     )
-    print(
-        f"harmonia: {what} {cfg.name} ({', '.join(cfg.data.modalities)}; {model}) -> {trainer.run_dir}",
-        file=sys.stderr,
-    )
+    ranks = f" on {trainer.dist.world_size} processes" if trainer.dist.enabled else ""
+    if main_rank:
+        print(
+            f"harmonia: {what} {cfg.name} ({', '.join(cfg.data.modalities)}; {model}){ranks} -> "
+            f"{trainer.run_dir}",
+            file=sys.stderr,
+        )
     try:
         result = trainer.fit()
     except KeyboardInterrupt:
+        if not main_rank:
+            return 130
         command = " ".join(["harmonia train", args.config, *args.overrides])
         if not trainer.checkpoint_path.exists():
             hint = (
@@ -41,7 +77,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             hint += f"Continue with: {command} --resume"
         print(f"\nharmonia: interrupted. {hint}", file=sys.stderr)
         return 130
-    print(format_result(result.test, result.probe, result.seconds, str(result.run_dir)))
+    if main_rank:
+        print(format_result(result.test, result.probe, result.seconds, str(result.run_dir)))
     return 0
 
 
