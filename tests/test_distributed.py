@@ -1,6 +1,6 @@
 """Data-parallel training with 2 real gloo processes on CPU: the same parameters as one process on the same
-global batch (supervised with OGM-GE; pre-training with the harmonizer), torchrun end to end, resume under
-DDP, and a clear exit when a rank dies."""
+global batch (supervised with OGM-GE and with OPM; pre-training with the harmonizer in each mode and with a
+fine-grained loss), torchrun end to end, resume under DDP, and a clear exit when a rank dies."""
 
 from __future__ import annotations
 
@@ -47,6 +47,9 @@ def _configs(out_dir: Path) -> dict[str, object]:
     noisy = ("data.trimodal.misalign_rate=0.3", "train.batch_size=16", "optim.name=sgd", "optim.lr=0.1")
     return {
         "supervised": tiny_experiment(out_dir, "name=supervised", *SUPERVISED),
+        "opm": tiny_experiment(
+            out_dir, "name=opm", "balance.method=opm", "balance.p_exe=1.0", "optim.name=sgd"
+        ),
         **{
             name: tiny_pretrain(out_dir, f"name={name.replace('+', '_')}", *noisy, *extra)
             for name, extra in PRETRAIN.items()
