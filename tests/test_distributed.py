@@ -203,3 +203,15 @@ def test_a_dead_rank_makes_the_others_exit_with_a_message(tmp_path: Path) -> Non
     code, seconds, message = (tmp_path / "rank0.txt").read_text().split("\n", 2)
     assert code == "1" and float(seconds) < 60
     assert "another rank has probably stopped" in message and "rank 0" in message
+
+
+def test_bench_distributed_reports_throughput_of_each_process_count(tmp_path: Path) -> None:
+    from harmonia.bench.distributed import run_distributed_benchmark
+    from harmonia.config import dump_config
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(dump_config(tiny_experiment(tmp_path)))
+    summary = run_distributed_benchmark(config, nprocs=[1, 2], epochs=2, out_dir=tmp_path, progress=False)
+    assert set(summary["results"]) == {"1", "2"} and summary["results"]["1"]["speedup"] == 1.0
+    assert all(r["samples_per_second"] > 0 for r in summary["results"].values())
+    assert "| 2 |" in (tmp_path / "distributed" / "distributed.md").read_text()

@@ -228,9 +228,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         return 0
+    if args.benchmark == "distributed":
+        from harmonia.bench.distributed import DEFAULT_CONFIG, run_distributed_benchmark
+
+        run_distributed_benchmark(
+            config=args.config or DEFAULT_CONFIG,
+            nprocs=args.nprocs,
+            epochs=args.epochs,
+            out_dir=args.out,
+            overrides=args.overrides,
+            progress=not args.quiet,
+        )
+        return 0
     raise HarmoniaError(
         f"unknown benchmark {args.benchmark!r}; "
-        "available: imbalance, balance, balance-speed, pretrain, harmonize, finegrained"
+        "available: imbalance, balance, balance-speed, pretrain, harmonize, finegrained, distributed"
     )
 
 
@@ -265,7 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_data)
 
     p = sub.add_parser("bench", help="run a benchmark and write a Markdown report")
-    p.add_argument("benchmark", help="imbalance, balance, balance-speed, pretrain, harmonize or finegrained")
+    p.add_argument(
+        "benchmark",
+        help="imbalance, balance, balance-speed, pretrain, harmonize, finegrained or distributed",
+    )
+    p.add_argument(
+        "--nprocs", type=int, nargs="+", default=[1, 2], help="distributed: process counts (default 1 2)"
+    )
+    p.add_argument("--epochs", type=int, default=4, help="distributed: epochs per run (default 4)")
     p.add_argument("overrides", nargs="*", help="config overrides applied to every run")
     p.add_argument("--config", default=None, help="base config (default: the benchmark's own)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
