@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -11,24 +12,59 @@ from harmonia.errors import HarmoniaError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from harmonia.train.distributed import launched_distributed, shutdown_distributed
+
+    try:
+        return _train(args)
+    except RuntimeError as exc:
+        if not (launched_distributed() and _is_collective_failure(exc)):
+            raise
+        rank = os.environ.get("RANK", "?")
+        print(
+            f"harmonia: error: rank {rank}: a collective operation with the other ranks failed or timed out "
+            f"(train.dist_timeout_s bounds the wait): another rank has probably stopped; see its log above. "
+            f"Restart with --resume to continue from the last checkpoint. ({str(exc).splitlines()[0]})",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        shutdown_distributed()
+
+
+def _is_collective_failure(exc: RuntimeError) -> bool:
+    import torch.distributed as dist
+
+    text = str(exc).lower()
+    return isinstance(exc, dist.DistBackendError) or any(
+        word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "peer")
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
     from harmonia.config import TaskKind, load_config
     from harmonia.train import build_trainer
 
     cfg = load_config(args.config, args.overrides)
     trainer = build_trainer(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    main_rank = trainer.dist.is_main
     what = "resuming" if args.resume else "training"
     model = (
         f"{cfg.pretrain.backbone.value} backbone, contrastive pre-training"
         if cfg.task is TaskKind.PRETRAIN
         else f"{cfg.model.fusion.value} fusion"
     )
-    print(
-        f"harmonia: {what} {cfg.name} ({', '.join(cfg.data.modalities)}; {model}) -> {trainer.run_dir}",
-        file=sys.stderr,
-    )
+    ranks = f" on {trainer.dist.world_size} processes" if trainer.dist.enabled else ""
+    if main_rank:
+        print(
+            f"harmonia: {what} {cfg.name} ({', '.join(cfg.data.modalities)}; {model}){ranks} -> "
+            f"{trainer.run_dir}",
+            file=sys.stderr,
+        )
     try:
         result = trainer.fit()
     except KeyboardInterrupt:
+        if not main_rank:
+            return 130
         command = " ".join(["harmonia train", args.config, *args.overrides])
         if not trainer.checkpoint_path.exists():
             hint = (
@@ -41,7 +77,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             hint += f"Continue with: {command} --resume"
         print(f"\nharmonia: interrupted. {hint}", file=sys.stderr)
         return 130
-    print(format_result(result.test, result.probe, result.seconds, str(result.run_dir)))
+    if main_rank:
+        print(format_result(result.test, result.probe, result.seconds, str(result.run_dir)))
     return 0
 
 
@@ -191,9 +228,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         return 0
+    if args.benchmark == "distributed":
+        from harmonia.bench.distributed import DEFAULT_CONFIG, run_distributed_benchmark
+
+        run_distributed_benchmark(
+            config=args.config or DEFAULT_CONFIG,
+            nprocs=args.nprocs,
+            epochs=args.epochs,
+            out_dir=args.out,
+            overrides=args.overrides,
+            progress=not args.quiet,
+        )
+        return 0
     raise HarmoniaError(
         f"unknown benchmark {args.benchmark!r}; "
-        "available: imbalance, balance, balance-speed, pretrain, harmonize, finegrained"
+        "available: imbalance, balance, balance-speed, pretrain, harmonize, finegrained, distributed"
     )
 
 
@@ -228,7 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_data)
 
     p = sub.add_parser("bench", help="run a benchmark and write a Markdown report")
-    p.add_argument("benchmark", help="imbalance, balance, balance-speed, pretrain, harmonize or finegrained")
+    p.add_argument(
+        "benchmark",
+        help="imbalance, balance, balance-speed, pretrain, harmonize, finegrained or distributed",
+    )
+    p.add_argument(
+        "--nprocs", type=int, nargs="+", default=[1, 2], help="distributed: process counts (default 1 2)"
+    )
+    p.add_argument("--epochs", type=int, default=4, help="distributed: epochs per run (default 4)")
     p.add_argument("overrides", nargs="*", help="config overrides applied to every run")
     p.add_argument("--config", default=None, help="base config (default: the benchmark's own)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")

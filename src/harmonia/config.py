@@ -385,6 +385,11 @@ class TrainConfig:
     device: str = param("cpu", help="torch device: cpu, cuda, cuda:1, ...")
     probe: bool = param(True, help="fit a linear probe on each frozen encoder after training")
     log_every: int = param(10, help="write step metrics every N steps", ge=1)
+    dist_timeout_s: float = param(
+        300.0,
+        help="under torchrun: seconds a collective may wait for the other ranks before this rank stops",
+        gt=0,
+    )
     eval_every: int = param(
         1, help="evaluate on val and test every N epochs (and always after the last)", ge=1
     )

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from harmonia.balance.scores import discrepancy_ratio
+from harmonia.collectives import rank_and_world
 from harmonia.errors import ConfigError, InputError
 
 
@@ -95,7 +96,10 @@ class OPM(nn.Module):
         if torch.rand((), generator=generator) >= self.p_exe:
             return dict(features)
         q = self.q.cpu()
-        keep = torch.rand(batch, len(self.modalities), generator=generator) >= q
+        # drawn for the global batch (all ranks), so that data-parallel ranks drop what one process would
+        rank, world = rank_and_world()
+        draws = torch.rand(batch * world, len(self.modalities), generator=generator)
+        keep = draws[rank * batch : (rank + 1) * batch] >= q
         lost_all = ~keep.any(dim=1)
         keep[lost_all, int(q.argmin())] = True
         out = {}

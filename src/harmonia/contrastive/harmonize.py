@@ -22,6 +22,12 @@ Statistics of every call (per-sample cosine, conflict and kept fractions) come b
 When samples are dropped by the curriculum, the loss is the mean over the kept samples, and the realigned
 anchor rows of the kept samples are rescaled by B / kept to match it (rows were computed for the mean over
 the whole batch); dropped rows get zero.
+
+Under data parallelism (``torchrun``) the per-sample realignment is local — row i only needs sample i's two
+gradients — while everything that depends on the whole batch is global: curriculum decisions (on all ranks'
+cosines), the kept count, GradVac's moving target, the logged fractions, batch mode's two gradients and
+parameter mode's summed rows. With contrastive negatives gathered across ranks, a step then equals one
+process's step on the global batch (tested with 2 gloo processes).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from harmonia.collectives import all_gather_rows, all_reduce_sum, rank_and_world
 from harmonia.contrastive.curriculum import ConflictCurriculum
 from harmonia.contrastive.realign import RealignRule, realign, row_cosine
 
@@ -187,13 +194,16 @@ class GradientHarmonizer:
 
     def _target(self, cos: Tensor) -> float:
         target = self.gradvac_target
-        self.gradvac_target = (1 - self.gradvac_beta) * target + self.gradvac_beta * float(cos.mean())
+        mean = float(all_reduce_sum(cos.sum().double())) / (cos.numel() * rank_and_world()[1])
+        self.gradvac_target = (1 - self.gradvac_beta) * target + self.gradvac_beta * mean
         return target
 
     def _feature(
         self, loss_a: Tensor, loss_b: Tensor, anchor: Tensor, anchor_input: Tensor | None = None
     ) -> HarmonizeStats:
         b = loss_a.shape[0]
+        rank, world = rank_and_world()
+        b_global = b * world  # under data parallelism: decisions and counts over the global batch
         g_a, g_b = (torch.autograd.grad(x.mean(), anchor, retain_graph=True)[0] for x in (loss_a, loss_b))
         in_parameter_space = self.mode is HarmonizeMode.PARAMETER
         if in_parameter_space:
@@ -211,22 +221,26 @@ class GradientHarmonizer:
         if self.curriculum is None:
             kept = torch.ones(b, dtype=torch.bool, device=cos.device)
         else:
-            kept = self.curriculum.keep_mask(cos, self.num_steps)
+            kept = self.curriculum.keep_mask(all_gather_rows(cos), self.num_steps)[rank * b : (rank + 1) * b]
             threshold = self.curriculum.threshold(self.num_steps)
-        n_kept = int(kept.sum())
-        if n_kept == b:
+        n_kept = int(all_reduce_sum(kept.sum()))
+        if n_kept == b_global:
             total = loss_a.mean() + loss_b.mean()
             plain = g_a + g_b
         else:
+            # the kept samples' mean loss over the global batch (data parallelism averages over ranks)
             keep = kept.to(loss_a.dtype)
-            total = ((loss_a + loss_b) * keep).sum() / n_kept
+            total = ((loss_a + loss_b) * keep).sum() * world / n_kept
             plain = torch.autograd.grad(total, anchor, retain_graph=True)[0]
-            new_a, new_b = new_a * keep[:, None] * (b / n_kept), new_b * keep[:, None] * (b / n_kept)
+            scale = keep[:, None] * (b_global / n_kept)
+            new_a, new_b = new_a * scale, new_b * scale
         if in_parameter_space:
             # everything but the anchor path as usual; the anchor's parameters get the realigned sum
             torch.autograd.backward([total, anchor], [torch.ones_like(total), -plain.detach()])
-            _add_flat_gradient(list(self.anchor_params.values()), (new_a + new_b).sum(0))
-        elif self.rule is RealignRule.NONE and n_kept == b:
+            # per-sample rows are summed here, outside DistributedDataParallel: average over ranks
+            summed = all_reduce_sum((new_a + new_b).sum(0)) / world
+            _add_flat_gradient(list(self.anchor_params.values()), summed)
+        elif self.rule is RealignRule.NONE and n_kept == b_global:
             total.backward()  # nothing to change: exactly the plain backward
         else:
             realigned = (new_a + new_b).view_as(plain)
@@ -234,16 +248,19 @@ class GradientHarmonizer:
         return HarmonizeStats(
             cosine=cos,
             kept=kept,
-            conflict_fraction=float((cos < 0).float().mean()),
-            kept_fraction=n_kept / b,
+            conflict_fraction=float(all_reduce_sum((cos < 0).sum())) / b_global,
+            kept_fraction=n_kept / b_global,
             threshold=threshold,
         )
 
     def _batch(self, loss_a: Tensor, loss_b: Tensor) -> HarmonizeStats:
         grads_a = torch.autograd.grad(loss_a, self.params, retain_graph=True, allow_unused=True)
         grads_b = torch.autograd.grad(loss_b, self.params, retain_graph=True, allow_unused=True)
-        flat_a = torch.cat([_flat(g, p) for g, p in zip(grads_a, self.params, strict=True)])[None]
-        flat_b = torch.cat([_flat(g, p) for g, p in zip(grads_b, self.params, strict=True)])[None]
+        # whole-batch gradients of the global batch: the mean of the ranks' (identical on every rank)
+        world = rank_and_world()[1]
+        flat_a = all_reduce_sum(torch.cat([_flat(g, p) for g, p in zip(grads_a, self.params, strict=True)]))
+        flat_b = all_reduce_sum(torch.cat([_flat(g, p) for g, p in zip(grads_b, self.params, strict=True)]))
+        flat_a, flat_b = (flat_a / world)[None], (flat_b / world)[None]
         target = self._target(row_cosine(flat_a, flat_b)) if self.rule is RealignRule.GRADVAC else 0.0
         new_a, new_b, cos = realign(flat_a, flat_b, self.rule, target)
         # the other parameters: plain gradient of the sum; the shared ones get the realigned sum instead

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from harmonia.collectives import all_gather_rows
 from harmonia.contrastive.harmonize import GradientHarmonizer, HarmonizeMode
 from harmonia.contrastive.vatt import VATTLossOutput
 from harmonia.eval.metrics import auroc
@@ -55,23 +56,31 @@ class HarmonizeCallback(Callback):
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
         if not self._cosines:
             return
-        index, cosine, kept = torch.cat(self._indices), torch.cat(self._cosines), torch.cat(self._kept)
-        self._indices, self._cosines, self._kept = [], [], []
-        folder = trainer.run_dir / CONFLICTS_DIR
-        folder.mkdir(exist_ok=True)
-        flags = trainer.dataset.split("train").noisy[index]
-        np.savez(
-            folder / f"epoch_{epoch:03d}.npz",
-            index=index.numpy(),
-            cosine=cosine.numpy(),
-            kept=kept.numpy(),
-            noisy=flags.numpy(),
+        # every rank's triplets (each rank saw an equal share of every global batch)
+        index, cosine, kept = (
+            all_gather_rows(torch.cat(parts))
+            for parts in (self._indices, self._cosines, [k.to(torch.uint8) for k in self._kept])
         )
+        kept = kept.bool()
+        self._indices, self._cosines, self._kept = [], [], []
+        flags = trainer.dataset.split("train").noisy[index]
+        if trainer.dist.is_main:
+            folder = trainer.run_dir / CONFLICTS_DIR
+            folder.mkdir(exist_ok=True)
+            np.savez(
+                folder / f"epoch_{epoch:03d}.npz",
+                index=index.numpy(),
+                cosine=cosine.numpy(),
+                kept=kept.numpy(),
+                noisy=flags.numpy(),
+            )
         metrics["train/conflict_mean_cosine"] = float(cosine.mean())
         if flags.any() and not flags.all():
             metrics["train/conflict_auroc"] = auroc(-cosine, flags)
 
     def on_train_end(self, trainer: Trainer) -> None:
+        if not trainer.dist.is_main:
+            return
         files = sorted((trainer.run_dir / CONFLICTS_DIR).glob("epoch_*.npz"))
         if files:
             plot_conflict_histograms(files, trainer.run_dir / "conflict_histograms.png")

@@ -6,7 +6,7 @@ so that methods acting on features (e.g. OPM's feature dropping) can transform t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -101,8 +101,15 @@ class MultimodalClassifier(nn.Module):
             unimodal_logits=self.fusion.unimodal_logits(features),
         )
 
-    def forward(self, inputs: Mapping[str, Tensor]) -> MultimodalOutput:
-        return self.fuse(self.encode(inputs))
+    def forward(
+        self,
+        inputs: Mapping[str, Tensor],
+        transform: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+    ) -> MultimodalOutput:
+        """``fuse(transform(encode(inputs)))``; ``transform`` edits the features between encoders and
+        fusion head (OPM drops them there), inside one forward call (as DistributedDataParallel needs)."""
+        features = self.encode(inputs)
+        return self.fuse(features if transform is None else transform(features))
 
     def encoder_parameters(self) -> dict[str, list[nn.Parameter]]:
         """All parameters of each modality's encoder, keyed by modality."""

@@ -40,6 +40,11 @@ from harmonia.train.checkpoint import (
     load_checkpoint,
     restore_rng_state,
 )
+from harmonia.train.distributed import (
+    all_reduce_sum,
+    convert_batchnorm,
+    init_distributed,
+)
 from harmonia.train.logging import RunLogger
 from harmonia.train.report import plot_balance_curves
 
@@ -108,15 +113,58 @@ class BaseTrainer:
         if cfg.train.num_threads is not None:
             torch.set_num_threads(cfg.train.num_threads)
         self.device = resolve_device(cfg.train.device)
+        self.dist = init_distributed(self.device, cfg.train.dist_timeout_s)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.progress = progress and self.dist.is_main
         seed_everything(cfg.train.seed)
         self.step_metrics: dict[str, float] = {}  # callbacks add per-step values; logged every step
         self.setup(dataset)
+        self.parallel_model: nn.Module = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.parallel_model = DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                forward_sync_buffers=False,  # batch statistics are global already (CrossRankBatchNorm)
+                find_unused_parameters=self.find_unused_parameters,
+            )
         self.optimizer = build_optimizer(cfg.optim, list(self.model.parameters()))
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, cfg.train.epochs)
         # only now that the config, data and model are known to be good, touch the run folder
-        self._prepare_run_dir(resume, overwrite)
+        self._on_main_first(lambda: self._prepare_run_dir(resume, overwrite))
         self.epoch = 0  # the next epoch to run
         self.global_step = 0
+
+    #: whether DistributedDataParallel must look for parameters a step leaves without gradient
+    find_unused_parameters = False
+
+    # ----------------------------------------------------------------------------------------------
+    # data-parallel plumbing
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Move a freshly built model to the device; under data parallelism, make its batch statistics
+        global. Tasks call this in :meth:`setup` before anything keeps references to its parameters."""
+        model = model.to(self.device)
+        return convert_batchnorm(model) if self.dist.enabled else model
+
+    def _on_main_first(self, action: Any) -> None:
+        """Run ``action`` on rank 0 only; the other ranks wait and raise the same error if it failed."""
+        if not self.dist.enabled:
+            action()
+            return
+        import torch.distributed as dist
+
+        failure: list[Any] = [None]
+        if self.dist.is_main:
+            try:
+                action()
+            except Exception as exc:
+                failure[0] = exc
+        dist.broadcast_object_list(failure, src=0)
+        if failure[0] is not None:
+            raise failure[0]
 
     # ----------------------------------------------------------------------------------------------
     # what a task defines
@@ -185,6 +233,9 @@ class BaseTrainer:
             )
 
     def save_checkpoint(self) -> None:
+        """Write ``checkpoints/last.pt`` atomically (rank 0 only; every rank holds the same state)."""
+        if not self.dist.is_main:
+            return
         state = {
             "format_version": CHECKPOINT_FORMAT_VERSION,
             "epoch": self.epoch,
@@ -225,7 +276,8 @@ class BaseTrainer:
                 f"train.epochs={self.cfg.train.epochs} is below the {self.epoch} epochs "
                 f"the checkpoint has done"
             )
-        (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))  # train.epochs may have grown
+        if self.dist.is_main:  # train.epochs may have grown
+            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
 
     def _check_finite_state(self) -> None:
         """Refuse to overwrite the last good checkpoint with non-finite weights or statistics."""
@@ -267,10 +319,14 @@ class BaseTrainer:
         start = time.perf_counter()
         if self.resume:
             self.load_checkpoint(self.checkpoint_path)
-        logger = RunLogger(
-            self.run_dir,
-            truncate_from_epoch=self.epoch if self.resume else None,
-            purge_step=self.global_step if self.resume else None,
+        logger: RunLogger | NullLogger = (
+            RunLogger(
+                self.run_dir,
+                truncate_from_epoch=self.epoch if self.resume else None,
+                purge_step=self.global_step if self.resume else None,
+            )
+            if self.dist.is_main
+            else NullLogger()
         )
         self.logger = logger
         try:
@@ -304,12 +360,13 @@ class BaseTrainer:
             )
         finally:
             logger.close()
-        if self.cfg.balance.method is not BalanceMethod.NONE:
+        if self.cfg.balance.method is not BalanceMethod.NONE and self.dist.is_main:
             plot_balance_curves({"": self.run_dir}, self.run_dir / "balance_curves.png")
         for cb in self.callbacks:
             cb.on_train_end(self)
         result = TrainResult(self.run_dir, test, probe, self.epoch, time.perf_counter() - start)
-        (self.run_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=1))
+        if self.dist.is_main:
+            (self.run_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=1))
         return result
 
     def _train_epoch(self) -> dict[str, float]:
@@ -344,6 +401,12 @@ class BaseTrainer:
                     },
                 )
             bar.set_postfix(loss=f"{total_loss / total_seen:.3f}")
+        if self.dist.enabled:  # epoch statistics of the global batches
+            sums = all_reduce_sum(
+                torch.tensor([total_loss, total_seen, *tally.values()], dtype=torch.float64)
+            )
+            total_loss, total_seen = float(sums[0]), int(sums[1])
+            tally = dict(zip(tally, sums[2:].tolist(), strict=True))
         stats = {"train/loss": total_loss / total_seen}
         stats.update({f"train/{k}": v / total_seen for k, v in tally.items()})
         return stats
@@ -368,6 +431,16 @@ class BaseTrainer:
             f"(batch samples {batch['indices'][:8].tolist()}...). {last}lower optim.lr or set "
             f"optim.grad_clip_norm and start again with --overwrite"
         )
+
+
+class NullLogger:
+    """The logger of ranks other than 0: logs nothing."""
+
+    def log(self, kind: str, step: int, epoch: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def resolve_device(name: str) -> torch.device:

@@ -75,6 +75,11 @@ class PretrainTrainer(BaseTrainer):
 
     model: TriModalPretrainModel
 
+    @property
+    def find_unused_parameters(self) -> bool:  # type: ignore[override]
+        """MiniLM encodes the text: the shared backbone's text modality embedding gets no gradient."""
+        return self.cfg.pretrain.text_encoder is TextEncoderKind.MINILM
+
     def setup(self, dataset: TriModalAVDigits | None) -> None:
         cfg = self.cfg
         self.dataset = dataset or load_trimodal_avdigits(
@@ -89,7 +94,8 @@ class PretrainTrainer(BaseTrainer):
             audio_shape=(int(audio.shape[2]), int(audio.shape[3])),
             vocabulary_size=len(self.dataset.vocabulary),
             text_length=int(text.shape[-1]),
-        ).to(self.device)
+        )
+        self.model = self.prepare_model(self.model)  # type: ignore[assignment]
         if cfg.pretrain.text_encoder is not TextEncoderKind.NATIVE:
             for split in self.dataset.splits.values():  # captions as this text encoder tokenizes them
                 split.inputs["text"], split.inputs["text_mask"] = self.model.tokenize_captions(split.captions)
@@ -109,6 +115,8 @@ class PretrainTrainer(BaseTrainer):
             shuffle=True,
             seed=cfg.train.seed,
             drop_last=True,  # contrastive batches of one size (and equal per rank under DDP)
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
         if len(self.train_loader) == 0:
             raise ConfigError(
@@ -123,8 +131,11 @@ class PretrainTrainer(BaseTrainer):
             self.callbacks.insert(0, self.harmonize)
 
     def forward(self, inputs: dict[str, Tensor]) -> PretrainOutput:
-        """The model's output, with token outputs when a loss is fine-grained."""
-        return self.model(inputs, return_tokens=self.loss.needs_tokens)
+        """The model's output, with token outputs when a loss is fine-grained (through
+        DistributedDataParallel in training)."""
+        model = self.parallel_model if self.model.training else self.model
+        output: PretrainOutput = model(inputs, return_tokens=self.loss.needs_tokens)
+        return output
 
     def compute_loss(self, output: PretrainOutput) -> VATTLossOutput:
         return self.loss.from_output(output)

@@ -41,8 +41,8 @@ class Trainer(BaseTrainer):
         self.modalities = list(cfg.data.modalities)
         self.splits = {s: self.dataset.split(s, self.modalities) for s in ("train", "val", "test")}
         channels = {m: int(t.shape[1]) for m, t in self.splits["train"].inputs.items()}
-        self.model = build_model(cfg.model, self.modalities, channels, self.dataset.num_classes).to(
-            self.device
+        self.model = self.prepare_model(  # type: ignore[assignment]
+            build_model(cfg.model, self.modalities, channels, self.dataset.num_classes)
         )
         balance = build_balance_callback(cfg.balance, self.model, cfg.train.seed, self.device)
         if balance is not None:
@@ -55,6 +55,8 @@ class Trainer(BaseTrainer):
             shuffle=True,
             seed=cfg.train.seed,
             transforms=train.train_transforms,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
 
     def epoch_tally(self) -> dict[str, float]:
@@ -71,10 +73,13 @@ class Trainer(BaseTrainer):
         self.step_metrics = {}
         for cb in self.callbacks:
             cb.before_forward(self, batch)
-        features = self.model.encode(batch["inputs"])
-        for cb in self.callbacks:
-            features = cb.transform_features(self, features)
-        output = self.model.fuse(features)
+
+        def transform(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            for cb in self.callbacks:
+                features = cb.transform_features(self, features)
+            return features
+
+        output = self.parallel_model(batch["inputs"], transform=transform)
         loss = F.cross_entropy(output.logits, batch["labels"])
         if not torch.isfinite(loss):
             self._raise_non_finite(loss, batch)
