@@ -5,7 +5,6 @@ fine-grained loss), torchrun end to end, resume under DDP, and a clear exit when
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from conftest import tiny_experiment, tiny_pretrain
 from harmonia.data.loader import BatchLoader
 from harmonia.train import build_trainer
 from harmonia.train.checkpoint import load_checkpoint
+from harmonia.train.distributed import free_port
 
 STEPS = 2  # the tiny supervised data holds 2 full global batches of 32
 
@@ -33,12 +33,6 @@ PRETRAIN = {
     "parameter+gradvac": ("harmonize.mode=parameter", "harmonize.rule=gradvac"),
     "finegrained": ("pretrain.vt_loss=finegrained", "harmonize.mode=feature"),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _configs(out_dir: Path) -> dict[str, object]:
@@ -84,7 +78,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_two_processes_match_one_process_on_the_global_batch(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     single = {name: _train_steps(cfg) for name, cfg in _configs(tmp_path / "single").items()}
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name, expected in single.items():
@@ -120,7 +114,7 @@ def _torchrun(
 ) -> subprocess.CompletedProcess:
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-        f"--master_port={_free_port()}", "-m", "harmonia", "train", *args, "--quiet",
+        f"--master_port={free_port()}", "-m", "harmonia", "train", *args, "--quiet",
     ]  # fmt: skip
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -193,7 +187,7 @@ def test_a_dead_rank_makes_the_others_exit_with_a_message(tmp_path: Path) -> Non
     config.write_text(dump_config(tiny_pretrain(tmp_path)))
     context = mp.start_processes(
         _dying_worker,
-        args=(_free_port(), str(config), str(tmp_path)),
+        args=(free_port(), str(config), str(tmp_path)),
         nprocs=2,
         join=False,
         start_method="spawn",

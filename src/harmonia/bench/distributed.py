@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,15 +21,10 @@ from tqdm.auto import tqdm
 
 from harmonia.config import load_config
 from harmonia.errors import HarmoniaError
+from harmonia.train.distributed import free_port
 from harmonia.train.logging import read_metrics
 
 DEFAULT_CONFIG = "configs/avdigits_concat.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_distributed_benchmark(
@@ -50,7 +44,7 @@ def run_distributed_benchmark(
         name = f"{cfg.name}_x{n}"
         command = [
             sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
-            f"--master_port={_free_port()}", "-m", "harmonia", "train", str(config), *overrides,
+            f"--master_port={free_port()}", "-m", "harmonia", "train", str(config), *overrides,
             f"name={name}", f"out_dir={out / 'runs'}", f"train.epochs={epochs}", "train.probe=false",
             f"train.num_threads={max(1, threads // n)}", "--overwrite", "--quiet",
         ]  # fmt: skip

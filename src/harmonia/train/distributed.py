@@ -35,6 +35,7 @@ __all__ = [
     "all_gather_rows",
     "all_reduce_sum",
     "convert_batchnorm",
+    "free_port",
     "init_distributed",
     "launched_distributed",
     "shutdown_distributed",
@@ -81,6 +82,15 @@ def init_distributed(device: torch.device, timeout_s: float) -> DistributedConte
         torch.cuda.set_device(_local_rank())
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return DistributedContext(dist.get_rank(), dist.get_world_size(), _local_rank())
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a local rendezvous: ``--master_port``)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _local_rank() -> int:
