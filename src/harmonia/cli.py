@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from harmonia.errors import HarmoniaError
 
@@ -132,6 +133,23 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         )
         for name, value in result.auroc.items():
             print(f"  {name:<20} {value:.3f}")
+    return 0
+
+
+def _cmd_prep(args: argparse.Namespace) -> int:
+    from harmonia.data.prep import prepare
+    from harmonia.data.raw_layouts import scan
+
+    found = scan(args.dataset, args.src)
+    settings = found.settings
+    if args.fps is not None:
+        from dataclasses import replace
+
+        settings = replace(settings, fps=args.fps)
+    report = prepare(
+        args.dataset, found.clips, args.dst, settings, args.workers, not args.quiet, found.problems
+    )
+    print(f"harmonia prep {args.dataset}: {report.summary()}\nindex: {Path(args.dst) / 'index.csv'}")
     return 0
 
 
@@ -275,6 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("prep", help="prepare a raw dataset (CREMA-D, Kinetics-Sounds, AVE, VGGSound)")
+    p.add_argument("dataset", help="cremad, kinetics_sounds, ave or vggsound")
+    p.add_argument("--src", required=True, help="the raw dataset folder (layouts: docs/datasets.md)")
+    p.add_argument("--dst", required=True, help="output folder (frames, spectrograms, index.csv)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
+    p.add_argument("--fps", type=float, default=None, help="frames kept per second (default 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_prep)
 
     p = sub.add_parser("bench", help="run a benchmark and write a Markdown report")
     p.add_argument(

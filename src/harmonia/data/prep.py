@@ -1,0 +1,195 @@
+"""``harmonia prep``: turn a raw audio-visual dataset into the layout harmonia reads.
+
+For every clip of the raw layout (:mod:`harmonia.data.raw_layouts` lists them), one worker process decodes
+the video with PyAV, keeps frames at ``fps`` (1 fps, as the papers) resized so that the shorter side is
+``frame_size`` pixels, and computes the TPAMI spectrogram of its audio at 16 kHz. The output folder holds::
+
+    meta.json                 dataset, settings, classes
+    index.csv                 id, label, split, frames   (the clips that were prepared)
+    frames/<id>/000.jpg ...   RGB frames
+    audio/<id>.npy            float32 [257, T] spectrogram
+    prep_report.json          what was prepared, skipped as done, and failed (file and reason)
+
+Each clip is written to temporary names and renamed when complete (the frames folder last), so a killed run
+leaves no half clip behind and a rerun prepares only what is missing: prep is idempotent and resumable. A
+clip that cannot be decoded, or whose audio or video file is missing, is reported with its file and the
+reason and skipped — never a silent drop, never a crash halfway.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from harmonia.data.media import MediaError, read_audio, read_frames, tpami_spectrogram
+
+
+@dataclass(frozen=True)
+class RawClip:
+    """One clip of a raw dataset: its ``id``, the files holding its ``video`` and ``audio`` (the same file
+    for videos with sound; ``None`` when the layout lacks it), its ``label`` and its ``split``."""
+
+    id: str
+    video: Path | None
+    audio: Path | None
+    label: str
+    split: str
+
+
+@dataclass(frozen=True)
+class PrepSettings:
+    """How clips are prepared (defaults: the TPAMI recipe for CREMA-D)."""
+
+    fps: float = 1.0
+    max_frames: int | None = None
+    frame_size: int = 256
+    sample_rate: int = 16000
+    seconds: float = 3.0
+
+
+@dataclass
+class PrepReport:
+    prepared: list[str] = field(default_factory=list)
+    already_done: list[str] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [
+            f"prepared {len(self.prepared)} clips, {len(self.already_done)} already done, "
+            f"{len(self.failed)} skipped"
+        ]
+        for f in self.failed[:20]:
+            lines.append(f"  skipped {f['id']}: {f['reason']} ({f['file']})")
+        if len(self.failed) > 20:
+            lines.append(f"  ... and {len(self.failed) - 20} more: see prep_report.json")
+        return "\n".join(lines)
+
+
+def clip_done(dst: Path, clip_id: str) -> bool:
+    return (dst / "frames" / clip_id).is_dir() and (dst / "audio" / f"{clip_id}.npy").is_file()
+
+
+def prepare_clip(clip: RawClip, dst: Path, settings: PrepSettings) -> int:
+    """Decode and write one clip; returns its number of frames. Raises :class:`MediaError`."""
+    from PIL import Image
+
+    for kind, path in (("video", clip.video), ("audio", clip.audio)):
+        if path is None or not Path(path).is_file():
+            raise MediaError(f"missing {kind} file")
+    assert clip.video is not None and clip.audio is not None
+    frames = read_frames(clip.video, settings.fps, settings.max_frames)
+    spectrogram = tpami_spectrogram(
+        read_audio(clip.audio, settings.sample_rate), settings.sample_rate, settings.seconds
+    )
+    audio_dir, frames_dir = dst / "audio", dst / "frames"
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    frames_dir.mkdir(parents=True, exist_ok=True)
+    tmp_audio = audio_dir / f".{clip.id}.{os.getpid()}.npy"
+    np.save(tmp_audio, spectrogram)
+    os.replace(tmp_audio, audio_dir / f"{clip.id}.npy")
+    tmp_frames = frames_dir / f".{clip.id}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp_frames, ignore_errors=True)
+    tmp_frames.mkdir()
+    for k, frame in enumerate(frames):
+        image = Image.fromarray(frame)
+        scale = settings.frame_size / min(image.size)
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+        image.save(tmp_frames / f"{k:03d}.jpg", quality=90)
+    final = frames_dir / clip.id
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp_frames, final)  # the completion marker: written last
+    return len(frames)
+
+
+def _worker(clip: RawClip, dst: str, settings: PrepSettings) -> tuple[str, int | None, str]:
+    try:
+        return clip.id, prepare_clip(clip, Path(dst), settings), ""
+    except MediaError as exc:
+        return clip.id, None, str(exc)
+    except Exception as exc:  # an unexpected decoder failure must not stop the other clips
+        return clip.id, None, f"{type(exc).__name__}: {exc}"
+
+
+def prepare(
+    dataset: str,
+    clips: Sequence[RawClip],
+    dst: str | Path,
+    settings: PrepSettings,
+    workers: int = 1,
+    progress: bool = True,
+    problems: Sequence[dict[str, str]] = (),
+) -> PrepReport:
+    """Prepare every clip not yet done into ``dst``; write ``meta.json``, ``index.csv`` and the report.
+
+    ``problems`` are clips the layout scan already found broken (a file without its counterpart); they
+    are reported like decoding failures.
+    """
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    report = PrepReport(failed=list(problems))
+    todo: list[RawClip] = []
+    for clip in clips:
+        if clip_done(dst, clip.id):
+            report.already_done.append(clip.id)
+        else:
+            todo.append(clip)
+    by_id = {c.id: c for c in clips}
+    frame_counts: dict[str, int] = {}
+    bar = tqdm(total=len(todo), desc=f"prep {dataset}", disable=not progress, unit="clip")
+    if workers <= 1:
+        results = (_worker(c, str(dst), settings) for c in todo)
+        for result in results:
+            _record(result, by_id, report, frame_counts)
+            bar.update()
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            futures = [pool.submit(_worker, c, str(dst), settings) for c in todo]
+            for future in as_completed(futures):
+                _record(future.result(), by_id, report, frame_counts)
+                bar.update()
+    bar.close()
+    rows = []
+    for clip in sorted(clips, key=lambda c: c.id):
+        if not clip_done(dst, clip.id):
+            continue
+        n = frame_counts.get(clip.id, len(list((dst / "frames" / clip.id).glob("*.jpg"))))
+        rows.append((clip.id, clip.label, clip.split, n))
+    classes = sorted({c.label for c in clips})
+    (dst / "meta.json").write_text(
+        json.dumps({"dataset": dataset, "settings": asdict(settings), "classes": classes}, indent=1)
+    )
+    tmp_index = dst / ".index.csv.tmp"
+    with open(tmp_index, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "label", "split", "frames"])
+        writer.writerows(rows)
+    os.replace(tmp_index, dst / "index.csv")
+    report.prepared.sort()
+    report.already_done.sort()
+    (dst / "prep_report.json").write_text(json.dumps(asdict(report), indent=1))
+    return report
+
+
+def _record(
+    result: tuple[str, int | None, str],
+    by_id: dict[str, RawClip],
+    report: PrepReport,
+    frame_counts: dict[str, int],
+) -> None:
+    clip_id, frames, reason = result
+    if frames is None:
+        clip = by_id[clip_id]
+        files = {str(f) for f in (clip.video, clip.audio) if f is not None}
+        report.failed.append({"id": clip_id, "file": ", ".join(sorted(files)), "reason": reason})
+    else:
+        report.prepared.append(clip_id)
+        frame_counts[clip_id] = frames

@@ -1,0 +1,129 @@
+"""Raw datasets to harmonia's prepared layout: PyAV decoding, the TPAMI spectrogram, and `harmonia prep` on
+tiny generated fixtures in each dataset's raw layout (idempotent, resumable, corrupt files reported)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.signal import spectrogram
+
+from avfixtures import write_corrupt, write_video, write_wav
+from harmonia.cli import main
+from harmonia.data.media import MediaError, read_audio, read_frames, tpami_spectrogram
+
+
+def test_frames_are_sampled_at_the_asked_rate(tmp_path: Path) -> None:
+    video = write_video(tmp_path / "clip.mp4", seconds=3.0, fps=10)
+    frames = read_frames(video, fps=1.0)
+    assert frames.shape == (3, 32, 32, 3) and frames.dtype == np.uint8
+    # frame at t = k s is encoded frame 10k, whose first 30k mod 32 columns are bright
+    for k, frame in enumerate(frames):
+        bright = int((frame[16, :, 0] > 100).sum())
+        assert abs(bright - (30 * k) % 32) <= 2, (k, bright)
+    assert read_frames(video, fps=2.0).shape[0] == 6
+    assert read_frames(video, fps=1.0, max_frames=2).shape[0] == 2
+
+
+def test_audio_is_mono_resampled_and_keeps_its_pitch(tmp_path: Path) -> None:
+    wave = read_audio(write_wav(tmp_path / "a.wav", seconds=2.0, sample_rate=22050, tone_hz=440), 16000)
+    assert wave.dtype == np.float32 and abs(len(wave) - 32000) <= 1
+    spectrum = np.abs(np.fft.rfft(wave))
+    assert abs(np.argmax(spectrum) * 16000 / len(wave) - 440) < 2
+    from_video = read_audio(write_video(tmp_path / "v.mp4", tone_hz=1000), 16000)
+    assert abs(len(from_video) / 16000 - 3.0) < 0.1
+
+
+def test_tpami_spectrogram_is_the_scipy_recipe_on_the_tiled_clip() -> None:
+    rng = np.random.default_rng(0)
+    wave = rng.standard_normal(20000).astype(np.float32)  # 1.25 s: tiled to 3 s
+    got = tpami_spectrogram(wave, 16000, 3.0)
+    x = np.concatenate([wave, wave, wave])[:48000].astype(np.float64)
+    _, _, power = spectrogram(x, nperseg=512, noverlap=353)
+    logs = np.log(power + 1e-7)
+    np.testing.assert_allclose(got, (logs - logs.mean()) / logs.std(), rtol=1e-4, atol=1e-4)
+    assert got.shape == (257, 299) and tpami_spectrogram(wave, 16000, 10.0).shape == (257, 1004)
+
+
+def test_corrupt_and_empty_media_raise_a_media_error(tmp_path: Path) -> None:
+    with pytest.raises(MediaError, match="cannot open"):
+        read_frames(write_corrupt(tmp_path / "bad.flv"))
+    with pytest.raises(MediaError, match="no audio stream"):
+        read_audio(write_video(tmp_path / "silent.mp4"))
+
+
+def _cremad(src: Path) -> None:
+    for clip_id in ("1001_DFA_ANG_XX", "1002_IEO_HAP_HI", "1003_TIE_SAD_XX"):
+        write_video(src / "VideoFlash" / f"{clip_id}.flv", container="flv", codec="flv")
+        write_wav(src / "AudioWAV" / f"{clip_id}.wav")
+    write_corrupt(src / "VideoFlash" / "1004_DFA_NEU_XX.flv")
+    write_wav(src / "AudioWAV" / "1004_DFA_NEU_XX.wav")
+    write_video(src / "VideoFlash" / "1005_DFA_FEA_XX.flv", container="flv", codec="flv")  # no audio file
+
+
+def _index(dst: Path) -> list[dict[str, str]]:
+    with open(dst / "index.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_prep_cremad_reports_bad_clips_and_is_idempotent_and_resumable(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    src, dst = tmp_path / "CREMA-D", tmp_path / "prepared"
+    _cremad(src)
+    args = ["prep", "cremad", "--src", str(src), "--dst", str(dst), "--workers", "2", "--quiet"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "prepared 3 clips, 0 already done, 2 skipped" in printed
+    index = _index(dst)
+    assert [r["id"] for r in index] == ["1001_DFA_ANG_XX", "1002_IEO_HAP_HI", "1003_TIE_SAD_XX"]
+    assert [r["label"] for r in index] == ["ANG", "HAP", "SAD"] and {r["frames"] for r in index} == {"3"}
+    assert np.load(dst / "audio" / "1001_DFA_ANG_XX.npy").shape == (257, 299)
+    assert len(list((dst / "frames" / "1002_IEO_HAP_HI").glob("*.jpg"))) == 3
+    report = json.loads((dst / "prep_report.json").read_text())
+    reasons = {f["id"]: f["reason"] for f in report["failed"]}
+    assert "cannot open" in reasons["1004_DFA_NEU_XX"] and "missing audio" in reasons["1005_DFA_FEA_XX"]
+    assert json.loads((dst / "meta.json").read_text())["settings"]["seconds"] == 3.0
+
+    assert main(args) == 0  # idempotent: nothing left to do, same index
+    assert "prepared 0 clips, 3 already done" in capsys.readouterr().out and _index(dst) == index
+    shutil.rmtree(dst / "frames" / "1002_IEO_HAP_HI")  # as if killed before this clip finished
+    assert main(args) == 0
+    assert json.loads((dst / "prep_report.json").read_text())["prepared"] == ["1002_IEO_HAP_HI"]
+    assert _index(dst) == index
+
+
+def test_prep_reads_the_kinetics_sounds_ave_and_vggsound_layouts(tmp_path: Path) -> None:
+    ks = tmp_path / "ks"
+    write_video(ks / "train" / "playing_drums" / "abc.mp4", tone_hz=300)
+    write_video(ks / "test" / "dog_barking" / "def.mp4", tone_hz=600)
+    ave = tmp_path / "ave"
+    write_video(ave / "AVE" / "vid1.mp4", seconds=10.0, fps=2, tone_hz=500)
+    (ave / "trainSet.txt").write_text(
+        "Category&VideoID&Quality&StartTime&EndTime\nChurch bell&vid1&good&0&10\n"
+    )
+    (ave / "valSet.txt").write_text("")
+    (ave / "testSet.txt").write_text("Church bell&missing1&good&0&10\n")
+    vgg = tmp_path / "vgg"
+    write_video(vgg / "video" / "yt1_000030.mp4", tone_hz=800)
+    (vgg / "vggsound.csv").write_text("yt1,30,playing violin,train\nyt2,10,dog barking,test\n")
+    expected = {"kinetics_sounds": (ks, 2, 0), "ave": (ave, 1, 1), "vggsound": (vgg, 1, 1)}
+    for dataset, (src, clips, failed) in expected.items():
+        dst = tmp_path / f"out_{dataset}"
+        assert main(["prep", dataset, "--src", str(src), "--dst", str(dst), "--workers", "1", "--quiet"]) == 0
+        assert len(_index(dst)) == clips, dataset
+        assert len(json.loads((dst / "prep_report.json").read_text())["failed"]) == failed, dataset
+    assert _index(tmp_path / "out_ave")[0]["frames"] == "10"
+    assert np.load(tmp_path / "out_ave" / "audio" / "vid1.npy").shape == (257, 1004)
+    assert {r["label"] for r in _index(tmp_path / "out_kinetics_sounds")} == {"playing_drums", "dog_barking"}
+
+
+def test_prep_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["prep", "cremad", "--src", str(tmp_path), "--dst", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "VideoFlash" in capsys.readouterr().err
+    assert main(["prep", "imagenet", "--src", str(tmp_path), "--dst", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "unknown dataset" in capsys.readouterr().err
