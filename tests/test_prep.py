@@ -127,3 +127,52 @@ def test_prep_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "VideoFlash" in capsys.readouterr().err
     assert main(["prep", "imagenet", "--src", str(tmp_path), "--dst", str(tmp_path / "o"), "--quiet"]) == 2
     assert "unknown dataset" in capsys.readouterr().err
+
+
+def _prepared_cremad(tmp_path: Path) -> Path:
+    src, dst = tmp_path / "CREMA-D", tmp_path / "prepared"
+    _cremad(src)
+    (src / "train.csv").write_text("1001_DFA_ANG_XX,ANG\n1002_IEO_HAP_HI,HAP\n")
+    (src / "test.csv").write_text("1003_TIE_SAD_XX,SAD\n")
+    assert main(["prep", "cremad", "--src", str(src), "--dst", str(dst), "--workers", "1", "--quiet"]) == 0
+    return dst
+
+
+def test_prepared_dataset_items_follow_the_recipe(tmp_path: Path) -> None:
+    import torch
+
+    from harmonia.data.prepared import PreparedAVDataset, collate
+
+    dst = _prepared_cremad(tmp_path)
+    train, test = PreparedAVDataset(dst, "train", seed=1), PreparedAVDataset(dst, "test")
+    assert len(train) == 2 and len(test) == 1 and train.num_classes == 3  # classes seen in the scan
+    item = train[0]
+    assert item["inputs"]["audio"].shape == (1, 257, 299)
+    assert item["inputs"]["visual"].shape == (3, 1, 224, 224)  # CREMA-D: one frame
+    assert item["label"] == train.classes.index("ANG")
+    torch.testing.assert_close(train[0]["inputs"]["visual"], item["inputs"]["visual"])  # (seed, epoch, i)
+    train.set_epoch(1)
+    assert not torch.equal(train[0]["inputs"]["visual"], item["inputs"]["visual"])  # a new draw
+    torch.testing.assert_close(test[0]["inputs"]["visual"], test[0]["inputs"]["visual"])
+    three = PreparedAVDataset(dst, "test", frames=3)
+    assert three.frame_positions(3, __import__("random").Random(0)) == [0, 1, 2]
+    assert three[0]["inputs"]["visual"].shape == (3, 3, 224, 224)
+    batch = collate([train[0], train[1]])
+    assert batch["inputs"]["visual"].shape == (2, 3, 1, 224, 224) and batch["indices"].tolist() == [0, 1]
+    with pytest.raises(Exception, match="no clip in split"):
+        PreparedAVDataset(dst, "val")
+
+
+def test_global_batch_sampler_gives_the_batches_of_the_in_memory_loader() -> None:
+    import torch
+
+    from harmonia.data.loader import BatchLoader
+    from harmonia.data.prepared import GlobalBatchSampler
+
+    labels = torch.arange(23)
+    memory = BatchLoader({"x": labels[:, None]}, labels, 8, shuffle=True, seed=5, rank=1, world_size=2)
+    sampler = GlobalBatchSampler(23, 8, seed=5, rank=1, world_size=2)
+    for epoch in (0, 3):
+        memory.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        assert [b["indices"].tolist() for b in memory] == list(sampler)

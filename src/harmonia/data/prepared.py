@@ -1,0 +1,199 @@
+"""Reading a dataset that ``harmonia prep`` wrote: frames and spectrograms streamed from disk.
+
+:class:`PreparedAVDataset` is a ``torch.utils.data.Dataset`` over one split of a prepared folder. Each item
+is ``{"inputs": {"audio": [1, 257, T], "visual": [3, F, S, S]}, "label": int, "index": int}``:
+
+* audio: the TPAMI log spectrogram as prepared (z-normalized per clip);
+* visual: F frames of the clip — the papers' choice per dataset (:data:`FRAMES`: one for CREMA-D, three
+  for Kinetics-Sounds and VGGSound, ten for AVE) — at random positions in training (sorted) and evenly
+  spaced in evaluation; in training a random resized crop (scale 0.08–1) and horizontal flip shared by all
+  frames of a clip, in evaluation the center S × S crop; ImageNet mean and standard deviation.
+
+:class:`GlobalBatchSampler` gives a ``torch.utils.data.DataLoader`` the batches of
+:class:`~harmonia.data.loader.BatchLoader`: an order that depends only on (seed, epoch) and, under data
+parallelism, each rank's contiguous share of every global batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from harmonia.errors import InputError
+
+FRAMES = {"cremad": 1, "kinetics_sounds": 3, "vggsound": 3, "ave": 10}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class PreparedAVDataset(Dataset):
+    """One ``split`` of a folder written by ``harmonia prep`` (see the module docstring).
+
+    Args:
+        root: the prepared folder (holding ``index.csv`` and ``meta.json``).
+        split: ``train``, ``val`` or ``test``.
+        train: random frames and augmentation (default: when ``split == "train"``).
+        frames: frames per clip (default: the paper's choice for the dataset).
+        image_size: side S of the square crops.
+        seed: base seed of the random choices; item i of epoch e draws from (seed, epoch, i).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        train: bool | None = None,
+        frames: int | None = None,
+        image_size: int = 224,
+        seed: int = 0,
+    ) -> None:
+        self.root = Path(root)
+        for name in ("index.csv", "meta.json"):
+            if not (self.root / name).is_file():
+                raise InputError(
+                    f"{self.root / name} not found: prepare the dataset with harmonia prep first"
+                )
+        self.meta = json.loads((self.root / "meta.json").read_text())
+        self.classes: list[str] = list(self.meta["classes"])
+        with open(self.root / "index.csv", newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if r["split"] == split]
+        if not rows:
+            raise InputError(f"{self.root}/index.csv has no clip in split {split!r}")
+        self.ids = [r["id"] for r in rows]
+        self.labels = torch.tensor([self.classes.index(r["label"]) for r in rows])
+        self.frame_counts = [int(r["frames"]) for r in rows]
+        self.split, self.train = split, split == "train" if train is None else train
+        self.frames = frames or FRAMES.get(self.meta["dataset"], 3)
+        self.image_size, self.seed, self.epoch = image_size, seed, 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def frame_positions(self, available: int, rng: random.Random) -> list[int]:
+        """Which of a clip's ``available`` frames are used (repeating frames of a short clip)."""
+        if self.train:
+            if available >= self.frames:
+                return sorted(rng.sample(range(available), self.frames))
+            return sorted(rng.choice(range(available)) for _ in range(self.frames))
+        return [
+            min(available - 1, math.floor((k + 0.5) * available / self.frames)) for k in range(self.frames)
+        ]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from PIL import Image
+
+        rng = random.Random(f"{self.seed}:{self.epoch}:{i}")
+        clip = self.ids[i]
+        audio = torch.from_numpy(np.load(self.root / "audio" / f"{clip}.npy"))[None]
+        images = [
+            Image.open(self.root / "frames" / clip / f"{k:03d}.jpg").convert("RGB")
+            for k in self.frame_positions(self.frame_counts[i], rng)
+        ]
+        box, flip = self._crop(images[0].size, rng)
+        size = (self.image_size, self.image_size)
+        arrays = []
+        for image in images:
+            image = image.resize(size, Image.Resampling.BILINEAR, box=box)
+            if flip:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            arrays.append(np.asarray(image, dtype=np.float32) / 255.0)
+        visual = torch.from_numpy(np.stack(arrays)).permute(3, 0, 1, 2)  # [3, F, S, S]
+        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
+        return {
+            "inputs": {"audio": audio, "visual": (visual - mean) / std},
+            "label": int(self.labels[i]),
+            "index": i,
+        }
+
+    def _crop(
+        self, size: tuple[int, int], rng: random.Random
+    ) -> tuple[tuple[float, float, float, float], bool]:
+        """(left, top, right, bottom) of the crop and whether to flip: random resized crop in training."""
+        width, height = size
+        if not self.train:
+            side = min(width, height) * 224 / 256  # the center crop of a 256-pixel short side, as ImageNet
+            left, top = (width - side) / 2, (height - side) / 2
+            return (left, top, left + side, top + side), False
+        area = width * height
+        for _ in range(10):
+            target = area * rng.uniform(0.08, 1.0)
+            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            w, h = math.sqrt(target * ratio), math.sqrt(target / ratio)
+            if w <= width and h <= height:
+                left, top = rng.uniform(0, width - w), rng.uniform(0, height - h)
+                return (left, top, left + w, top + h), rng.random() < 0.5
+        side = min(width, height)
+        return (
+            (width - side) / 2,
+            (height - side) / 2,
+            (width + side) / 2,
+            (height + side) / 2,
+        ), rng.random() < 0.5
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Items of :class:`PreparedAVDataset` into a trainer batch ``{"inputs", "labels", "indices"}``."""
+    return {
+        "inputs": {m: torch.stack([it["inputs"][m] for it in items]) for m in items[0]["inputs"]},
+        "labels": torch.tensor([it["label"] for it in items]),
+        "indices": torch.tensor([it["index"] for it in items]),
+    }
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Batches of indices in the order of :class:`~harmonia.data.loader.BatchLoader` (seeded by seed and
+    epoch), each rank taking its contiguous share of every global batch of ``batch_size``."""
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size % world_size:
+            raise ValueError(
+                f"batch size {batch_size} (the global batch) is not a multiple of the {world_size} ranks"
+            )
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.drop_last = drop_last or world_size > 1
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=generator)
+        else:
+            order = torch.arange(self.n)
+        share = self.batch_size // self.world_size
+        for b in range(len(self)):
+            batch = order[b * self.batch_size : (b + 1) * self.batch_size]
+            if self.world_size > 1:
+                batch = batch[self.rank * share : (self.rank + 1) * share]
+            yield batch.tolist()
