@@ -12,6 +12,55 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
+from torch.utils.data import Sampler
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Batches of indices in an order that depends only on (seed, epoch), each rank taking its contiguous
+    share of every global batch of ``batch_size`` (a ``batch_sampler`` for ``torch.utils.data.DataLoader``;
+    :class:`BatchLoader` uses it for its in-memory batches)."""
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size % world_size:
+            raise ValueError(
+                f"batch size {batch_size} (the global batch) is not a multiple of the {world_size} ranks; "
+                f"choose train.batch_size divisible by the number of processes"
+            )
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.drop_last = drop_last or world_size > 1
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
+        share = batch_size // world_size
+        #: this rank's rows of a global batch
+        self.local = slice(rank * share, (rank + 1) * share) if world_size > 1 else slice(None)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+    def global_batches(self) -> Iterator[Tensor]:
+        """The indices of each whole global batch of this epoch."""
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=generator)
+        else:
+            order = torch.arange(self.n)
+        for b in range(len(self)):
+            yield order[b * self.batch_size : (b + 1) * self.batch_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.global_batches():
+            yield batch[self.local].tolist()
 
 
 class BatchLoader:
@@ -44,11 +93,6 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if batch_size % world_size:
-            raise ValueError(
-                f"batch size {batch_size} (the global batch) is not a multiple of the {world_size} ranks; "
-                f"choose train.batch_size divisible by the number of processes"
-            )
         sizes = {m: int(t.shape[0]) for m, t in inputs.items()}
         if any(s != labels.shape[0] for s in sizes.values()):
             raise ValueError(f"every modality needs one row per label ({labels.shape[0]}); got {sizes}")
@@ -57,38 +101,30 @@ class BatchLoader:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
-        self.drop_last = drop_last or world_size > 1
-        self.rank, self.world_size = rank, world_size
+        self.sampler = GlobalBatchSampler(
+            int(labels.shape[0]), batch_size, shuffle, seed, drop_last, rank, world_size
+        )
+        self.drop_last = self.sampler.drop_last
         self.transforms = dict(transforms or {})
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        n = int(self.labels.shape[0])
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def order(self) -> Tensor:
-        n = int(self.labels.shape[0])
-        if not self.shuffle:
-            return torch.arange(n)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(n, generator=generator)
+        return len(self.sampler)
 
     def __iter__(self) -> Iterator[dict]:
-        order = self.order()
+        sampler = self.sampler
         augment = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 500_009)
-        share = self.batch_size // self.world_size
-        local = slice(self.rank * share, (self.rank + 1) * share) if self.world_size > 1 else slice(None)
-        for b in range(len(self)):
-            global_idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            idx = global_idx[local]
+        for global_idx in sampler.global_batches():
+            idx = global_idx[sampler.local]
             if self.transforms:  # drawn for the global batch: every rank uses the draws of one process
                 whole = {m: t[global_idx] for m, t in self.inputs.items()}
                 for m, transform in self.transforms.items():
                     whole[m] = transform(whole[m], augment)
-                inputs = {m: t[local] for m, t in whole.items()}
+                inputs = {m: t[sampler.local] for m, t in whole.items()}
             else:
                 inputs = {m: t[idx] for m, t in self.inputs.items()}
             yield {

@@ -20,14 +20,14 @@ import csv
 import json
 import math
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
+from harmonia.data.loader import GlobalBatchSampler
 from harmonia.errors import InputError
 
 FRAMES = {"cremad": 1, "kinetics_sounds": 3, "vggsound": 3, "ave": 10}
@@ -157,43 +157,4 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-class GlobalBatchSampler(Sampler[list[int]]):
-    """Batches of indices in the order of :class:`~harmonia.data.loader.BatchLoader` (seeded by seed and
-    epoch), each rank taking its contiguous share of every global batch of ``batch_size``."""
-
-    def __init__(
-        self,
-        n: int,
-        batch_size: int,
-        shuffle: bool = True,
-        seed: int = 0,
-        drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        if batch_size % world_size:
-            raise ValueError(
-                f"batch size {batch_size} (the global batch) is not a multiple of the {world_size} ranks"
-            )
-        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
-        self.drop_last = drop_last or world_size > 1
-        self.rank, self.world_size, self.epoch = rank, world_size, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.n, generator=generator)
-        else:
-            order = torch.arange(self.n)
-        share = self.batch_size // self.world_size
-        for b in range(len(self)):
-            batch = order[b * self.batch_size : (b + 1) * self.batch_size]
-            if self.world_size > 1:
-                batch = batch[self.rank * share : (self.rank + 1) * share]
-            yield batch.tolist()
+__all__ = ["FRAMES", "GlobalBatchSampler", "PreparedAVDataset", "collate"]
