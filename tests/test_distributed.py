@@ -59,7 +59,8 @@ def _train_steps(cfg: object) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _join_as(rank: int, world: int, port: int) -> None:
+    """The environment torchrun gives rank ``rank`` of ``world`` (harmonia joins the group from it)."""
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -67,6 +68,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    _join_as(rank, world, port)
     torch.set_num_threads(1)
     states = {name: _train_steps(cfg) for name, cfg in _configs(Path(out_dir) / "ddp").items()}
     torch.save(states, Path(out_dir) / f"rank{rank}.pt")
@@ -158,9 +163,7 @@ def test_torchrun_trains_resumes_and_matches_one_process(tmp_path: Path) -> None
 
 
 def _dying_worker(rank: int, port: int, config: str, out_dir: str) -> None:
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
+    _join_as(rank, 2, port)
     if rank == 1:
         import torch.distributed as dist
 

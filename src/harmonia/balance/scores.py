@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from harmonia.collectives import all_reduce_sum
 from harmonia.errors import InputError
 
 
@@ -35,8 +35,7 @@ def unimodal_scores(unimodal_logits: Mapping[str, Tensor], labels: Tensor) -> di
         local = torch.stack(
             [F.softmax(unimodal_logits[m].float(), dim=1).gather(1, index).sum() for m in names]
         )
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(local)
+        local = all_reduce_sum(local)
     return dict(zip(names, local, strict=True))
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from harmonia.contrastive.gather import distributed_world, gather_with_grad
+from harmonia.contrastive.gather import gather_with_grad
 from harmonia.contrastive.losses import Reduction, _reduce, mil_nce_from_scores, nce_from_scores
 
 #: with ``chunk_size=None``, chunks hold at most this many token similarities (64 MiB in float32)
@@ -208,19 +208,15 @@ def finegrained_nce(
             "finegrained_nce: an item of b has no real token"
             + (" in any candidate (every bag needs one)" if bags else "")
         )
-    _, world = distributed_world()
-    if gather and world > 1:
-        a_all, offset = gather_with_grad(a)
-        b_all, _ = gather_with_grad(b)
-        a_mask_all = gather_with_grad(a_mask.float())[0].bool()
-        b_mask_all = gather_with_grad(b_mask.float())[0].bool()
-    else:
-        a_all, b_all, a_mask_all, b_mask_all, offset = a, b, a_mask, b_mask, 0
+    a_all, offset = gather_with_grad(a) if gather else (a, 0)  # a itself in one process
+    b_all, _ = gather_with_grad(b) if gather else (b, 0)
+    a_mask_all = gather_with_grad(a_mask.float())[0].bool() if a_all is not a else a_mask
+    b_mask_all = gather_with_grad(b_mask.float())[0].bool() if a_all is not a else b_mask
     candidates = b.shape[1] if bags else 1
     flat_b_all, flat_b_mask_all = b_all.reshape(-1, *b.shape[-2:]), b_mask_all.reshape(-1, b.shape[-2])
     rows = token_scores(a, flat_b_all, a_mask, flat_b_mask_all, tau_att, direction, chunk_size)
+    full = rows.view(a.shape[0], -1, candidates)
     if a_all is a:  # one process: s(a_j, b_i) is the same matrix read the other way
-        full = rows.view(a.shape[0], -1, candidates)
         cols = full.transpose(0, 1)
     else:
         local_b = token_scores(
@@ -232,7 +228,6 @@ def finegrained_nce(
             direction,
             chunk_size,
         )
-        full = rows.view(a.shape[0], -1, candidates)
         cols = local_b.view(a_all.shape[0], a.shape[0], candidates).transpose(0, 1)
     if bags:
         return _reduce(

@@ -15,12 +15,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from harmonia.collectives import rank_and_world
 
-def distributed_world() -> tuple[int, int]:
-    """(rank, world size) of the default process group, or (0, 1) when not running distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+#: (rank, world size) of the default process group, or (0, 1) when not running distributed
+distributed_world = rank_and_world
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -98,18 +98,13 @@ class BatchLoader:
             raise ValueError(f"every modality needs one row per label ({labels.shape[0]}); got {sizes}")
         self.inputs = dict(inputs)
         self.labels = labels
-        self.batch_size = batch_size
-        self.shuffle = shuffle
         self.seed = seed
         self.sampler = GlobalBatchSampler(
             int(labels.shape[0]), batch_size, shuffle, seed, drop_last, rank, world_size
         )
-        self.drop_last = self.sampler.drop_last
         self.transforms = dict(transforms or {})
-        self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
         self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
@@ -117,7 +112,7 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[dict]:
         sampler = self.sampler
-        augment = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 500_009)
+        augment = torch.Generator().manual_seed(self.seed * 1_000_003 + sampler.epoch + 500_009)
         for global_idx in sampler.global_batches():
             idx = global_idx[sampler.local]
             if self.transforms:  # drawn for the global batch: every rank uses the draws of one process

@@ -18,6 +18,7 @@ reason and skipped — never a silent drop, never a crash halfway.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -143,25 +144,25 @@ def prepare(
         else:
             todo.append(clip)
     by_id = {c.id: c for c in clips}
-    frame_counts: dict[str, int] = {}
+    frame_counts = _indexed_frame_counts(dst)  # clips done in earlier runs; this run's are added below
     bar = tqdm(total=len(todo), desc=f"prep {dataset}", disable=not progress, unit="clip")
-    if workers <= 1:
-        results = (_worker(c, str(dst), settings) for c in todo)
+    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        if pool is None:
+            results = (_worker(c, str(dst), settings) for c in todo)
+        else:
+            futures = [pool.submit(_worker, c, str(dst), settings) for c in todo]
+            results = (f.result() for f in as_completed(futures))
         for result in results:
             _record(result, by_id, report, frame_counts)
             bar.update()
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            futures = [pool.submit(_worker, c, str(dst), settings) for c in todo]
-            for future in as_completed(futures):
-                _record(future.result(), by_id, report, frame_counts)
-                bar.update()
     bar.close()
     rows = []
     for clip in sorted(clips, key=lambda c: c.id):
         if not clip_done(dst, clip.id):
             continue
-        n = frame_counts.get(clip.id, len(list((dst / "frames" / clip.id).glob("*.jpg"))))
+        n = frame_counts.get(clip.id)
+        if n is None:  # done by a run killed before it wrote the index
+            n = len(list((dst / "frames" / clip.id).glob("*.jpg")))
         rows.append((clip.id, clip.label, clip.split, n))
     classes = sorted({c.label for c in clips})
     (dst / "meta.json").write_text(
@@ -177,6 +178,14 @@ def prepare(
     report.already_done.sort()
     (dst / "prep_report.json").write_text(json.dumps(asdict(report), indent=1))
     return report
+
+
+def _indexed_frame_counts(dst: Path) -> dict[str, int]:
+    """Frame counts of the clips listed in an earlier run's ``index.csv`` (none without one)."""
+    if not (dst / "index.csv").is_file():
+        return {}
+    with open(dst / "index.csv", newline="") as fh:
+        return {row["id"]: int(row["frames"]) for row in csv.DictReader(fh)}
 
 
 def _record(

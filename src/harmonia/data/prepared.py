@@ -74,6 +74,8 @@ class PreparedAVDataset(Dataset):
         self.split, self.train = split, split == "train" if train is None else train
         self.frames = frames or FRAMES.get(self.meta["dataset"], 3)
         self.image_size, self.seed, self.epoch = image_size, seed, 0
+        self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
 
     @property
     def num_classes(self) -> int:
@@ -114,10 +116,8 @@ class PreparedAVDataset(Dataset):
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             arrays.append(np.asarray(image, dtype=np.float32) / 255.0)
         visual = torch.from_numpy(np.stack(arrays)).permute(3, 0, 1, 2)  # [3, F, S, S]
-        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
         return {
-            "inputs": {"audio": audio, "visual": (visual - mean) / std},
+            "inputs": {"audio": audio, "visual": (visual - self._mean) / self._std},
             "label": int(self.labels[i]),
             "index": i,
         }

@@ -64,7 +64,7 @@ def frame_attention(
             index = partial[start : start + batch_size]
             inputs = {k: split.inputs[k][index].to(device) for k in ("video", "audio", "text", "text_mask")}
             out = model(inputs, return_tokens=True)
-            words = out.token_masks["text"] & out.text_mask[..., None]  # [n, C, L]
+            words = out.token_masks["text"]  # [n, C, L]; a padded candidate has no word
             alpha = paired_attention(out.tokens["video_vt"], out.tokens["text"], None, words, tau_att)[
                 "over_a"
             ]

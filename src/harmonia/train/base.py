@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from harmonia.collectives import all_reduce_sum
 from harmonia.config import BalanceMethod, ExperimentConfig, ScheduleKind, dump_config, load_config, to_dict
 from harmonia.data.loader import BatchLoader
 from harmonia.errors import CheckpointError, ConfigError, NonFiniteLossError, RunFolderExistsError
@@ -40,11 +41,7 @@ from harmonia.train.checkpoint import (
     load_checkpoint,
     restore_rng_state,
 )
-from harmonia.train.distributed import (
-    all_reduce_sum,
-    convert_batchnorm,
-    init_distributed,
-)
+from harmonia.train.distributed import convert_batchnorm, init_distributed
 from harmonia.train.logging import RunLogger
 from harmonia.train.report import plot_balance_curves
 
@@ -105,7 +102,6 @@ class BaseTrainer:
             raise ConfigError("choose one of --resume (continue the run) and --overwrite (start it again)")
         self.cfg = cfg
         self.callbacks = list(callbacks)
-        self.progress = progress
         self.run_dir = Path(cfg.out_dir) / cfg.name
         self.checkpoint_path = self.run_dir / "checkpoints" / "last.pt"
         self.resume = resume

@@ -20,20 +20,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from harmonia.collectives import all_gather_rows, all_reduce_sum, rank_and_world
-from harmonia.errors import ConfigError, HarmoniaError
-
-
-class DistributedError(HarmoniaError):
-    """A collective failed or timed out: another rank has probably stopped."""
-
+from harmonia.collectives import rank_and_world
+from harmonia.errors import ConfigError
 
 __all__ = [
     "CrossRankBatchNorm",
     "DistributedContext",
-    "DistributedError",
-    "all_gather_rows",
-    "all_reduce_sum",
     "convert_batchnorm",
     "free_port",
     "init_distributed",
