@@ -148,7 +148,7 @@ def test_prepared_dataset_items_follow_the_recipe(tmp_path: Path) -> None:
     assert len(train) == 2 and len(test) == 1 and train.num_classes == 3  # classes seen in the scan
     item = train[0]
     assert item["inputs"]["audio"].shape == (1, 257, 299)
-    assert item["inputs"]["visual"].shape == (3, 1, 224, 224)  # CREMA-D: one frame
+    assert item["inputs"]["visual"].shape == (1, 3, 224, 224)  # CREMA-D: one frame
     assert item["label"] == train.classes.index("ANG")
     torch.testing.assert_close(train[0]["inputs"]["visual"], item["inputs"]["visual"])  # (seed, epoch, i)
     train.set_epoch(1)
@@ -158,7 +158,7 @@ def test_prepared_dataset_items_follow_the_recipe(tmp_path: Path) -> None:
     assert three.frame_positions(3, __import__("random").Random(0)) == [0, 1, 2]
     assert three[0]["inputs"]["visual"].shape == (3, 3, 224, 224)
     batch = collate([train[0], train[1]])
-    assert batch["inputs"]["visual"].shape == (2, 3, 1, 224, 224) and batch["indices"].tolist() == [0, 1]
+    assert batch["inputs"]["visual"].shape == (2, 1, 3, 224, 224) and batch["indices"].tolist() == [0, 1]
     with pytest.raises(Exception, match="no clip in split"):
         PreparedAVDataset(dst, "val")
 

@@ -191,10 +191,16 @@ class TriModalConfig:
         _coerce_enums(self, "data.trimodal")
 
 
+#: datasets read from a folder that ``harmonia prep`` wrote (data.root); classification, audio + visual
+PREPARED_DATASETS = ("cremad", "kinetics_sounds", "vggsound", "ave")
+
+
 @dataclass
 class DataConfig:
     name: str = param(
-        "avdigits", help="dataset: 'avdigits' (audio, image) or 'trimodal_avdigits' (video, audio, text)"
+        "avdigits",
+        help="dataset: 'avdigits' (audio, image), 'trimodal_avdigits' (video, audio, text), or a folder "
+        "prepared by harmonia prep: 'cremad', 'kinetics_sounds', 'vggsound', 'ave' (audio, visual)",
     )
     modalities: list[str] = param(
         default_factory=lambda: ["audio", "image"],
@@ -203,6 +209,20 @@ class DataConfig:
     avdigits: AVDigitsConfig = param(default_factory=AVDigitsConfig, help="AV-Digits recipe")
     trimodal: TriModalConfig = param(
         default_factory=TriModalConfig, help="tri-modal AV-Digits (data.name=trimodal_avdigits)"
+    )
+    root: str | None = param(
+        None, help="prepared datasets: the folder harmonia prep wrote (--dst), holding index.csv"
+    )
+    frames: int | None = param(
+        None,
+        help="prepared datasets: frames per clip (null: the paper's, 1 CREMA-D, 3 KS/VGGSound, 10 AVE)",
+        ge=1,
+    )
+    image_size: int = param(224, help="prepared datasets: side of the square frame crops", ge=16)
+    num_workers: int = param(
+        4,
+        help="prepared datasets: DataLoader worker processes that decode frames (0: in the main process)",
+        ge=0,
     )
 
 
@@ -423,15 +443,26 @@ class ExperimentConfig:
                 f"(the run folder is out_dir/name)"
             )
         _coerce_enums(self, "")
-        datasets = {TaskKind.CLASSIFY: "avdigits", TaskKind.PRETRAIN: "trimodal_avdigits"}
-        if self.data.name not in datasets.values():
+        datasets = {
+            TaskKind.CLASSIFY: ("avdigits", *PREPARED_DATASETS),
+            TaskKind.PRETRAIN: ("trimodal_avdigits",),
+        }
+        known = [name for names in datasets.values() for name in names]
+        if self.data.name not in known:
+            close = difflib.get_close_matches(self.data.name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(
-                f"data.name: unknown dataset {self.data.name!r}; available: 'avdigits', 'trimodal_avdigits'"
+                f"data.name: unknown dataset {self.data.name!r}{hint}; available: {', '.join(known)}"
             )
-        if self.data.name != datasets[self.task]:
+        if self.data.name not in datasets[self.task]:
             raise ConfigError(
-                f"task={self.task.value} trains on data.name={datasets[self.task]}, not {self.data.name}; "
-                f"see configs/ for an example of each task"
+                f"task={self.task.value} trains on data.name={' or '.join(datasets[self.task])}, not "
+                f"{self.data.name}; see configs/ for an example of each task"
+            )
+        if self.data.name in PREPARED_DATASETS and self.data.root is None:
+            raise ConfigError(
+                f"data.root: data.name={self.data.name} reads a prepared folder; run "
+                f"harmonia prep {self.data.name} --src RAW --dst DIR and set data.root=DIR"
             )
         if self.task is TaskKind.PRETRAIN:
             if sorted(self.data.modalities) != ["audio", "text", "video"]:

@@ -1,7 +1,8 @@
 """Reading a dataset that ``harmonia prep`` wrote: frames and spectrograms streamed from disk.
 
 :class:`PreparedAVDataset` is a ``torch.utils.data.Dataset`` over one split of a prepared folder. Each item
-is ``{"inputs": {"audio": [1, 257, T], "visual": [3, F, S, S]}, "label": int, "index": int}``:
+is ``{"inputs": {"audio": [1, 257, T], "visual": [F, 3, S, S]}, "label": int, "index": int}`` (frames first,
+the ``[B, T, C, H, W]`` layout harmonia's encoders fold into the batch):
 
 * audio: the TPAMI log spectrogram as prepared (z-normalized per clip);
 * visual: F frames of the clip — the papers' choice per dataset (:data:`FRAMES`: one for CREMA-D, three
@@ -45,6 +46,7 @@ class PreparedAVDataset(Dataset):
         frames: frames per clip (default: the paper's choice for the dataset).
         image_size: side S of the square crops.
         seed: base seed of the random choices; item i of epoch e draws from (seed, epoch, i).
+        modalities: which of ``audio`` and ``visual`` to read (a unimodal run reads one).
     """
 
     def __init__(
@@ -55,8 +57,10 @@ class PreparedAVDataset(Dataset):
         frames: int | None = None,
         image_size: int = 224,
         seed: int = 0,
+        modalities: tuple[str, ...] | list[str] = ("audio", "visual"),
     ) -> None:
         self.root = Path(root)
+        self.modalities = tuple(modalities)
         for name in ("index.csv", "meta.json"):
             if not (self.root / name).is_file():
                 raise InputError(
@@ -74,8 +78,8 @@ class PreparedAVDataset(Dataset):
         self.split, self.train = split, split == "train" if train is None else train
         self.frames = frames or FRAMES.get(self.meta["dataset"], 3)
         self.image_size, self.seed, self.epoch = image_size, seed, 0
-        self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
+        self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
     @property
     def num_classes(self) -> int:
@@ -98,11 +102,25 @@ class PreparedAVDataset(Dataset):
         ]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        inputs = {}
+        try:
+            if "audio" in self.modalities:
+                inputs["audio"] = torch.from_numpy(np.load(self.root / "audio" / f"{self.ids[i]}.npy"))[None]
+            if "visual" in self.modalities:
+                inputs["visual"] = self._visual(i)
+        except (OSError, ValueError) as exc:  # a file damaged or removed after prep
+            raise InputError(
+                f"clip {self.ids[i]} of {self.root}: cannot read its prepared files ({exc}); delete "
+                f"{self.root / 'frames' / self.ids[i]} and run harmonia prep again to rebuild this clip"
+            ) from exc
+        return {"inputs": inputs, "label": int(self.labels[i]), "index": i}
+
+    def _visual(self, i: int) -> torch.Tensor:
+        """[F, 3, S, S]: the clip's chosen frames, cropped (and flipped) alike, ImageNet-normalized."""
         from PIL import Image
 
         rng = random.Random(f"{self.seed}:{self.epoch}:{i}")
         clip = self.ids[i]
-        audio = torch.from_numpy(np.load(self.root / "audio" / f"{clip}.npy"))[None]
         images = [
             Image.open(self.root / "frames" / clip / f"{k:03d}.jpg").convert("RGB")
             for k in self.frame_positions(self.frame_counts[i], rng)
@@ -115,12 +133,8 @@ class PreparedAVDataset(Dataset):
             if flip:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             arrays.append(np.asarray(image, dtype=np.float32) / 255.0)
-        visual = torch.from_numpy(np.stack(arrays)).permute(3, 0, 1, 2)  # [3, F, S, S]
-        return {
-            "inputs": {"audio": audio, "visual": (visual - self._mean) / self._std},
-            "label": int(self.labels[i]),
-            "index": i,
-        }
+        visual = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # [F, 3, S, S]
+        return (visual - self._mean) / self._std
 
     def _crop(
         self, size: tuple[int, int], rng: random.Random
@@ -148,6 +162,15 @@ class PreparedAVDataset(Dataset):
         ), rng.random() < 0.5
 
 
+def prepared_splits(root: str | Path) -> list[str]:
+    """The splits that have clips in a prepared folder's ``index.csv``."""
+    path = Path(root) / "index.csv"
+    if not path.is_file():
+        raise InputError(f"{path} not found: prepare the dataset with harmonia prep first")
+    with open(path, newline="") as fh:
+        return sorted({row["split"] for row in csv.DictReader(fh)})
+
+
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Items of :class:`PreparedAVDataset` into a trainer batch ``{"inputs", "labels", "indices"}``."""
     return {
@@ -157,4 +180,4 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-__all__ = ["FRAMES", "GlobalBatchSampler", "PreparedAVDataset", "collate"]
+__all__ = ["FRAMES", "GlobalBatchSampler", "PreparedAVDataset", "collate", "prepared_splits"]

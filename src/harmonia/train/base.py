@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from harmonia.collectives import all_reduce_sum
 from harmonia.config import BalanceMethod, ExperimentConfig, ScheduleKind, dump_config, load_config, to_dict
-from harmonia.data.loader import BatchLoader
+from harmonia.data.sources import EpochLoader
 from harmonia.errors import CheckpointError, ConfigError, NonFiniteLossError, RunFolderExistsError
 from harmonia.train.build import build_optimizer, build_scheduler
 from harmonia.train.callbacks import Callback
@@ -85,8 +85,10 @@ class BaseTrainer:
     """
 
     model: nn.Module
-    train_loader: BatchLoader
+    train_loader: EpochLoader
     dataset: Any
+    #: splits evaluated at the end of an epoch ("test" is the one results report)
+    eval_splits: tuple[str, ...] = ("val", "test")
 
     def __init__(
         self,
@@ -336,8 +338,9 @@ class BaseTrainer:
                 self.scheduler.step()
                 metrics = dict(train_stats)
                 if (self.epoch + 1) % self.cfg.train.eval_every == 0 or self.epoch + 1 == epochs:
-                    last_test = self.evaluate("test")
-                    metrics |= {**self.evaluate("val"), **last_test}
+                    for split in self.eval_splits:
+                        metrics |= self.evaluate(split)
+                    last_test = {k: v for k, v in metrics.items() if k.startswith("test/")}
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, self.epoch, metrics)
                 logger.log("epoch", self.global_step, self.epoch, metrics)
@@ -380,7 +383,7 @@ class BaseTrainer:
         for batch in bar:
             batch = to_device(batch, self.device)
             output, loss = self.train_step(batch)
-            n = int(batch["labels"].shape[0])
+            n = int(batch["indices"].shape[0])
             total_loss += loss * n
             total_seen += n
             self.tally_step(tally, batch, output)
@@ -461,11 +464,10 @@ def resolve_device(name: str) -> torch.device:
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     if device.type == "cpu":
         return batch
-    return {
-        **batch,
-        "inputs": {m: t.to(device, non_blocking=True) for m, t in batch["inputs"].items()},
-        "labels": batch["labels"].to(device, non_blocking=True),
-    }
+    moved = {**batch, "inputs": {m: t.to(device, non_blocking=True) for m, t in batch["inputs"].items()}}
+    if "labels" in batch:
+        moved["labels"] = batch["labels"].to(device, non_blocking=True)
+    return moved
 
 
 def _dict_diff(a: dict, b: dict, prefix: str = "") -> list[str]:

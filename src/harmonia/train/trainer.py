@@ -10,10 +10,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from harmonia.config import PREPARED_DATASETS
 from harmonia.data.avdigits import AVDigits, check_modalities, load_avdigits
-from harmonia.data.loader import BatchLoader
+from harmonia.data.sources import ClassificationData, InMemoryData, PreparedData
+from harmonia.errors import ConfigError
 from harmonia.eval.metrics import classification_metrics
-from harmonia.eval.probe import extract_features, linear_probe
+from harmonia.eval.probe import linear_probe
 from harmonia.models import MultimodalClassifier
 from harmonia.train.base import BaseTrainer, TrainResult, seed_everything, to_device
 from harmonia.train.build import build_balance_callback, build_model
@@ -29,35 +31,51 @@ class Trainer(BaseTrainer):
         resume: continue the run in ``out_dir/name`` from its last checkpoint.
         overwrite: delete an existing run folder first.
         progress: show progress bars.
-        dataset: a loaded :class:`~harmonia.data.avdigits.AVDigits` to use instead of loading ``cfg.data``.
+        dataset: a loaded :class:`~harmonia.data.avdigits.AVDigits` or any
+            :class:`~harmonia.data.sources.ClassificationData` to use instead of loading ``cfg.data``.
     """
 
     model: MultimodalClassifier
 
-    def setup(self, dataset: AVDigits | None) -> None:
+    def setup(self, dataset: AVDigits | ClassificationData | None) -> None:
         cfg = self.cfg
-        self.dataset = dataset or load_avdigits(cfg.data.avdigits, progress=self.progress)
-        check_modalities(cfg.data.modalities, self.dataset.modalities)
-        self.modalities = list(cfg.data.modalities)
-        self.splits = {s: self.dataset.split(s, self.modalities) for s in ("train", "val", "test")}
-        channels = {m: int(t.shape[1]) for m, t in self.splits["train"].inputs.items()}
+        self.data = self._load_data(dataset)
+        self.dataset = self.data
+        self.modalities = list(self.data.modalities)
+        self.eval_splits = self.data.eval_splits
         self.model = self.prepare_model(  # type: ignore[assignment]
-            build_model(cfg.model, self.modalities, channels, self.dataset.num_classes)
+            build_model(cfg.model, self.modalities, self.data.input_channels, self.data.num_classes)
         )
         balance = build_balance_callback(cfg.balance, self.model, cfg.train.seed, self.device)
         if balance is not None:
             self.callbacks.insert(0, balance)
-        train = self.splits["train"]
-        self.train_loader = BatchLoader(
-            {**train.inputs, **train.train_inputs},
-            train.labels,
-            cfg.train.batch_size,
-            shuffle=True,
-            seed=cfg.train.seed,
-            transforms=train.train_transforms,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
+        self.train_loader = self.data.train_loader(
+            cfg.train.batch_size, cfg.train.seed, self.dist.rank, self.dist.world_size
         )
+        if len(self.train_loader) == 0:
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size} leaves no training batch (under torchrun the last "
+                f"incomplete global batch is dropped); lower train.batch_size"
+            )
+
+    def _load_data(self, dataset: AVDigits | ClassificationData | None) -> ClassificationData:
+        cfg = self.cfg.data
+        if dataset is not None and not isinstance(dataset, AVDigits):
+            return dataset
+        if cfg.name in PREPARED_DATASETS:
+            assert cfg.root is not None  # the config checks it
+            return PreparedData(
+                cfg.root,
+                cfg.name,
+                list(cfg.modalities),
+                frames=cfg.frames,
+                image_size=cfg.image_size,
+                num_workers=cfg.num_workers,
+                seed=self.cfg.train.seed,
+            )
+        avdigits = dataset or load_avdigits(cfg.avdigits, progress=self.progress)
+        check_modalities(cfg.modalities, avdigits.modalities)
+        return InMemoryData(avdigits, list(cfg.modalities))
 
     def epoch_tally(self) -> dict[str, float]:
         return {"accuracy": 0.0, **{f"unimodal_accuracy/{m}": 0.0 for m in self.modalities}}
@@ -98,12 +116,10 @@ class Trainer(BaseTrainer):
         """Fused logits, per-modality logits and labels over a whole split (eval mode)."""
         was_training = self.model.training
         self.model.eval()
-        data = self.splits[split]
-        loader = BatchLoader(data.inputs, data.labels, self.cfg.train.eval_batch_size)
         logits: list[torch.Tensor] = []
         labels: list[torch.Tensor] = []
         unimodal: dict[str, list[torch.Tensor]] = {m: [] for m in self.modalities}
-        for batch in loader:
+        for batch in self.data.eval_batches(split, self.cfg.train.eval_batch_size):
             batch = to_device(batch, self.device)
             out = self.model(batch["inputs"])
             logits.append(out.logits.float().cpu())
@@ -116,30 +132,38 @@ class Trainer(BaseTrainer):
     def evaluate(self, split: str) -> dict[str, float]:
         """Accuracy, macro-F1 and mAP of the fused prediction, and each modality's unimodal accuracy."""
         logits, unimodal, labels = self.predict(split)
-        metrics = classification_metrics(logits, labels, self.dataset.num_classes)
+        metrics = classification_metrics(logits, labels, self.data.num_classes)
         out = {f"{split}/{k}": v for k, v in metrics.items()}
         for m, lg in unimodal.items():
             out[f"{split}/unimodal_accuracy/{m}"] = float((lg.argmax(1) == labels).float().mean())
         return out
 
+    @torch.no_grad()
+    def encoder_features(self, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Each frozen encoder's features over a whole split (eval mode, no augmentation), and the labels."""
+        was_training = self.model.training
+        self.model.eval()
+        features: dict[str, list[torch.Tensor]] = {m: [] for m in self.modalities}
+        labels: list[torch.Tensor] = []
+        try:
+            for batch in self.data.eval_batches(split, self.cfg.train.eval_batch_size):
+                batch = to_device(batch, self.device)
+                for m in self.modalities:
+                    features[m].append(self.model.encoders[m](batch["inputs"][m]).float().cpu())
+                labels.append(batch["labels"].cpu())
+        finally:
+            self.model.train(was_training)
+        return {m: torch.cat(v) for m, v in features.items()}, torch.cat(labels)
+
     def probe_encoders(self) -> dict[str, float]:
         """Linear-probe test accuracy of each frozen encoder (fit on train features)."""
-        results = {}
-        train, test = self.splits["train"], self.splits["test"]
-        for m in self.modalities:
-            encoder = self.model.encoders[m]
-            bs = self.cfg.train.eval_batch_size
-
-            def chunks(t: torch.Tensor, bs: int = bs) -> list[torch.Tensor]:
-                return [c.to(self.device) for c in t.split(bs)]
-
-            train_x = extract_features(encoder, chunks(train.inputs[m])).cpu()
-            test_x = extract_features(encoder, chunks(test.inputs[m])).cpu()
-            probe = linear_probe(
-                train_x, train.labels, test_x, test.labels, self.dataset.num_classes, seed=self.cfg.train.seed
-            )
-            results[m] = probe.accuracy
-        return results
+        (train_x, train_y), (test_x, test_y) = self.encoder_features("train"), self.encoder_features("test")
+        return {
+            m: linear_probe(
+                train_x[m], train_y, test_x[m], test_y, self.data.num_classes, seed=self.cfg.train.seed
+            ).accuracy
+            for m in self.modalities
+        }
 
 
 def train(cfg: Any, **kwargs: Any) -> TrainResult:
