@@ -72,7 +72,7 @@ def test_int_is_accepted_for_float_but_not_the_reverse() -> None:
         ("data.modalities=[]", r"at least one modality"),
         ("data.modalities=[audio, audio]", r"lists a modality twice"),
         ("task=regress", r"task: 'regress' is not a valid choice; choose one of 'classify', 'pretrain'"),
-        ("task=pretrain", r"task=pretrain trains on data.name=trimodal_avdigits, not avdigits"),
+        ("task=pretrain", r"task=pretrain trains on data.name=trimodal_avdigits or shards, not avdigits"),
         ("data.name=mnist", r"data.name: unknown dataset 'mnist'"),
         ("optim=3", r"optim: expected a mapping"),
     ],

@@ -140,6 +140,9 @@ def _cmd_prep(args: argparse.Namespace) -> int:
     from harmonia.data.prep import prepare
     from harmonia.data.raw_layouts import scan
 
+    if args.dataset == "shards":
+        return _prep_shards(args)
+
     found = scan(args.dataset, args.src)
     settings = found.settings
     if args.fps is not None:
@@ -150,6 +153,28 @@ def _cmd_prep(args: argparse.Namespace) -> int:
         args.dataset, found.clips, args.dst, settings, args.workers, not args.quiet, found.problems
     )
     print(f"harmonia prep {args.dataset}: {report.summary()}\nindex: {Path(args.dst) / 'index.csv'}")
+    return 0
+
+
+def _prep_shards(args: argparse.Namespace) -> int:
+    from harmonia.data.shards import ShardSettings, write_shards
+
+    settings = ShardSettings(
+        frames=args.frames,
+        frame_size=args.frame_size,
+        seconds=args.seconds,
+        n_mels=args.n_mels,
+        shard_size=args.shard_size,
+        test_fraction=args.test_fraction,
+    )
+    sizes = {"--frames": args.frames, "--frame-size": args.frame_size, "--n-mels": args.n_mels}
+    for key, value in sizes.items():
+        if value < 1:
+            raise HarmoniaError(f"{key} must be at least 1, got {value}")
+    if not 0 < args.test_fraction < 1 or args.shard_size < 1 or args.seconds <= 0:
+        raise HarmoniaError("--test-fraction must be in (0, 1), --shard-size >= 1 and --seconds > 0")
+    report = write_shards(args.src, args.dst, settings, args.workers, not args.quiet)
+    print(f"harmonia prep shards: {report.summary()}\nindex: {Path(args.dst) / 'shards.json'}")
     return 0
 
 
@@ -294,13 +319,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_data)
 
-    p = sub.add_parser("prep", help="prepare a raw dataset (CREMA-D, Kinetics-Sounds, AVE, VGGSound)")
-    p.add_argument("dataset", help="cremad, kinetics_sounds, ave or vggsound")
-    p.add_argument("--src", required=True, help="the raw dataset folder (layouts: docs/datasets.md)")
-    p.add_argument("--dst", required=True, help="output folder (frames, spectrograms, index.csv)")
+    p = sub.add_parser(
+        "prep",
+        help="prepare a raw dataset (CREMA-D, Kinetics-Sounds, AVE, VGGSound), or write pre-training "
+        "shards from videos with transcripts (prep shards)",
+    )
+    p.add_argument("dataset", help="cremad, kinetics_sounds, ave, vggsound, or shards")
+    p.add_argument(
+        "--src",
+        required=True,
+        help="the raw dataset folder (layouts: docs/datasets.md); shards: videos with .txt transcripts",
+    )
+    p.add_argument("--dst", required=True, help="output folder (frames, spectrograms, index.csv / shards)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
     p.add_argument("--fps", type=float, default=None, help="frames kept per second (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    shards = p.add_argument_group("shards (harmonia prep shards; docs/pretraining.md)")
+    shards.add_argument("--frames", type=int, default=8, help="frames per clip")
+    shards.add_argument("--frame-size", type=int, default=32, help="side of the square frames in pixels")
+    shards.add_argument("--seconds", type=float, default=4.0, help="seconds of each video kept")
+    shards.add_argument("--n-mels", type=int, default=32, help="log-mel bands of the audio")
+    shards.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    shards.add_argument("--test-fraction", type=float, default=0.05, help="share of clips held out for test")
     p.set_defaults(func=_cmd_prep)
 
     p = sub.add_parser("bench", help="run a benchmark and write a Markdown report")

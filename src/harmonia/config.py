@@ -199,8 +199,9 @@ PREPARED_DATASETS = ("cremad", "kinetics_sounds", "vggsound", "ave")
 class DataConfig:
     name: str = param(
         "avdigits",
-        help="dataset: 'avdigits' (audio, image), 'trimodal_avdigits' (video, audio, text), or a folder "
-        "prepared by harmonia prep: 'cremad', 'kinetics_sounds', 'vggsound', 'ave' (audio, visual)",
+        help="dataset: 'avdigits' (audio, image), 'trimodal_avdigits' (video, audio, text), a folder "
+        "prepared by harmonia prep: 'cremad', 'kinetics_sounds', 'vggsound', 'ave' (audio, visual), or "
+        "'shards' (video, audio, text; written by harmonia prep shards)",
     )
     modalities: list[str] = param(
         default_factory=lambda: ["audio", "image"],
@@ -211,7 +212,7 @@ class DataConfig:
         default_factory=TriModalConfig, help="tri-modal AV-Digits (data.name=trimodal_avdigits)"
     )
     root: str | None = param(
-        None, help="prepared datasets: the folder harmonia prep wrote (--dst), holding index.csv"
+        None, help="prepared datasets and shards: the folder harmonia prep wrote (--dst)"
     )
     frames: int | None = param(
         None,
@@ -221,9 +222,13 @@ class DataConfig:
     image_size: int = param(224, help="prepared datasets: side of the square frame crops", ge=16)
     num_workers: int = param(
         4,
-        help="prepared datasets: DataLoader worker processes that decode frames (0: in the main process)",
+        help="prepared datasets and shards: DataLoader worker processes that read the data (0: in the "
+        "main process)",
         ge=0,
     )
+    captions: int = param(4, help="shards: transcript lines kept per clip (the MIL-NCE bag)", ge=1)
+    words: int = param(16, help="shards: words kept per transcript line", ge=1)
+    shuffle_buffer: int = param(1000, help="shards: samples each reading stream shuffles among", ge=1)
 
 
 @dataclass
@@ -445,7 +450,7 @@ class ExperimentConfig:
         _coerce_enums(self, "")
         datasets = {
             TaskKind.CLASSIFY: ("avdigits", *PREPARED_DATASETS),
-            TaskKind.PRETRAIN: ("trimodal_avdigits",),
+            TaskKind.PRETRAIN: ("trimodal_avdigits", "shards"),
         }
         known = [name for names in datasets.values() for name in names]
         if self.data.name not in known:
@@ -458,6 +463,10 @@ class ExperimentConfig:
             raise ConfigError(
                 f"task={self.task.value} trains on data.name={' or '.join(datasets[self.task])}, not "
                 f"{self.data.name}; see configs/ for an example of each task"
+            )
+        if self.data.name == "shards" and self.data.root is None:
+            raise ConfigError(
+                "data.root: data.name=shards reads the folder harmonia prep shards wrote; set data.root=DIR"
             )
         if self.data.name in PREPARED_DATASETS and self.data.root is None:
             raise ConfigError(

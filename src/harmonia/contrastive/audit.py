@@ -54,6 +54,12 @@ def audit_conflicts(
         raise ConfigError("harmonia audit scores pre-training triplets: give a task=pretrain config")
     if mode not in ("feature", "parameter"):
         raise ConfigError(f"audit mode must be 'feature' or 'parameter', got {mode!r}")
+    if cfg.data.name == "shards":
+        raise ConfigError(
+            "harmonia audit scores tri-modal AV-Digits against its ground truth; for shards, train with "
+            "harmonize.mode=feature: the run folder's conflicts/epoch_*.npz rank every training triplet "
+            "(index = shard number x shard size + place in the shard) by conflict"
+        )
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
         raise CheckpointError(f"no checkpoint at {checkpoint}; train the config first (harmonia train ...)")

@@ -63,7 +63,8 @@ class HarmonizeCallback(Callback):
         )
         kept = kept.bool()
         self._indices, self._cosines, self._kept = [], [], []
-        flags = trainer.dataset.split("train").noisy[index]
+        truth = getattr(trainer.dataset, "train_noise", None)  # None: real data has no ground truth
+        flags = truth[index] if truth is not None else torch.zeros(len(index), dtype=torch.bool)
         if trainer.dist.is_main:
             folder = trainer.run_dir / CONFLICTS_DIR
             folder.mkdir(exist_ok=True)

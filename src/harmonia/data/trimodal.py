@@ -74,6 +74,11 @@ class TriModalAVDigits:
             raise DataError(f"tri-modal AV-Digits has no split {name!r}; splits: {', '.join(SPLITS)}")
         return self.splits[name]
 
+    @property
+    def train_noise(self) -> Tensor:
+        """Ground truth of the injected noise: per training triplet, whether a modality was swapped."""
+        return self.splits["train"].noisy
+
 
 def load_trimodal_avdigits(
     cfg: TriModalConfig | None = None,

@@ -28,9 +28,12 @@ PRETRAIN_MODALITIES = ("video", "audio", "text")
 
 
 class VideoTokenizer(nn.Module):
-    """[B, 1, T, H, W] clips → [B, (T/t)(H/h)(W/w), D] tubelet tokens plus learned positions."""
+    """[B, C, T, H, W] clips (C = 1 grey or 3 RGB) → [B, (T/t)(H/h)(W/w), D] tubelet tokens plus learned
+    positions."""
 
-    def __init__(self, frames: int, size: int, tubelet: tuple[int, int, int], width: int) -> None:
+    def __init__(
+        self, frames: int, size: int, tubelet: tuple[int, int, int], width: int, channels: int = 1
+    ) -> None:
         super().__init__()
         grid = (frames // tubelet[0], size // tubelet[1], size // tubelet[2])
         if min(grid) < 1 or frames % tubelet[0] or size % tubelet[1] or size % tubelet[2]:
@@ -38,8 +41,8 @@ class VideoTokenizer(nn.Module):
                 f"pretrain.tubelet {list(tubelet)} must divide the clip [frames {frames}, {size}x{size}]; "
                 f"choose divisors, e.g. [2, 4, 4]"
             )
-        self.shape = (1, frames, size, size)
-        self.proj = nn.Conv3d(1, width, kernel_size=tubelet, stride=tubelet)
+        self.shape = (channels, frames, size, size)
+        self.proj = nn.Conv3d(channels, width, kernel_size=tubelet, stride=tubelet)
         self.position = nn.Parameter(torch.zeros(1, grid[0] * grid[1] * grid[2], width))
         nn.init.normal_(self.position, std=0.02)
 
@@ -141,6 +144,7 @@ class TriModalPretrainModel(nn.Module):
         video_shape: (frames, frame size) of the clips.
         audio_shape: (mel bands, frames) of the spectrograms.
         vocabulary_size, text_length: word vocabulary and maximum caption length.
+        video_channels: 1 (grey, tri-modal AV-Digits) or 3 (RGB, shards of real video).
     """
 
     def __init__(
@@ -150,12 +154,18 @@ class TriModalPretrainModel(nn.Module):
         audio_shape: tuple[int, int],
         vocabulary_size: int,
         text_length: int,
+        video_channels: int = 1,
     ) -> None:
         super().__init__()
         self.backbone_kind = cfg.backbone
         self.tokenizers = nn.ModuleDict(
             {
-                "video": VideoTokenizer(*video_shape, tuple(cfg.tubelet), cfg.width),  # type: ignore[arg-type]
+                "video": VideoTokenizer(
+                    *video_shape,  # type: ignore[arg-type]
+                    tuple(cfg.tubelet),  # type: ignore[arg-type]
+                    cfg.width,
+                    video_channels,
+                ),
                 "audio": SpectrogramTokenizer(*audio_shape, tuple(cfg.audio_patch), cfg.width),  # type: ignore[arg-type]
             }
         )
@@ -193,15 +203,20 @@ class TriModalPretrainModel(nn.Module):
             return [*params, *self.backbone.parameters(), self.modality_embedding["video"]]
         return [*params, *self.backbones["video"].parameters()]
 
-    def tokenize_captions(self, captions: list[list[str]]) -> tuple[Tensor, Tensor]:
-        """Caption bags (K strings per clip) → ids [N, K, L] and word mask [N, K, L] for this text encoder."""
-        k = len(captions[0]) if captions else 0
-        flat = [c for bag in captions for c in bag]
+    def tokenize_captions(self, captions: list[list[str]], k: int | None = None) -> tuple[Tensor, Tensor]:
+        """Caption bags → ids [N, K, L] and word mask [N, K, L] for this text encoder. Bags may differ in
+        size (transcripts): each is cut or padded to K (default: the largest bag) with candidates whose
+        mask is all False, which the losses leave out."""
+        k = k or max((len(bag) for bag in captions), default=0)
+        sizes = torch.tensor([min(len(bag), k) for bag in captions])
+        flat = [c for bag in captions for c in (list(bag[:k]) + [""] * (k - len(bag)))]
         if self.minilm is not None:
             ids, mask = self.minilm.tokenize(flat)
         else:
             ids, mask = native_captions.tokenize(flat)
-        return ids.view(len(captions), k, -1), mask.view(len(captions), k, -1)
+        ids, mask = ids.view(len(captions), k, -1), mask.view(len(captions), k, -1)
+        padded = torch.arange(k)[None, :] >= sizes[:, None]  # [N, K]
+        return ids.masked_fill(padded[..., None], 0), mask & ~padded[..., None]
 
     def encode_tokens(self, modality: str, tokens: Tensor, padding: Tensor | None = None) -> Tensor:
         """Run ``modality``'s tokens [N, S, D] through its backbone; ``padding`` [N, S] is True on pads."""

@@ -8,6 +8,7 @@ and logging come from :class:`~harmonia.train.base.BaseTrainer`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from harmonia.contrastive.finegrained import token_scores
 from harmonia.contrastive.harmonize import GradientHarmonizer
 from harmonia.contrastive.hooks import HarmonizeCallback
 from harmonia.data.loader import BatchLoader
+from harmonia.data.shards import ShardCorpus, ShardLoader, ShardSplit, ShardStream
 from harmonia.data.trimodal import TriModalAVDigits, TriModalSplit, load_trimodal_avdigits
 from harmonia.errors import ConfigError
 from harmonia.eval.probe import linear_probe
@@ -82,6 +84,28 @@ class PretrainTrainer(BaseTrainer):
 
     def setup(self, dataset: TriModalAVDigits | None) -> None:
         cfg = self.cfg
+        if cfg.data.name == "shards":
+            self._setup_shards()
+        else:
+            self._setup_trimodal(dataset)
+        p = cfg.pretrain
+        self.loss = VATTLoss(
+            p.temperature,
+            p.weight_va,
+            p.weight_vt,
+            va=p.va_loss,
+            vt=p.vt_loss,
+            finegrained=FineGrainedNCE(p.temperature, p.tau_att, p.pool_direction, p.chunk_size or None),
+        )
+        self.last_losses: VATTLossOutput | None = None
+        self.harmonize = build_harmonize_callback(
+            cfg.harmonize, self.model, len(self.train_loader), cfg.pretrain
+        )
+        if self.harmonize is not None:
+            self.callbacks.insert(0, self.harmonize)
+
+    def _setup_trimodal(self, dataset: TriModalAVDigits | None) -> None:
+        cfg = self.cfg
         self.dataset = dataset or load_trimodal_avdigits(
             cfg.data.trimodal, cfg.data.avdigits, progress=self.progress
         )
@@ -99,15 +123,6 @@ class PretrainTrainer(BaseTrainer):
         if cfg.pretrain.text_encoder is not TextEncoderKind.NATIVE:
             for split in self.dataset.splits.values():  # captions as this text encoder tokenizes them
                 split.inputs["text"], split.inputs["text_mask"] = self.model.tokenize_captions(split.captions)
-        p = cfg.pretrain
-        self.loss = VATTLoss(
-            p.temperature,
-            p.weight_va,
-            p.weight_vt,
-            va=p.va_loss,
-            vt=p.vt_loss,
-            finegrained=FineGrainedNCE(p.temperature, p.tau_att, p.pool_direction, p.chunk_size or None),
-        )
         self.train_loader = BatchLoader(
             {k: train.inputs[k] for k in INPUT_KEYS},
             train.labels,
@@ -123,12 +138,45 @@ class PretrainTrainer(BaseTrainer):
                 f"train.batch_size={cfg.train.batch_size} exceeds the {len(train)} training triplets; "
                 f"lower train.batch_size"
             )
-        self.last_losses: VATTLossOutput | None = None
-        self.harmonize = build_harmonize_callback(
-            cfg.harmonize, self.model, len(self.train_loader), cfg.pretrain
+
+    def _setup_shards(self) -> None:
+        """Pre-train on the shards ``harmonia prep shards`` wrote (RGB video, log-mel audio, transcripts);
+        retrieval is evaluated on their test split, and there is no probe (shards carry no labels)."""
+        cfg, data = self.cfg, self.cfg.data
+        assert data.root is not None  # the config checks it
+        corpus = ShardCorpus(data.root, captions=data.captions, words=data.words)
+        self.dataset = corpus
+        self.modalities = list(corpus.modalities)
+        self.eval_splits = ("test",)
+        self.model = TriModalPretrainModel(
+            cfg.pretrain,
+            video_shape=(corpus.frames, corpus.frame_size),
+            audio_shape=(corpus.n_mels, corpus.audio_frames),
+            vocabulary_size=len(corpus.vocabulary),
+            text_length=data.words,
+            video_channels=3,
         )
-        if self.harmonize is not None:
-            self.callbacks.insert(0, self.harmonize)
+        self.model = self.prepare_model(self.model)  # type: ignore[assignment]
+        retokenize = None
+        if cfg.pretrain.text_encoder is not TextEncoderKind.NATIVE:
+            retokenize = functools.partial(self.model.tokenize_captions, k=data.captions)
+            test = corpus.split("test")
+            test.inputs["text"], test.inputs["text_mask"] = retokenize(test.captions)
+        world, batch = self.dist.world_size, cfg.train.batch_size
+        if batch % world:
+            raise ConfigError(
+                f"train.batch_size={batch} (the global batch) is not a multiple of the {world} ranks"
+            )
+        steps = corpus.samples("train") // batch
+        if steps == 0:
+            raise ConfigError(
+                f"train.batch_size={batch} exceeds the {corpus.samples('train')} training clips of "
+                f"{corpus.root}; lower train.batch_size"
+            )
+        stream = ShardStream(
+            corpus, batch // world, steps, cfg.train.seed, self.dist.rank, world, data.shuffle_buffer
+        )
+        self.train_loader = ShardLoader(stream, data.num_workers, retokenize)
 
     def forward(self, inputs: dict[str, Tensor]) -> PretrainOutput:
         """The model's output, with token outputs when a loss is fine-grained (through
@@ -171,7 +219,7 @@ class PretrainTrainer(BaseTrainer):
     # evaluation
 
     @torch.no_grad()
-    def embed(self, split: TriModalSplit) -> dict[str, Tensor]:
+    def embed(self, split: TriModalSplit | ShardSplit) -> dict[str, Tensor]:
         """Embeddings and pooled backbone features of a whole split, in eval mode, on the CPU.
 
         A clip's text is its caption bag: the mean of its candidates' (normalized) embeddings,
@@ -238,8 +286,11 @@ class PretrainTrainer(BaseTrainer):
         """Digit linear-probe test accuracy on each modality's frozen pooled backbone features.
 
         Training labels are the digit each modality actually shows (a swapped caption is labelled with
-        its own digit), so the probe measures the representation, not the injected noise.
+        its own digit), so the probe measures the representation, not the injected noise. Shards carry no
+        labels: no probe (an empty result).
         """
+        if isinstance(self.dataset, ShardCorpus):
+            return {}
         train, test = self.dataset.split("train"), self.dataset.split("test")
         e_train, e_test = self.embed(train), self.embed(test)
         return {

@@ -1,0 +1,529 @@
+"""Pre-training data at scale: WebDataset-style tar shards of (video, audio, text), and a stream reading them.
+
+Writing (``harmonia prep shards --src VIDEOS --dst SHARDS``): every video under ``--src`` (``.mp4``, ``.mkv``,
+``.webm``, ``.avi``, ``.flv``, ``.mov``, in sub-folders too) with a transcript beside it (same name, ``.txt``;
+each non-empty line is one caption candidate, as HowTo100M's ASR segments) becomes one sample:
+
+* ``<key>.video.npy``: uint8 [T, S, S, 3], T frames evenly spaced over the first ``seconds`` of the clip,
+  center-cropped and resized to S × S;
+* ``<key>.audio.npy``: float16 [n_mels, frames], the z-normalized log-mel spectrogram of the first
+  ``seconds`` at 16 kHz (zero-padded when the clip is shorter);
+* ``<key>.txt``: the transcript lines.
+
+A fixed share of the clips (by a hash of the key, so stable across reruns) goes to the ``test`` split. Each
+split's clips, sorted by key, fill shards of ``shard_size`` samples (``train-000000.tar``, ...). A shard is
+written under a temporary name and renamed when complete, so a rerun writes only missing shards and a killed
+run loses at most the shards in flight; a clip that cannot be decoded is skipped and listed in
+``prep_report.json``. ``shards.json`` describes the set: shapes, the shards and sample counts of each split,
+and the word vocabulary of the training transcripts (for the native text encoder).
+
+Reading (:class:`ShardStream`): each training epoch draws an order of the shards from (seed, epoch); the
+``world_size × num_workers`` reading streams take disjoint sets of shards, shuffle samples through a buffer
+and each yields its share of the epoch's ``samples // global batch`` steps, so every rank gets the same number
+of batches. When there are fewer shards than streams, streams share shards and samples repeat within an epoch
+(a warning says so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import random
+import tarfile
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm.auto import tqdm
+
+from harmonia.data.media import MediaError, read_audio, read_frames
+from harmonia.errors import InputError
+
+SHARD_FORMAT = 1
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".flv", ".mov")
+PAD, UNKNOWN = "<pad>", "<unk>"
+
+
+@dataclass
+class ShardSettings:
+    """What each sample holds and how the samples are grouped (``harmonia prep shards`` flags)."""
+
+    frames: int = 8
+    frame_size: int = 32
+    seconds: float = 4.0
+    sample_rate: int = 16000
+    n_mels: int = 32
+    hop_seconds: float = 0.02
+    shard_size: int = 1000
+    test_fraction: float = 0.05
+    max_vocabulary: int = 30000
+
+    @property
+    def audio_frames(self) -> int:
+        """Spectrogram frames of a ``seconds`` clip (centered STFT: one frame per hop, plus one)."""
+        hop = int(round(self.hop_seconds * self.sample_rate))
+        return 1 + int(round(self.seconds * self.sample_rate)) // hop
+
+
+@dataclass
+class TranscribedVideo:
+    key: str
+    video: Path
+    transcript: Path
+    split: str
+
+
+@dataclass
+class ShardReport:
+    written: list[str] = field(default_factory=list)
+    already_done: list[str] = field(default_factory=list)
+    samples: dict[str, int] = field(default_factory=dict)
+    failed: list[dict[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        total = sum(self.samples.values())
+        return (
+            f"wrote {len(self.written)} shards, {len(self.already_done)} already done; {total} samples "
+            f"({', '.join(f'{s}: {n}' for s, n in sorted(self.samples.items()))}), {len(self.failed)} skipped"
+            + (" (see prep_report.json)" if self.failed else "")
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# writing
+
+
+def _split_of(key: str, test_fraction: float) -> str:
+    digest = hashlib.sha1(key.encode()).digest()
+    return "test" if int.from_bytes(digest[:4], "big") / 2**32 < test_fraction else "train"
+
+
+def scan_transcribed_videos(
+    src: str | Path, test_fraction: float
+) -> tuple[list[TranscribedVideo], list[dict[str, str]]]:
+    """Videos under ``src`` with their ``.txt`` transcripts (a video without one is reported, not used)."""
+    src = Path(src)
+    if not src.is_dir():
+        raise InputError(f"--src {src} is not a folder")
+    clips, problems = [], []
+    for path in sorted(p for p in src.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()):
+        relative = path.relative_to(src).with_suffix("")
+        key = "_".join(relative.parts).replace(".", "_")
+        transcript = path.with_suffix(".txt")
+        if not transcript.is_file():
+            problems.append({"id": key, "file": str(path), "reason": f"missing transcript {transcript.name}"})
+            continue
+        clips.append(TranscribedVideo(key, path, transcript, _split_of(key, test_fraction)))
+    if not clips and not problems:
+        raise InputError(f"no videos ({', '.join(VIDEO_SUFFIXES)}) under {src} (see docs/pretraining.md)")
+    return clips, problems
+
+
+def encode_clip(clip: TranscribedVideo, settings: ShardSettings) -> dict[str, Any]:
+    """One sample's arrays and transcript lines. Raises :class:`MediaError` for undecodable media."""
+    from PIL import Image
+
+    from harmonia.data.audio_features import log_mel_spectrogram
+
+    decoded = read_frames(clip.video, fps=settings.frames / settings.seconds, max_frames=settings.frames)
+    picks = np.linspace(0, len(decoded) - 1, settings.frames).round().astype(int)  # repeat a short clip's
+    size = settings.frame_size
+    frames = []
+    for frame in decoded[picks]:
+        image = Image.fromarray(frame)
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        box = (left, top, left + side, top + side)
+        frames.append(np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, box=box)))
+    wave = read_audio(clip.video, settings.sample_rate)[: int(round(settings.seconds * settings.sample_rate))]
+    padded = np.zeros(int(round(settings.seconds * settings.sample_rate)), np.float32)
+    padded[: len(wave)] = wave
+    spectrogram = log_mel_spectrogram(
+        torch.from_numpy(padded)[None],
+        settings.sample_rate,
+        n_mels=settings.n_mels,
+        hop_seconds=settings.hop_seconds,
+    )[0]
+    lines = [line.strip() for line in clip.transcript.read_text(errors="replace").splitlines()]
+    if not any(lines):
+        raise MediaError(f"transcript {clip.transcript.name} is empty")
+    return {
+        "video": np.stack(frames).astype(np.uint8),
+        "audio": spectrogram.numpy().astype(np.float16),
+        "text": [line for line in lines if line],
+    }
+
+
+def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def write_shard(
+    path: Path, clips: Sequence[TranscribedVideo], settings: ShardSettings
+) -> tuple[int, list[dict[str, str]], dict[str, int]]:
+    """Write one shard atomically; returns (samples written, clips skipped, word counts)."""
+    failed, words, samples = [], Counter[str](), 0
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tarfile.open(tmp, "w") as tar:
+        for clip in clips:
+            try:
+                sample = encode_clip(clip, settings)
+            except MediaError as exc:
+                failed.append({"id": clip.key, "file": str(clip.video), "reason": str(exc)})
+                continue
+            except Exception as exc:  # an unexpected decoder failure must not stop the shard
+                reason = f"{type(exc).__name__}: {exc}"
+                failed.append({"id": clip.key, "file": str(clip.video), "reason": reason})
+                continue
+            _add(tar, f"{clip.key}.video.npy", _npy(sample["video"]))
+            _add(tar, f"{clip.key}.audio.npy", _npy(sample["audio"]))
+            _add(tar, f"{clip.key}.txt", "\n".join(sample["text"]).encode())
+            words.update(w for line in sample["text"] for w in line.lower().split())
+            samples += 1
+    sidecar = {"samples": samples, "failed": failed, "words": dict(words)}
+    path.with_suffix(".json").write_text(json.dumps(sidecar))
+    os.replace(tmp, path)  # the completion marker: written last
+    return samples, failed, dict(words)
+
+
+def _single_threaded_worker() -> None:
+    """A forked process must not enter the parent's OpenMP thread pool (it would deadlock); torch's
+    DataLoader workers do the same."""
+    torch.set_num_threads(1)
+
+
+def _write_shard_job(path: str, clips: list[TranscribedVideo], settings: ShardSettings) -> str:
+    write_shard(Path(path), clips, settings)
+    return path
+
+
+def write_shards(
+    src: str | Path,
+    dst: str | Path,
+    settings: ShardSettings | None = None,
+    workers: int = 1,
+    progress: bool = True,
+) -> ShardReport:
+    """Write the shards of every transcribed video under ``src`` that are not yet written, then
+    ``shards.json`` and ``prep_report.json`` (see the module docstring)."""
+    settings = settings or ShardSettings()
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    clips, problems = scan_transcribed_videos(src, settings.test_fraction)
+    report = ShardReport(failed=list(problems))
+    jobs: dict[str, list[TranscribedVideo]] = {}
+    for split in ("train", "test"):
+        members = sorted((c for c in clips if c.split == split), key=lambda c: c.key)
+        for n, start in enumerate(range(0, len(members), settings.shard_size)):
+            jobs[f"{split}-{n:06d}.tar"] = members[start : start + settings.shard_size]
+    todo = {name: group for name, group in jobs.items() if not (dst / name).is_file()}
+    report.already_done = sorted(set(jobs) - set(todo))
+    bar = tqdm(total=len(todo), desc="prep shards", disable=not progress, unit="shard")
+    parallel = workers > 1 and len(todo) > 1
+    pool_context = ProcessPoolExecutor(workers, initializer=_single_threaded_worker) if parallel else None
+    with pool_context or contextlib.nullcontext() as pool:
+        if pool is None:
+            done: Any = (_write_shard_job(str(dst / n), g, settings) for n, g in todo.items())
+        else:
+            futures = [pool.submit(_write_shard_job, str(dst / n), g, settings) for n, g in todo.items()]
+            done = (f.result() for f in as_completed(futures))
+        for path in done:
+            report.written.append(Path(path).name)
+            bar.update()
+    bar.close()
+    report.written.sort()
+    splits: dict[str, dict[str, Any]] = {}
+    words: Counter[str] = Counter()
+    for name in sorted(jobs):
+        sidecar = json.loads((dst / name).with_suffix(".json").read_text())
+        split = name.split("-")[0]
+        entry = splits.setdefault(split, {"shards": [], "samples": 0})
+        if sidecar["samples"]:
+            entry["shards"].append(name)
+            entry["samples"] += sidecar["samples"]
+        report.failed += sidecar["failed"]
+        if split == "train":
+            words.update(sidecar["words"])
+    report.samples = {s: e["samples"] for s, e in splits.items()}
+    vocabulary = [PAD, UNKNOWN, *sorted(w for w, _ in words.most_common(settings.max_vocabulary))]
+    index = {
+        "format": SHARD_FORMAT,
+        "settings": asdict(settings),
+        "audio_frames": settings.audio_frames,
+        "splits": splits,
+        "vocabulary": vocabulary,
+    }
+    tmp = dst / ".shards.json.tmp"
+    tmp.write_text(json.dumps(index, indent=1))
+    os.replace(tmp, dst / "shards.json")
+    (dst / "prep_report.json").write_text(json.dumps(asdict(report), indent=1))
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# reading
+
+
+def read_shard(path: Path) -> Iterator[dict[str, Any]]:
+    """The samples of one shard, in order: ``{"key", "video", "audio", "text"}``."""
+    current: dict[str, Any] = {}
+    try:
+        with tarfile.open(path, "r|") as tar:
+            for member in tar:
+                key, _, kind = member.name.partition(".")
+                handle = tar.extractfile(member)
+                if handle is None:
+                    continue
+                payload = handle.read()
+                if current and current["key"] != key:
+                    yield current
+                    current = {}
+                current["key"] = key
+                if kind == "txt":
+                    current["text"] = [line for line in payload.decode().splitlines() if line.strip()]
+                else:
+                    current[kind.removesuffix(".npy")] = np.load(io.BytesIO(payload))
+    except (tarfile.TarError, OSError, ValueError) as exc:
+        raise InputError(
+            f"shard {path} is damaged ({exc}); delete it and its .json and run harmonia prep shards again "
+            f"to rewrite it"
+        ) from exc
+    if current:
+        yield current
+
+
+class WordTokenizer:
+    """Caption bags → word ids [N, K, L] (0: padding, 1: unknown word) and the mask of real words."""
+
+    def __init__(self, vocabulary: Sequence[str], captions: int, length: int) -> None:
+        self.ids = {w: i for i, w in enumerate(vocabulary)}
+        self.captions, self.length = captions, length
+
+    def __call__(self, bags: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor]:
+        ids = torch.zeros(len(bags), self.captions, self.length, dtype=torch.long)
+        unknown = self.ids[UNKNOWN]
+        for i, bag in enumerate(bags):
+            for k, caption in enumerate(list(bag)[: self.captions]):
+                words = caption.lower().split()[: self.length]
+                if words:
+                    ids[i, k, : len(words)] = torch.tensor([self.ids.get(w, unknown) for w in words])
+        return ids, ids != 0
+
+
+def sample_inputs(samples: Sequence[dict[str, Any]], tokenize: WordTokenizer) -> dict[str, Tensor]:
+    """Model inputs of a list of samples: video [N, 3, T, S, S] scaled to about zero mean and unit
+    variance, audio [N, 1, n_mels, frames], text ids and mask [N, K, L]."""
+    video = torch.from_numpy(np.stack([s["video"] for s in samples])).permute(0, 4, 1, 2, 3)
+    audio = torch.from_numpy(np.stack([s["audio"] for s in samples]).astype(np.float32))[:, None]
+    text, mask = tokenize([s["text"] for s in samples])
+    return {"video": (video.float() / 255 - 0.45) / 0.225, "audio": audio, "text": text, "text_mask": mask}
+
+
+@dataclass
+class ShardSplit:
+    """A split of shards held in memory (evaluation): model inputs and the caption bags."""
+
+    inputs: dict[str, Tensor]
+    captions: list[list[str]]
+
+    def __len__(self) -> int:
+        return int(self.inputs["video"].shape[0])
+
+
+class ShardCorpus:
+    """A folder written by ``harmonia prep shards`` (``shards.json`` and the shards).
+
+    Args:
+        root: the folder.
+        captions: caption candidates kept per clip (the MIL-NCE bag).
+        words: words kept per caption.
+    """
+
+    def __init__(self, root: str | Path, captions: int = 4, words: int = 16) -> None:
+        self.root = Path(root)
+        path = self.root / "shards.json"
+        if not path.is_file():
+            raise InputError(
+                f"{path} not found: write the shards with harmonia prep shards --dst {self.root}"
+            )
+        try:
+            self.index = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise InputError(
+                f"{path} is damaged ({exc}); run harmonia prep shards again to rewrite it"
+            ) from exc
+        if self.index.get("format") != SHARD_FORMAT:
+            raise InputError(
+                f"{path} has format {self.index.get('format')}; this harmonia reads {SHARD_FORMAT}"
+            )
+        settings = self.index["settings"]
+        self.frames, self.frame_size = int(settings["frames"]), int(settings["frame_size"])
+        self.n_mels, self.audio_frames = int(settings["n_mels"]), int(self.index["audio_frames"])
+        self.vocabulary: list[str] = list(self.index["vocabulary"])
+        self.tokenize = WordTokenizer(self.vocabulary, captions, words)
+        self.captions, self.words = captions, words
+        self.modalities = ("video", "audio", "text")
+        self.shard_size = int(settings["shard_size"])
+        self._loaded: dict[str, ShardSplit] = {}
+        for split in ("train", "test"):
+            if not self.index["splits"].get(split, {}).get("samples"):
+                raise InputError(
+                    f"{self.root} has no {split} samples; write more clips (or raise --test-fraction) with "
+                    f"harmonia prep shards"
+                )
+
+    def samples(self, split: str) -> int:
+        return int(self.index["splits"][split]["samples"])
+
+    def shards(self, split: str) -> list[Path]:
+        return [self.root / name for name in self.index["splits"][split]["shards"]]
+
+    def split(self, name: str) -> ShardSplit:
+        """A whole split in memory (read once, then kept): for evaluation."""
+        if name not in self._loaded:
+            samples = [s for shard in self.shards(name) for s in read_shard(shard)]
+            self._loaded[name] = ShardSplit(
+                sample_inputs(samples, self.tokenize), [s["text"][: self.captions] for s in samples]
+            )
+        return self._loaded[name]
+
+
+class ShardStream(IterableDataset):
+    """Training batches streamed from the shards of a :class:`ShardCorpus` (see the module docstring).
+
+    Args:
+        corpus: the shards.
+        batch_size: this rank's batch (the global batch / world size).
+        steps: batches per epoch, the same on every rank.
+        seed: seed of the shard order and the shuffle buffer.
+        rank, world_size: this rank and the number of ranks.
+        shuffle_buffer: samples held for shuffling within each stream.
+    """
+
+    def __init__(
+        self,
+        corpus: ShardCorpus,
+        batch_size: int,
+        steps: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 1000,
+    ) -> None:
+        self.corpus, self.batch_size, self.steps = corpus, batch_size, steps
+        self.seed, self.rank, self.world_size, self.shuffle_buffer = seed, rank, world_size, shuffle_buffer
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def stream_shards(self, stream: int, streams: int) -> list[Path]:
+        """The shards reading stream ``stream`` of ``streams`` takes this epoch (disjoint when there are
+        enough shards; shared, round-robin, when there are fewer shards than streams)."""
+        shards = self.corpus.shards("train")
+        generator = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        order = torch.randperm(len(shards), generator=generator).tolist()
+        return [shards[order[i % len(shards)]] for i in range(stream, max(len(shards), streams), streams)]
+
+    def _samples(self, shards: list[Path], rng: random.Random) -> Iterator[dict[str, Any]]:
+        """Endless samples of ``shards`` (reshuffled each pass), through a shuffle buffer."""
+        buffer: list[dict[str, Any]] = []
+        while True:
+            for shard in rng.sample(shards, len(shards)):
+                first = int(shard.stem.split("-")[1]) * self.corpus.shard_size
+                for offset, sample in enumerate(read_shard(shard)):
+                    sample["index"] = first + offset  # shard number x shard size + place in the shard
+                    if len(buffer) < self.shuffle_buffer:
+                        buffer.append(sample)
+                        continue
+                    i = rng.randrange(len(buffer))
+                    buffer[i], sample = sample, buffer[i]
+                    yield sample
+            while buffer:  # end of a pass over the shards
+                yield buffer.pop(rng.randrange(len(buffer)))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        stream, streams = self.rank * workers + worker, self.world_size * workers
+        rng = random.Random(f"{self.seed}:{self.epoch}:{stream}")
+        samples = self._samples(self.stream_shards(stream, streams), rng)
+        for _ in range(worker, self.steps, workers):  # the DataLoader takes workers' batches in turn
+            batch = [next(samples) for _ in range(self.batch_size)]
+            yield {
+                "inputs": sample_inputs(batch, self.corpus.tokenize),
+                "captions": [s["text"][: self.corpus.captions] for s in batch],
+                "keys": [s["key"] for s in batch],
+                "indices": torch.tensor([s["index"] for s in batch]),
+            }
+
+
+class ShardLoader:
+    """The pre-training trainer's loader over a :class:`ShardStream`: ``len`` is the steps per epoch.
+
+    ``retokenize`` (caption bags → ids, mask) replaces the native word ids, for another text encoder.
+    """
+
+    def __init__(
+        self,
+        stream: ShardStream,
+        num_workers: int = 0,
+        retokenize: Callable[[list[list[str]]], tuple[Tensor, Tensor]] | None = None,
+    ) -> None:
+        self.stream, self.num_workers, self.retokenize = stream, num_workers, retokenize
+        shards, streams = len(stream.corpus.shards("train")), stream.world_size * max(1, num_workers)
+        if shards < streams:
+            warnings.warn(
+                f"{shards} training shards for {streams} reading streams (ranks x data.num_workers): streams "
+                f"share shards and samples repeat within an epoch; write smaller shards (--shard-size) or "
+                f"lower data.num_workers",
+                stacklevel=2,
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.stream.steps
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in DataLoader(self.stream, batch_size=None, num_workers=self.num_workers):
+            if self.retokenize is not None:
+                batch["inputs"]["text"], batch["inputs"]["text_mask"] = self.retokenize(batch["captions"])
+            yield batch
+
+
+__all__ = [
+    "SHARD_FORMAT",
+    "ShardCorpus",
+    "ShardLoader",
+    "ShardReport",
+    "ShardSettings",
+    "ShardSplit",
+    "ShardStream",
+    "TranscribedVideo",
+    "WordTokenizer",
+    "read_shard",
+    "scan_transcribed_videos",
+    "write_shard",
+    "write_shards",
+]
