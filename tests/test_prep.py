@@ -95,6 +95,9 @@ def test_prep_cremad_reports_bad_clips_and_is_idempotent_and_resumable(
     assert main(args) == 0
     assert json.loads((dst / "prep_report.json").read_text())["prepared"] == ["1002_IEO_HAP_HI"]
     assert _index(dst) == index
+    capsys.readouterr()
+    assert main([*args, "--fps", "2"]) == 2  # finished clips of another recipe must not be mixed in
+    assert "other settings (fps: 1.0 -> 2.0)" in capsys.readouterr().err
 
 
 def test_prep_reads_the_kinetics_sounds_ave_and_vggsound_layouts(tmp_path: Path) -> None:

@@ -62,6 +62,8 @@ def test_prep_shards_writes_resumable_shards_and_reports_bad_clips(
     (dst / first).unlink()  # as if killed while writing it
     assert main(_prep(src, dst, "--test-fraction", "0.25")) == 0
     assert "wrote 1 shards" in capsys.readouterr().out and (dst / first).read_bytes() == before
+    assert main([*_prep(src, dst, "--test-fraction", "0.25"), "--frames", "2"]) == 2
+    assert "other settings (frames: 4 -> 2)" in capsys.readouterr().err
 
 
 def test_word_tokenizer_pads_bags_and_marks_unknown_words() -> None:

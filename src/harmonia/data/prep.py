@@ -27,11 +27,13 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from harmonia.data.media import MediaError, read_audio, read_frames, tpami_spectrogram
+from harmonia.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,7 @@ def prepare(
     """
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
+    refuse_other_settings(dst / "meta.json", asdict(settings), f"harmonia prep {dataset}")
     report = PrepReport(failed=list(problems))
     todo: list[RawClip] = []
     for clip in clips:
@@ -178,6 +181,24 @@ def prepare(
     report.already_done.sort()
     (dst / "prep_report.json").write_text(json.dumps(asdict(report), indent=1))
     return report
+
+
+def refuse_other_settings(index: Path, settings: dict[str, Any], command: str) -> None:
+    """Refuse to add to a folder written with other settings (its finished parts would be mixed in)."""
+    if not index.is_file():
+        return
+    try:
+        earlier = json.loads(index.read_text()).get("settings")
+    except json.JSONDecodeError:
+        return  # a damaged index is rewritten at the end
+    if earlier is not None and earlier != settings:
+        changed = ", ".join(
+            f"{k}: {earlier.get(k)} -> {v}" for k, v in settings.items() if earlier.get(k) != v
+        )
+        raise InputError(
+            f"{index.parent} was written by {command} with other settings ({changed}); rerun with the same "
+            f"settings to resume it, or write to a new --dst"
+        )
 
 
 def _indexed_frame_counts(dst: Path) -> dict[str, int]:

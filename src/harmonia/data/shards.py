@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from harmonia.data.media import MediaError, read_audio, read_frames
+from harmonia.data.prep import refuse_other_settings
 from harmonia.errors import InputError
 
 SHARD_FORMAT = 1
@@ -228,6 +229,7 @@ def write_shards(
     settings = settings or ShardSettings()
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
+    refuse_other_settings(dst / "shards.json", asdict(settings), "harmonia prep shards")
     clips, problems = scan_transcribed_videos(src, settings.test_fraction)
     report = ShardReport(failed=list(problems))
     jobs: dict[str, list[TranscribedVideo]] = {}
