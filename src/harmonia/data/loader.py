@@ -14,6 +14,19 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
+from harmonia.errors import ConfigError
+
+
+def local_batch_size(batch_size: int, world_size: int) -> int:
+    """Each rank's share of a global batch; the global batch must divide evenly among the ranks (else a
+    :class:`~harmonia.errors.ConfigError`, which the CLI reports as a config error)."""
+    if batch_size % world_size:
+        raise ConfigError(
+            f"batch size {batch_size} (the global batch) is not a multiple of the {world_size} ranks; "
+            f"choose train.batch_size divisible by the number of processes"
+        )
+    return batch_size // world_size
+
 
 class GlobalBatchSampler(Sampler[list[int]]):
     """Batches of indices in an order that depends only on (seed, epoch), each rank taking its contiguous
@@ -30,15 +43,10 @@ class GlobalBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if batch_size % world_size:
-            raise ValueError(
-                f"batch size {batch_size} (the global batch) is not a multiple of the {world_size} ranks; "
-                f"choose train.batch_size divisible by the number of processes"
-            )
+        share = local_batch_size(batch_size, world_size)
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.drop_last = drop_last or world_size > 1
         self.rank, self.world_size, self.epoch = rank, world_size, 0
-        share = batch_size // world_size
         #: this rank's rows of a global batch
         self.local = slice(rank * share, (rank + 1) * share) if world_size > 1 else slice(None)
 

@@ -113,13 +113,17 @@ def prepare_clip(clip: RawClip, dst: Path, settings: PrepSettings) -> int:
     return len(frames)
 
 
+def failure_reason(exc: Exception) -> str:
+    """What a report says about a clip that failed: a :class:`MediaError`'s message, or, for an unexpected
+    decoder failure (which must not stop the other clips), its type and message."""
+    return str(exc) if isinstance(exc, MediaError) else f"{type(exc).__name__}: {exc}"
+
+
 def _worker(clip: RawClip, dst: str, settings: PrepSettings) -> tuple[str, int | None, str]:
     try:
         return clip.id, prepare_clip(clip, Path(dst), settings), ""
-    except MediaError as exc:
-        return clip.id, None, str(exc)
-    except Exception as exc:  # an unexpected decoder failure must not stop the other clips
-        return clip.id, None, f"{type(exc).__name__}: {exc}"
+    except Exception as exc:
+        return clip.id, None, failure_reason(exc)
 
 
 def prepare(

@@ -69,7 +69,10 @@ class PreparedAVDataset(Dataset):
         self.meta = json.loads((self.root / "meta.json").read_text())
         self.classes: list[str] = list(self.meta["classes"])
         with open(self.root / "index.csv", newline="") as fh:
-            rows = [r for r in csv.DictReader(fh) if r["split"] == split]
+            every = list(csv.DictReader(fh))
+        #: the splits that have clips in this folder
+        self.available_splits = sorted({r["split"] for r in every})
+        rows = [r for r in every if r["split"] == split]
         if not rows:
             raise InputError(f"{self.root}/index.csv has no clip in split {split!r}")
         self.ids = [r["id"] for r in rows]
@@ -162,15 +165,6 @@ class PreparedAVDataset(Dataset):
         ), rng.random() < 0.5
 
 
-def prepared_splits(root: str | Path) -> list[str]:
-    """The splits that have clips in a prepared folder's ``index.csv``."""
-    path = Path(root) / "index.csv"
-    if not path.is_file():
-        raise InputError(f"{path} not found: prepare the dataset with harmonia prep first")
-    with open(path, newline="") as fh:
-        return sorted({row["split"] for row in csv.DictReader(fh)})
-
-
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Items of :class:`PreparedAVDataset` into a trainer batch ``{"inputs", "labels", "indices"}``."""
     return {
@@ -180,4 +174,4 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-__all__ = ["FRAMES", "GlobalBatchSampler", "PreparedAVDataset", "collate", "prepared_splits"]
+__all__ = ["FRAMES", "GlobalBatchSampler", "PreparedAVDataset", "collate"]

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from harmonia.data.media import MediaError, read_audio, read_frames
-from harmonia.data.prep import refuse_other_settings
+from harmonia.data.prep import failure_reason, refuse_other_settings
 from harmonia.errors import InputError
 
 SHARD_FORMAT = 1
@@ -137,6 +137,9 @@ def encode_clip(clip: TranscribedVideo, settings: ShardSettings) -> dict[str, An
 
     from harmonia.data.audio_features import log_mel_spectrogram
 
+    lines = [line.strip() for line in clip.transcript.read_text(errors="replace").splitlines()]
+    if not any(lines):
+        raise MediaError(f"transcript {clip.transcript.name} is empty")
     decoded = read_frames(clip.video, fps=settings.frames / settings.seconds, max_frames=settings.frames)
     picks = np.linspace(0, len(decoded) - 1, settings.frames).round().astype(int)  # repeat a short clip's
     size = settings.frame_size
@@ -156,9 +159,6 @@ def encode_clip(clip: TranscribedVideo, settings: ShardSettings) -> dict[str, An
         n_mels=settings.n_mels,
         hop_seconds=settings.hop_seconds,
     )[0]
-    lines = [line.strip() for line in clip.transcript.read_text(errors="replace").splitlines()]
-    if not any(lines):
-        raise MediaError(f"transcript {clip.transcript.name} is empty")
     return {
         "video": np.stack(frames).astype(np.uint8),
         "audio": spectrogram.numpy().astype(np.float16),
@@ -188,12 +188,8 @@ def write_shard(
         for clip in clips:
             try:
                 sample = encode_clip(clip, settings)
-            except MediaError as exc:
-                failed.append({"id": clip.key, "file": str(clip.video), "reason": str(exc)})
-                continue
-            except Exception as exc:  # an unexpected decoder failure must not stop the shard
-                reason = f"{type(exc).__name__}: {exc}"
-                failed.append({"id": clip.key, "file": str(clip.video), "reason": reason})
+            except Exception as exc:
+                failed.append({"id": clip.key, "file": str(clip.video), "reason": failure_reason(exc)})
                 continue
             _add(tar, f"{clip.key}.video.npy", _npy(sample["video"]))
             _add(tar, f"{clip.key}.audio.npy", _npy(sample["audio"]))

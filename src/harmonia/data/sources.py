@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from harmonia.data.avdigits import AVDigits
 from harmonia.data.loader import BatchLoader, GlobalBatchSampler
-from harmonia.data.prepared import PreparedAVDataset, collate, prepared_splits
+from harmonia.data.prepared import PreparedAVDataset, collate
 from harmonia.errors import ConfigError, InputError
 
 PREPARED_MODALITIES = ("audio", "visual")
@@ -150,7 +150,7 @@ class PreparedData:
             )
         self.num_classes = self.train.num_classes
         self.input_channels = {"audio": 1, "visual": 3}
-        splits = prepared_splits(self.root)
+        splits = self.train.available_splits
         if "test" not in splits:
             raise InputError(
                 f"{self.root}/index.csv has no clip in split 'test' (it has {splits}); the split lists "

@@ -21,7 +21,7 @@ from harmonia.contrastive.curriculum import ConflictCurriculum
 from harmonia.contrastive.finegrained import token_scores
 from harmonia.contrastive.harmonize import GradientHarmonizer
 from harmonia.contrastive.hooks import HarmonizeCallback
-from harmonia.data.loader import BatchLoader
+from harmonia.data.loader import BatchLoader, local_batch_size
 from harmonia.data.shards import ShardCorpus, ShardLoader, ShardSplit, ShardStream
 from harmonia.data.trimodal import TriModalAVDigits, TriModalSplit, load_trimodal_avdigits
 from harmonia.errors import ConfigError
@@ -163,19 +163,14 @@ class PretrainTrainer(BaseTrainer):
             test = corpus.split("test")
             test.inputs["text"], test.inputs["text_mask"] = retokenize(test.captions)
         world, batch = self.dist.world_size, cfg.train.batch_size
-        if batch % world:
-            raise ConfigError(
-                f"train.batch_size={batch} (the global batch) is not a multiple of the {world} ranks"
-            )
         steps = corpus.samples("train") // batch
         if steps == 0:
             raise ConfigError(
                 f"train.batch_size={batch} exceeds the {corpus.samples('train')} training clips of "
                 f"{corpus.root}; lower train.batch_size"
             )
-        stream = ShardStream(
-            corpus, batch // world, steps, cfg.train.seed, self.dist.rank, world, data.shuffle_buffer
-        )
+        local = local_batch_size(batch, world)
+        stream = ShardStream(corpus, local, steps, cfg.train.seed, self.dist.rank, world, data.shuffle_buffer)
         self.train_loader = ShardLoader(stream, data.num_workers, retokenize)
 
     def forward(self, inputs: dict[str, Tensor]) -> PretrainOutput:

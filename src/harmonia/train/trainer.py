@@ -36,20 +36,20 @@ class Trainer(BaseTrainer):
     """
 
     model: MultimodalClassifier
+    dataset: ClassificationData
 
     def setup(self, dataset: AVDigits | ClassificationData | None) -> None:
         cfg = self.cfg
-        self.data = self._load_data(dataset)
-        self.dataset = self.data
-        self.modalities = list(self.data.modalities)
-        self.eval_splits = self.data.eval_splits
+        self.dataset = self._load_data(dataset)
+        self.modalities = list(self.dataset.modalities)
+        self.eval_splits = self.dataset.eval_splits
         self.model = self.prepare_model(  # type: ignore[assignment]
-            build_model(cfg.model, self.modalities, self.data.input_channels, self.data.num_classes)
+            build_model(cfg.model, self.modalities, self.dataset.input_channels, self.dataset.num_classes)
         )
         balance = build_balance_callback(cfg.balance, self.model, cfg.train.seed, self.device)
         if balance is not None:
             self.callbacks.insert(0, balance)
-        self.train_loader = self.data.train_loader(
+        self.train_loader = self.dataset.train_loader(
             cfg.train.batch_size, cfg.train.seed, self.dist.rank, self.dist.world_size
         )
         if len(self.train_loader) == 0:
@@ -119,7 +119,7 @@ class Trainer(BaseTrainer):
         logits: list[torch.Tensor] = []
         labels: list[torch.Tensor] = []
         unimodal: dict[str, list[torch.Tensor]] = {m: [] for m in self.modalities}
-        for batch in self.data.eval_batches(split, self.cfg.train.eval_batch_size):
+        for batch in self.dataset.eval_batches(split, self.cfg.train.eval_batch_size):
             batch = to_device(batch, self.device)
             out = self.model(batch["inputs"])
             logits.append(out.logits.float().cpu())
@@ -132,7 +132,7 @@ class Trainer(BaseTrainer):
     def evaluate(self, split: str) -> dict[str, float]:
         """Accuracy, macro-F1 and mAP of the fused prediction, and each modality's unimodal accuracy."""
         logits, unimodal, labels = self.predict(split)
-        metrics = classification_metrics(logits, labels, self.data.num_classes)
+        metrics = classification_metrics(logits, labels, self.dataset.num_classes)
         out = {f"{split}/{k}": v for k, v in metrics.items()}
         for m, lg in unimodal.items():
             out[f"{split}/unimodal_accuracy/{m}"] = float((lg.argmax(1) == labels).float().mean())
@@ -146,7 +146,7 @@ class Trainer(BaseTrainer):
         features: dict[str, list[torch.Tensor]] = {m: [] for m in self.modalities}
         labels: list[torch.Tensor] = []
         try:
-            for batch in self.data.eval_batches(split, self.cfg.train.eval_batch_size):
+            for batch in self.dataset.eval_batches(split, self.cfg.train.eval_batch_size):
                 batch = to_device(batch, self.device)
                 for m in self.modalities:
                     features[m].append(self.model.encoders[m](batch["inputs"][m]).float().cpu())
@@ -160,7 +160,7 @@ class Trainer(BaseTrainer):
         (train_x, train_y), (test_x, test_y) = self.encoder_features("train"), self.encoder_features("test")
         return {
             m: linear_probe(
-                train_x[m], train_y, test_x[m], test_y, self.data.num_classes, seed=self.cfg.train.seed
+                train_x[m], train_y, test_x[m], test_y, self.dataset.num_classes, seed=self.cfg.train.seed
             ).accuracy
             for m in self.modalities
         }
