@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import random
 from pathlib import Path
 from typing import Any
@@ -91,10 +92,10 @@ def test_failed_save_keeps_old_file_and_removes_temp(tmp_path: Path, monkeypatch
 
     def broken_save(obj: object, f: Any, *args: object, **kwargs: object) -> None:
         f.write(b"PK\x03\x04partial")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=r"no space left on device.*is intact.*Free disk space.*--resume"):
         atomic_save(_state(8.0), path)
     monkeypatch.undo()
 

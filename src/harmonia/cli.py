@@ -153,6 +153,13 @@ def _cmd_prep(args: argparse.Namespace) -> int:
         args.dataset, found.clips, args.dst, settings, args.workers, not args.quiet, found.problems
     )
     print(f"harmonia prep {args.dataset}: {report.summary()}\nindex: {Path(args.dst) / 'index.csv'}")
+    if report.failed and not report.prepared and not report.already_done:
+        print(
+            f"harmonia: error: every one of the {len(report.failed)} clips failed (reasons above and in "
+            f"{Path(args.dst) / 'prep_report.json'}); check --src, --fps and the files' codecs",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -175,6 +182,13 @@ def _prep_shards(args: argparse.Namespace) -> int:
         raise HarmoniaError("--test-fraction must be in (0, 1), --shard-size >= 1 and --seconds > 0")
     report = write_shards(args.src, args.dst, settings, args.workers, not args.quiet)
     print(f"harmonia prep shards: {report.summary()}\nindex: {Path(args.dst) / 'shards.json'}")
+    if report.failed and not sum(report.samples.values()):
+        print(
+            f"harmonia: error: every one of the {len(report.failed)} clips failed (see "
+            f"{Path(args.dst) / 'prep_report.json'}); check --src and the files' codecs",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

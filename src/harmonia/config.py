@@ -601,7 +601,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             raise ConfigError(
-                f"unknown config key '{prefix}{key}'{hint} "
+                f"unknown config key '{prefix}{key}'{hint or '.'} "
                 f"Valid keys here: {', '.join(prefix + k for k in fields)}"
             )
     kwargs = {}
@@ -653,13 +653,23 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; see the configs/ folder for examples")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            with open(path, encoding="utf-8") as fh:  # a stream, so that YAML errors name the file
+                loaded = yaml.safe_load(fh)
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"config file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                f"{exc.start}); save it as UTF-8"
+            ) from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        if loaded is not None:
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"config file {path} must hold a mapping of settings at the top level")
-            data = loaded
+        if loaded is None:
+            raise ConfigError(
+                f"config file {path} is empty (or only comments); write the settings of the experiment "
+                "(see the configs/ folder), or '{}' to run with every default"
+            )
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of settings at the top level")
+        data = loaded
     apply_overrides(data, overrides)
     return from_dict(ExperimentConfig, data)
 

@@ -72,6 +72,13 @@ class OPM(nn.Module):
     @torch.no_grad()
     def update(self, unimodal_logits: Mapping[str, Tensor], labels: Tensor) -> dict[str, float]:
         """Set q for the next step from this batch's discrepancy ratios; returns the ratios."""
+        missing = [m for m in self.modalities if m not in unimodal_logits]
+        if missing:
+            raise InputError(
+                f"OPM.update: no unimodal logits for {missing}; OPM was built for {list(self.modalities)} "
+                f"and got {list(unimodal_logits)}. Pass one [B, C] tensor per modality, keyed by the same "
+                "names"
+            )
         ratios = discrepancy_ratio({m: unimodal_logits[m] for m in self.modalities}, labels)
         self.set_ratios(ratios)
         return {m: float(r) for m, r in ratios.items()}

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from harmonia.collectives import all_reduce_sum
-from harmonia.errors import InputError
+from harmonia.errors import InputError, NonFiniteLossError
 
 
 def unimodal_scores(unimodal_logits: Mapping[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
@@ -23,6 +23,11 @@ def unimodal_scores(unimodal_logits: Mapping[str, Tensor], labels: Tensor) -> di
     names = list(unimodal_logits)
     if labels.dim() != 1:
         raise InputError(f"labels must be a 1-D tensor of class indices, got shape {list(labels.shape)}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise InputError(
+            f"labels must be integer class indices (torch.long), got {labels.dtype}; a float label would be "
+            "truncated to a wrong class. Pass the class index of each sample"
+        )
     for m in names:
         logits = unimodal_logits[m]
         if logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
@@ -30,12 +35,25 @@ def unimodal_scores(unimodal_logits: Mapping[str, Tensor], labels: Tensor) -> di
                 f"unimodal logits of '{m}' must be [B, C] with B = {labels.shape[0]} labels, "
                 f"got {list(logits.shape)}"
             )
+    num_classes = unimodal_logits[names[0]].shape[1]
     with torch.no_grad():
+        if labels.numel() and bool(((labels < 0) | (labels >= num_classes)).any()):
+            raise InputError(
+                f"labels must be class indices in [0, {num_classes - 1}] for {num_classes}-class logits, got "
+                f"values from {int(labels.min())} to {int(labels.max())}"
+            )
         index = labels.long()[:, None]
         local = torch.stack(
             [F.softmax(unimodal_logits[m].float(), dim=1).gather(1, index).sum() for m in names]
         )
         local = all_reduce_sum(local)
+        finite = torch.isfinite(local).tolist()
+    if not all(finite):
+        bad = [m for m, ok in zip(names, finite, strict=True) if not ok]
+        raise NonFiniteLossError(
+            f"the unimodal logits of {bad} hold NaN or inf, so the discrepancy ratio is undefined (balancing "
+            "would silently switch off); the model has diverged: lower the learning rate or clip gradients"
+        )
     return dict(zip(names, local, strict=True))
 
 

@@ -65,8 +65,9 @@ def audit_conflicts(
         raise CheckpointError(f"no checkpoint at {checkpoint}; train the config first (harmonia train ...)")
     with tempfile.TemporaryDirectory() as tmp:  # a throw-away run folder: the audited run is not touched
         trainer = PretrainTrainer(dataclasses.replace(cfg, out_dir=tmp), progress=False)
+    state = load_checkpoint(checkpoint, required=("model",))
     try:
-        trainer.model.load_state_dict(load_checkpoint(checkpoint)["model"])
+        trainer.model.load_state_dict(state["model"])
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {checkpoint} does not fit this config's model: {exc}") from exc
     model, split = trainer.model, trainer.dataset.split("train")

@@ -30,7 +30,13 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from harmonia.contrastive.gather import gather_with_grad
-from harmonia.contrastive.losses import Reduction, _reduce, mil_nce_from_scores, nce_from_scores
+from harmonia.contrastive.losses import (
+    Reduction,
+    _reduce,
+    check_temperature,
+    mil_nce_from_scores,
+    nce_from_scores,
+)
 
 #: with ``chunk_size=None``, chunks hold at most this many token similarities (64 MiB in float32)
 CHUNK_ELEMENTS = 2**24
@@ -192,6 +198,10 @@ def finegrained_nce(
     """
     if a.dim() != 3 or not a.is_floating_point():
         raise ValueError(f"finegrained_nce: a must be float [B, K, D], got {a.dtype} {tuple(a.shape)}")
+    if a.shape[0] == 0:
+        raise ValueError("finegrained_nce: the batch is empty; a contrastive loss needs pairs")
+    check_temperature("finegrained_nce: temperature", temperature)
+    check_temperature("finegrained_nce: tau_att", tau_att)
     bags = b.dim() == 4
     if b.dim() not in (3, 4) or b.shape[0] != a.shape[0] or b.shape[-1] != a.shape[-1] or b.dtype != a.dtype:
         raise ValueError(

@@ -10,6 +10,7 @@ Embeddings are used as given: L2-normalize them first for cosine similarities.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -36,6 +37,16 @@ def _check(name: str, x: Tensor, dims: int) -> None:
         raise ValueError(
             f"{name}: expected a floating-point tensor with {dims} dims, got {x.dtype} {tuple(x.shape)}"
         )
+    if x.shape[0] == 0:
+        raise ValueError(
+            f"{name}: the batch is empty (shape {tuple(x.shape)}); a contrastive loss needs pairs"
+        )
+
+
+def check_temperature(name: str, value: float) -> None:
+    """Refuse a temperature that is not a positive finite number (a logit divided by it must be finite)."""
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number (the papers use 0.07), got {value!r}")
 
 
 def _similarity(queries: Tensor, keys: Tensor, offset: int, own_only: bool) -> Tensor:
@@ -70,6 +81,7 @@ def nce(
     """
     _check("nce: a", a, 2)
     _check("nce: b", b, 2)
+    check_temperature("nce: temperature", temperature)
     if a.shape != b.shape:
         raise ValueError(
             f"nce: a and b must be paired rows of one shape, got {tuple(a.shape)} and {tuple(b.shape)}"
@@ -115,6 +127,7 @@ def mil_nce(
     """
     _check("mil_nce: video", video, 2)
     _check("mil_nce: text", text, 3)
+    check_temperature("mil_nce: temperature", temperature)
     if text.shape[0] != video.shape[0] or text.shape[2] != video.shape[1]:
         raise ValueError(
             f"mil_nce: text must be [B, K, D] for video [B, D] = {tuple(video.shape)}, "

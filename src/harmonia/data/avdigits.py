@@ -144,8 +144,17 @@ def load_avdigits(
 
 @contextlib.contextmanager
 def _build_lock(folder: Path) -> Iterator[None]:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f"{folder.name}.lock", "w") as handle:
+    lock = folder.parent / f"{folder.name}.lock"
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "w")  # noqa: SIM115 - closed below, after the lock is released
+    except OSError as exc:
+        raise DataError(
+            f"AV-Digits for this recipe must be built, but the cache folder {folder.parent} is not "
+            f"writable ({exc.strerror or exc}); set HARMONIA_CACHE to a writable folder (or build it once "
+            "as a user who can write there)"
+        ) from exc
+    with handle:
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows: no lock, builds are still atomic
@@ -176,8 +185,10 @@ def _cache_problem(folder: Path, cfg: AVDigitsConfig) -> str | None:
         return "not built"
     try:
         meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return "meta.json is corrupt"
+    if not isinstance(meta, dict):
+        return f"meta.json holds a {type(meta).__name__}, not an object"
     if meta.get("recipe_version") != RECIPE_VERSION or meta.get("recipe") != to_dict(cfg):
         return "stale recipe"
     if meta.get("sha256") != _sha256(data_path):

@@ -33,6 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from harmonia.data.media import MediaError, read_audio, read_frames, tpami_spectrogram
+from harmonia.data.workers import init_bound_worker
 from harmonia.errors import InputError
 
 
@@ -57,6 +58,19 @@ class PrepSettings:
     frame_size: int = 256
     sample_rate: int = 16000
     seconds: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not self.fps > 0:
+            raise InputError(
+                f"--fps must be above 0 (frames kept per second; the papers use 1), got {self.fps}"
+            )
+        if self.max_frames is not None and self.max_frames < 1:
+            raise InputError(f"max_frames must be at least 1 or None, got {self.max_frames}")
+        if self.frame_size < 1 or self.sample_rate < 1 or not self.seconds > 0:
+            raise InputError(
+                f"frame_size and sample_rate must be at least 1 and seconds above 0, got {self.frame_size}, "
+                f"{self.sample_rate}, {self.seconds}"
+            )
 
 
 @dataclass
@@ -140,9 +154,9 @@ def prepare(
     ``problems`` are clips the layout scan already found broken (a file without its counterpart); they
     are reported like decoding failures.
     """
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    refuse_other_settings(dst / "meta.json", asdict(settings), f"harmonia prep {dataset}")
+    dst = make_output_folder(dst)
+    finished = any((dst / "frames").glob("[!.]*")) if (dst / "frames").is_dir() else False
+    refuse_other_settings(dst / "meta.json", asdict(settings), f"harmonia prep {dataset}", finished)
     report = PrepReport(failed=list(problems))
     todo: list[RawClip] = []
     for clip in clips:
@@ -153,7 +167,12 @@ def prepare(
     by_id = {c.id: c for c in clips}
     frame_counts = _indexed_frame_counts(dst)  # clips done in earlier runs; this run's are added below
     bar = tqdm(total=len(todo), desc=f"prep {dataset}", disable=not progress, unit="clip")
-    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+    pool_context = (
+        ProcessPoolExecutor(workers, initializer=init_bound_worker, initargs=(os.getpid(),))
+        if workers > 1
+        else None
+    )
+    with pool_context or contextlib.nullcontext() as pool:
         if pool is None:
             results = (_worker(c, str(dst), settings) for c in todo)
         else:
@@ -187,9 +206,27 @@ def prepare(
     return report
 
 
-def refuse_other_settings(index: Path, settings: dict[str, Any], command: str) -> None:
-    """Refuse to add to a folder written with other settings (its finished parts would be mixed in)."""
-    if not index.is_file():
+def make_output_folder(dst: str | Path) -> Path:
+    """Create ``dst`` (and its parents), with an error that names the problem when it cannot be a folder."""
+    folder = Path(dst)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--dst {folder} is a file, not a folder; give the path of a new or existing folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the output folder --dst {folder}: {exc.strerror or exc}") from exc
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"the output folder --dst {folder} is not writable; choose another --dst")
+    return folder
+
+
+def refuse_other_settings(index: Path, settings: dict[str, Any], command: str, finished: bool = True) -> None:
+    """Refuse to add to a folder written with other settings (its finished parts would be mixed in).
+
+    ``finished``: whether the folder holds any finished part; a folder without one (e.g. every clip failed)
+    is simply rewritten with the new settings.
+    """
+    if not index.is_file() or not finished:
         return
     try:
         earlier = json.loads(index.read_text()).get("settings")

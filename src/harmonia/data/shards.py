@@ -13,9 +13,11 @@ each non-empty line is one caption candidate, as HowTo100M's ASR segments) becom
 A fixed share of the clips (by a hash of the key, so stable across reruns) goes to the ``test`` split. Each
 split's clips, sorted by key, fill shards of ``shard_size`` samples (``train-000000.tar``, ...). A shard is
 written under a temporary name and renamed when complete, so a rerun writes only missing shards and a killed
-run loses at most the shards in flight; a clip that cannot be decoded is skipped and listed in
-``prep_report.json``. ``shards.json`` describes the set: shapes, the shards and sample counts of each split,
-and the word vocabulary of the training transcripts (for the native text encoder).
+run loses at most the shards in flight; a rerun also checks each existing shard against the size and SHA-256
+its sidecar ``.json`` recorded, and rewrites one that was truncated or altered since; a clip that cannot
+be decoded is skipped and listed in ``prep_report.json``. ``shards.json`` describes the set: shapes, the
+shards and sample counts of each split, and the word vocabulary of the training transcripts (for the native
+text encoder).
 
 Reading (:class:`ShardStream`): each training epoch draws an order of the shards from (seed, epoch); the
 ``world_size × num_workers`` reading streams take disjoint sets of shards, shuffle samples through a buffer
@@ -48,7 +50,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from harmonia.data.media import MediaError, read_audio, read_frames
-from harmonia.data.prep import failure_reason, refuse_other_settings
+from harmonia.data.prep import failure_reason, make_output_folder, refuse_other_settings
+from harmonia.data.workers import init_bound_worker
 from harmonia.errors import InputError
 
 SHARD_FORMAT = 1
@@ -89,6 +92,7 @@ class TranscribedVideo:
 class ShardReport:
     written: list[str] = field(default_factory=list)
     already_done: list[str] = field(default_factory=list)
+    damaged: dict[str, str] = field(default_factory=dict)  # shard -> what was wrong (it was rewritten)
     samples: dict[str, int] = field(default_factory=dict)
     failed: list[dict[str, str]] = field(default_factory=list)
 
@@ -98,6 +102,7 @@ class ShardReport:
             f"wrote {len(self.written)} shards, {len(self.already_done)} already done; {total} samples "
             f"({', '.join(f'{s}: {n}' for s, n in sorted(self.samples.items()))}), {len(self.failed)} skipped"
             + (" (see prep_report.json)" if self.failed else "")
+            + "".join(f"\n  rewrote {name}: {why}" for name, why in sorted(self.damaged.items()))
         )
 
 
@@ -196,16 +201,36 @@ def write_shard(
             _add(tar, f"{clip.key}.txt", "\n".join(sample["text"]).encode())
             words.update(w for line in sample["text"] for w in line.lower().split())
             samples += 1
-    sidecar = {"samples": samples, "failed": failed, "words": dict(words)}
+    size, digest = _size_and_sha256(tmp)
+    sidecar = {"samples": samples, "failed": failed, "words": dict(words), "bytes": size, "sha256": digest}
     path.with_suffix(".json").write_text(json.dumps(sidecar))
     os.replace(tmp, path)  # the completion marker: written last
     return samples, failed, dict(words)
 
 
-def _single_threaded_worker() -> None:
-    """A forked process must not enter the parent's OpenMP thread pool (it would deadlock); torch's
-    DataLoader workers do the same."""
-    torch.set_num_threads(1)
+def _size_and_sha256(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return path.stat().st_size, digest.hexdigest()
+
+
+def shard_problem(path: Path) -> str | None:
+    """Why the shard at ``path`` cannot be trusted (missing, no sidecar, other size or checksum), or None."""
+    if not path.is_file():
+        return "missing"
+    try:
+        sidecar = json.loads(path.with_suffix(".json").read_text())
+        expected = (int(sidecar["bytes"]), str(sidecar["sha256"]))
+    except (OSError, ValueError, TypeError, KeyError):
+        return "its sidecar .json with size and checksum is missing or damaged"
+    size, digest = _size_and_sha256(path)
+    if size != expected[0]:
+        return f"{size} bytes where {expected[0]} were written (truncated or appended to)"
+    if digest != expected[1]:
+        return "its SHA-256 differs from the one recorded when it was written"
+    return None
 
 
 def _write_shard_job(path: str, clips: list[TranscribedVideo], settings: ShardSettings) -> str:
@@ -223,9 +248,10 @@ def write_shards(
     """Write the shards of every transcribed video under ``src`` that are not yet written, then
     ``shards.json`` and ``prep_report.json`` (see the module docstring)."""
     settings = settings or ShardSettings()
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    refuse_other_settings(dst / "shards.json", asdict(settings), "harmonia prep shards")
+    dst = make_output_folder(dst)
+    refuse_other_settings(
+        dst / "shards.json", asdict(settings), "harmonia prep shards", any(dst.glob("*.tar"))
+    )
     clips, problems = scan_transcribed_videos(src, settings.test_fraction)
     report = ShardReport(failed=list(problems))
     jobs: dict[str, list[TranscribedVideo]] = {}
@@ -233,11 +259,23 @@ def write_shards(
         members = sorted((c for c in clips if c.split == split), key=lambda c: c.key)
         for n, start in enumerate(range(0, len(members), settings.shard_size)):
             jobs[f"{split}-{n:06d}.tar"] = members[start : start + settings.shard_size]
-    todo = {name: group for name, group in jobs.items() if not (dst / name).is_file()}
-    report.already_done = sorted(set(jobs) - set(todo))
+    todo = {}
+    for name, group in jobs.items():
+        problem = shard_problem(dst / name)
+        if problem is None:
+            report.already_done.append(name)
+            continue
+        todo[name] = group
+        if problem != "missing":
+            report.damaged[name] = problem
+    report.already_done.sort()
     bar = tqdm(total=len(todo), desc="prep shards", disable=not progress, unit="shard")
     parallel = workers > 1 and len(todo) > 1
-    pool_context = ProcessPoolExecutor(workers, initializer=_single_threaded_worker) if parallel else None
+    pool_context = (
+        ProcessPoolExecutor(workers, initializer=init_bound_worker, initargs=(os.getpid(),))
+        if parallel
+        else None
+    )
     with pool_context or contextlib.nullcontext() as pool:
         if pool is None:
             done: Any = (_write_shard_job(str(dst / n), g, settings) for n, g in todo.items())

@@ -47,6 +47,11 @@ class ClassificationData(Protocol):
     #: splits evaluated every epoch; "test" is always one of them
     eval_splits: tuple[str, ...]
 
+    @property
+    def train_size(self) -> int:
+        """Number of training samples."""
+        ...
+
     def train_loader(self, batch_size: int, seed: int, rank: int, world_size: int) -> EpochLoader: ...
 
     def eval_batches(self, split: str, batch_size: int) -> Iterable[dict[str, Any]]:
@@ -63,6 +68,10 @@ class InMemoryData:
         self.num_classes = dataset.num_classes
         self.input_channels = {m: int(t.shape[1]) for m, t in self.splits["train"].inputs.items()}
         self.eval_splits: tuple[str, ...] = ("val", "test")
+
+    @property
+    def train_size(self) -> int:
+        return int(self.splits["train"].labels.shape[0])
 
     def train_loader(self, batch_size: int, seed: int, rank: int, world_size: int) -> BatchLoader:
         train = self.splits["train"]
@@ -158,6 +167,10 @@ class PreparedData:
             )
         self.eval_splits: tuple[str, ...] = tuple(s for s in ("val", "test") if s in splits)
         self._eval: dict[str, PreparedAVDataset] = {}
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train)
 
     def train_loader(self, batch_size: int, seed: int, rank: int, world_size: int) -> EpochLoader:
         sampler = GlobalBatchSampler(len(self.train), batch_size, True, seed, False, rank, world_size)

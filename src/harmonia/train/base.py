@@ -39,6 +39,7 @@ from harmonia.train.checkpoint import (
     atomic_save,
     capture_rng_state,
     load_checkpoint,
+    remove_stale_temp_files,
     restore_rng_state,
 )
 from harmonia.train.distributed import convert_batchnorm, init_distributed
@@ -70,6 +71,10 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+#: what a checkpoint must hold for ``--resume``
+RESUME_KEYS = ("epoch", "global_step", "model", "optimizer", "scheduler", "rng", "callbacks")
 
 
 class BaseTrainer:
@@ -195,6 +200,7 @@ class BaseTrainer:
 
     def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
         exists = self.run_dir.exists() and any(self.run_dir.iterdir())
+        remove_stale_temp_files(self.checkpoint_path)  # left by a kill during a checkpoint write
         if resume:
             if not self.checkpoint_path.exists():
                 raise CheckpointError(
@@ -249,7 +255,7 @@ class BaseTrainer:
         atomic_save(state, self.checkpoint_path)
 
     def load_checkpoint(self, path: Path) -> None:
-        state = load_checkpoint(path)
+        state = load_checkpoint(path, required=RESUME_KEYS)
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:
@@ -337,6 +343,7 @@ class BaseTrainer:
                 train_stats["train/epoch_seconds"] = time.perf_counter() - epoch_start
                 self.scheduler.step()
                 metrics = dict(train_stats)
+                self._check_finite_state()  # before evaluation, whose errors would hide the cause
                 if (self.epoch + 1) % self.cfg.train.eval_every == 0 or self.epoch + 1 == epochs:
                     for split in self.eval_splits:
                         metrics |= self.evaluate(split)
@@ -344,7 +351,6 @@ class BaseTrainer:
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, self.epoch, metrics)
                 logger.log("epoch", self.global_step, self.epoch, metrics)
-                self._check_finite_state()
                 self.epoch += 1
                 self.save_checkpoint()
             if last_test is None:  # resumed after the last epoch

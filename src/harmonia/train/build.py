@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -22,10 +23,30 @@ from harmonia.errors import ConfigError
 from harmonia.models import ConvEncoder, MultimodalClassifier, ResNet18Encoder, build_fusion
 
 
+@contextlib.contextmanager
+def model_allocation(sizes: str) -> Iterator[None]:
+    """Turn an out-of-memory error while a model is built into a :class:`ConfigError` naming the sizes."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower():
+            raise
+        raise ConfigError(
+            f"the model does not fit in memory ({str(exc).splitlines()[0][:200]}); lower its sizes ({sizes})"
+        ) from None
+
+
 def build_model(
     cfg: ModelConfig, modalities: list[str], input_channels: Mapping[str, int], num_classes: int
 ) -> MultimodalClassifier:
     """One encoder per modality (in ``modalities`` order) and the configured fusion head."""
+    with model_allocation("model.feature_dim, model.hidden_dim, model.encoder_widths"):
+        return _build_model(cfg, modalities, input_channels, num_classes)
+
+
+def _build_model(
+    cfg: ModelConfig, modalities: list[str], input_channels: Mapping[str, int], num_classes: int
+) -> MultimodalClassifier:
     encoders: dict[str, nn.Module] = {}
     for m in modalities:
         if cfg.encoder is EncoderKind.CONV:

@@ -29,6 +29,7 @@ from harmonia.eval.probe import linear_probe
 from harmonia.eval.retrieval import retrieval_metrics_from_scores
 from harmonia.models.pretrain import PretrainOutput, TriModalPretrainModel, VideoAnchor
 from harmonia.train.base import BaseTrainer
+from harmonia.train.build import model_allocation
 
 INPUT_KEYS = ("video", "audio", "text", "text_mask")
 
@@ -112,13 +113,14 @@ class PretrainTrainer(BaseTrainer):
         self.modalities = list(self.dataset.modalities)
         train = self.dataset.split("train")
         audio, text = train.inputs["audio"], train.inputs["text"]
-        self.model = TriModalPretrainModel(
-            cfg.pretrain,
-            video_shape=(cfg.data.trimodal.frames, cfg.data.trimodal.frame_size),
-            audio_shape=(int(audio.shape[2]), int(audio.shape[3])),
-            vocabulary_size=len(self.dataset.vocabulary),
-            text_length=int(text.shape[-1]),
-        )
+        with model_allocation("pretrain.width, pretrain.embed_dim, pretrain.depth"):
+            self.model = TriModalPretrainModel(
+                cfg.pretrain,
+                video_shape=(cfg.data.trimodal.frames, cfg.data.trimodal.frame_size),
+                audio_shape=(int(audio.shape[2]), int(audio.shape[3])),
+                vocabulary_size=len(self.dataset.vocabulary),
+                text_length=int(text.shape[-1]),
+            )
         self.model = self.prepare_model(self.model)  # type: ignore[assignment]
         if cfg.pretrain.text_encoder is not TextEncoderKind.NATIVE:
             for split in self.dataset.splits.values():  # captions as this text encoder tokenizes them
@@ -148,14 +150,15 @@ class PretrainTrainer(BaseTrainer):
         self.dataset = corpus
         self.modalities = list(corpus.modalities)
         self.eval_splits = ("test",)
-        self.model = TriModalPretrainModel(
-            cfg.pretrain,
-            video_shape=(corpus.frames, corpus.frame_size),
-            audio_shape=(corpus.n_mels, corpus.audio_frames),
-            vocabulary_size=len(corpus.vocabulary),
-            text_length=data.words,
-            video_channels=3,
-        )
+        with model_allocation("pretrain.width, pretrain.embed_dim, pretrain.depth"):
+            self.model = TriModalPretrainModel(
+                cfg.pretrain,
+                video_shape=(corpus.frames, corpus.frame_size),
+                audio_shape=(corpus.n_mels, corpus.audio_frames),
+                vocabulary_size=len(corpus.vocabulary),
+                text_length=data.words,
+                video_channels=3,
+            )
         self.model = self.prepare_model(self.model)  # type: ignore[assignment]
         retokenize = None
         if cfg.pretrain.text_encoder is not TextEncoderKind.NATIVE:

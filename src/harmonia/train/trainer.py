@@ -46,6 +46,11 @@ class Trainer(BaseTrainer):
         self.model = self.prepare_model(  # type: ignore[assignment]
             build_model(cfg.model, self.modalities, self.dataset.input_channels, self.dataset.num_classes)
         )
+        if cfg.train.batch_size > self.dataset.train_size:
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size} exceeds the {self.dataset.train_size} training "
+                "samples; lower train.batch_size"
+            )
         balance = build_balance_callback(cfg.balance, self.model, cfg.train.seed, self.device)
         if balance is not None:
             self.callbacks.insert(0, balance)
