@@ -273,3 +273,14 @@ def cfg_overrides_gate() -> list[str]:
 def test_gate_start_needs_the_gate(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="curriculum_start_when=gate needs the learnability gate"):
         tiny_pretrain(tmp_path, *cfg_overrides_gate(), "pretrain.gate=false")
+
+
+def test_clips_per_image_makes_more_training_clips_only(base: object) -> None:
+    one = load_trimodal_avdigits(TriModalConfig(), base=base)  # type: ignore[arg-type]
+    three = load_trimodal_avdigits(TriModalConfig(clips_per_image=3), base=base)  # type: ignore[arg-type]
+    train = three.split("train")
+    assert len(train) == 3 * len(one.split("train")) and len(three.split("val")) == len(one.split("val"))
+    assert torch.equal(train.labels, one.split("train").labels.repeat_interleave(3))
+    assert set(train.voices) <= set(one.split("train").voices)
+    for i in range(len(train)):
+        assert _says(train.transcripts[i], int(train.labels[i]), int(train.directions[i]))  # type: ignore[index]

@@ -178,6 +178,12 @@ class TriModalConfig:
         help="digit_and_motion: the audio says the digit and the motion, as the captions do ('seven, "
         "moving left'); digit: the AV-Digits clip, which says only the digit",
     )
+    clips_per_image: int = param(
+        1,
+        help="training clips made from each training image, each with a motion and a training voice of "
+        "its own (validation and test: one clip per image)",
+        ge=1,
+    )
     speech_seconds: float = param(
         2.0, help="digit_and_motion: length of the spoken clip in seconds", ge=1.0, le=4.0
     )

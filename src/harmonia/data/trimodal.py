@@ -104,24 +104,19 @@ def load_trimodal_avdigits(
     """Tri-modal AV-Digits from the AV-Digits recipe ``base_cfg`` (built and cached when needed)."""
     cfg = cfg or TriModalConfig()
     base = base or load_avdigits(base_cfg, progress=progress)
-    motion = {}
-    for code, name in enumerate(SPLITS):
-        rng = np.random.default_rng([cfg.seed, code])
-        n = len(base.splits[name])
-        motion[name] = (rng, rng.integers(0, len(cap.DIRECTIONS), n), rng.integers(0, len(cap.ZOOMS), n))
-    speech = _speech(cfg, base, {name: m[1:] for name, m in motion.items()}, progress)
+    clips = {name: _clips_of(cfg, base, code, name) for code, name in enumerate(SPLITS)}
+    speech = _speech(cfg, base, clips, progress)
     splits = {}
     for name in SPLITS:
-        data = base.splits[name]
-        rng, directions, zooms = motion[name]
-        n = len(data)
-        labels = data.labels.numpy()
+        c = clips[name]
+        rng, directions, zooms, source = c.rng, c.directions, c.zooms, torch.from_numpy(c.source)
+        n = len(source)
+        labels = base.splits[name].labels[source]
         audio, span, clip_seconds, transcripts = speech[name]
         brightness = frame_brightness(span, cfg.frames, clip_seconds, cfg.sync_contrast)
-        video = render_videos(
-            data.inputs["image"][:, 0], cfg.frames, cfg.frame_size, directions, zooms, brightness
-        )
-        texts = cap.sample_captions(labels, directions, zooms, cfg.captions, rng)
+        images = base.splits[name].inputs["image"][source, 0]
+        video = render_videos(images, cfg.frames, cfg.frame_size, directions, zooms, brightness)
+        texts = cap.sample_captions(labels.numpy(), directions, zooms, cfg.captions, rng)
         ids, mask = cap.tokenize([t for clip in texts for t in clip])
         split = TriModalSplit(
             inputs={
@@ -130,15 +125,15 @@ def load_trimodal_avdigits(
                 "text": ids.view(n, cfg.captions, -1),
                 "text_mask": mask.view(n, cfg.captions, -1),
             },
-            labels=data.labels.clone(),
-            modality_labels={m: data.labels.clone() for m in TRIMODAL_MODALITIES},
+            labels=labels.clone(),
+            modality_labels={m: labels.clone() for m in TRIMODAL_MODALITIES},
             misaligned={m: torch.zeros(n, dtype=torch.bool) for m in ("audio", "text")},
             relevant_frames=torch.ones(n, cfg.frames, dtype=torch.bool),
             captions=texts,
             transcripts=list(transcripts),
             directions=torch.from_numpy(directions),
             zooms=torch.from_numpy(zooms),
-            voices=list(data.voices),
+            voices=c.voices,
         )
         if name == "train":
             misalign(split, cfg.misalign_rate, cfg.misalign_modality, np.random.default_rng([cfg.seed, 10]))
@@ -149,28 +144,71 @@ def load_trimodal_avdigits(
     return TriModalAVDigits(config=cfg, base=base, splits=splits)
 
 
+@dataclass
+class _Clips:
+    """The clips of one split before rendering: which AV-Digits sample each shows (``source``), its voice
+    and motion, and the split's generator (captions are drawn from it next)."""
+
+    rng: np.random.Generator
+    source: np.ndarray
+    directions: np.ndarray
+    zooms: np.ndarray
+    voices: list[str]
+
+
+def _clips_of(cfg: TriModalConfig, base: AVDigits, code: int, name: str) -> _Clips:
+    """Each AV-Digits sample once (training: ``clips_per_image`` times, the copies with a motion and a
+    voice of the training voices of their own)."""
+    data = base.splits[name]
+    copies = cfg.clips_per_image if name == "train" else 1
+    source = np.repeat(np.arange(len(data)), copies)
+    rng = np.random.default_rng([cfg.seed, code])
+    n = len(source)
+    directions, zooms = rng.integers(0, len(cap.DIRECTIONS), n), rng.integers(0, len(cap.ZOOMS), n)
+    voices = [data.voices[i] for i in source]
+    if copies > 1:
+        pool = sorted(set(data.voices))
+        other = np.random.default_rng([cfg.seed, code, 1]).integers(0, len(pool), n)
+        voices = [
+            v if j % copies == 0 else pool[o] for j, (v, o) in enumerate(zip(voices, other, strict=True))
+        ]
+    return _Clips(rng, source, directions, zooms, voices)
+
+
 def _speech(
-    cfg: TriModalConfig, base: AVDigits, motion: dict[str, tuple[np.ndarray, np.ndarray]], progress: bool
+    cfg: TriModalConfig, base: AVDigits, clips: dict[str, _Clips], progress: bool
 ) -> dict[str, tuple[Tensor, Tensor, float, list[str]]]:
     """Per split: audio [N, 1, n_mels, frames], the digit word's span [N, 2] in seconds, the clip length
     and what each clip says."""
     if cfg.speech is SpeechKind.DIGIT:
         out = {}
         for name in SPLITS:
-            data = base.splits[name]
+            data, source = base.splits[name], torch.from_numpy(clips[name].source)
             if data.speech_span is None:  # pragma: no cover - every cache of recipe version >= 3 has it
                 raise DataError(
                     "this AV-Digits cache has no speech timing; rebuild it with `harmonia data avdigits`"
                 )
-            words = [cap.DIGIT_WORDS[int(d)] for d in data.labels]
-            out[name] = (data.inputs["audio"], data.speech_span, base.config.clip_seconds, words)
+            words = [cap.DIGIT_WORDS[int(d)] for d in data.labels[source]]
+            out[name] = (
+                data.inputs["audio"][source],
+                data.speech_span[source],
+                base.config.clip_seconds,
+                words,
+            )
         return out
     build = {
-        name: (base.splits[name].labels.numpy(), *motion[name], base.splits[name].voices) for name in SPLITS
+        name: (base.splits[name].labels.numpy()[c.source], c.directions, c.zooms, c.voices)
+        for name, c in clips.items()
     }
-    settings = {"seed": cfg.seed, "speech_seconds": cfg.speech_seconds}
-    clips = spoken.load_spoken(settings, base.config, build, cfg.speech_seconds, cfg.seed, progress)
-    return {name: (c.audio, c.digit_span, cfg.speech_seconds, c.transcripts) for name, c in clips.items()}
+    settings = {
+        "seed": cfg.seed,
+        "speech_seconds": cfg.speech_seconds,
+        "clips_per_image": cfg.clips_per_image,
+    }
+    spoken_clips = spoken.load_spoken(settings, base.config, build, cfg.speech_seconds, cfg.seed, progress)
+    return {
+        name: (c.audio, c.digit_span, cfg.speech_seconds, c.transcripts) for name, c in spoken_clips.items()
+    }
 
 
 def frame_brightness(speech_span: Tensor, frames: int, clip_seconds: float, contrast: float) -> Tensor:
