@@ -1,7 +1,8 @@
 """When does pre-training pass the learnability gate? ``python benchmarks/gate.py CONFIG [--seeds 0 1 2]
 [--max-epochs N] [--out DIR] [overrides ...]``.
 
-Trains CONFIG once per seed and stops a run as soon as the gate has passed on validation (or after
+Trains CONFIG once per seed and stops a run as soon as the gate has passed on validation, or
+``--extra-epochs`` later (to watch a curriculum that starts at the gate), or after
 ``--max-epochs``, default half of ``train.epochs``; the learning-rate schedule is still laid out for all
 of ``train.epochs``, so the epochs run are exactly those of a full run). Writes ``DIR/gate.json`` (every
 epoch's gate metrics per seed) and ``DIR/gate.md``, a table per seed with the epoch at which the gate first
@@ -43,16 +44,19 @@ class _Stop(Exception):
 class _Recorder(Callback):
     """Keeps every epoch's metrics; stops the run when the gate has passed or at ``max_epochs``."""
 
-    def __init__(self, max_epochs: int) -> None:
-        self.max_epochs, self.epochs = max_epochs, []  # type: ignore[var-annotated]
+    def __init__(self, max_epochs: int, extra: int = 0) -> None:
+        self.max_epochs, self.extra, self.epochs = max_epochs, extra, []  # type: ignore[var-annotated]
 
     def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float]) -> None:
         self.epochs.append({"epoch": epoch, **metrics})
-        if metrics.get("gate/passed") == 1.0 or epoch + 1 >= self.max_epochs:
+        first = metrics.get("gate/first_passed_epoch", -1.0)
+        if (first >= 0 and epoch >= first + self.extra) or epoch + 1 >= self.max_epochs:
             raise _Stop
 
 
-def run(config: str, seeds: list[int], max_epochs: int | None, out: Path, overrides: list[str]) -> dict:
+def run(
+    config: str, seeds: list[int], max_epochs: int | None, out: Path, overrides: list[str], extra: int = 0
+) -> dict:
     summary: dict[str, Any] = {"config": config, "overrides": overrides, "runs": {}}
     for seed in seeds:
         cfg = load_config(
@@ -60,7 +64,7 @@ def run(config: str, seeds: list[int], max_epochs: int | None, out: Path, overri
         )
         limit = max_epochs or cfg.train.epochs // 2
         trainer = build_trainer(cfg, overwrite=True, progress=False)
-        recorder = _Recorder(limit)
+        recorder = _Recorder(limit, extra)
         trainer.callbacks.append(recorder)  # after the gate, which measures first
         with contextlib.suppress(_Stop):
             trainer.fit()
@@ -113,8 +117,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--max-epochs", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("bench-results/gate"))
+    parser.add_argument(
+        "--extra-epochs", type=int, default=0, help="epochs to go on after the gate passed (curriculum)"
+    )
     args, overrides = parser.parse_known_args(argv)
-    run(args.config, args.seeds, args.max_epochs, args.out, overrides)
+    run(args.config, args.seeds, args.max_epochs, args.out, overrides, args.extra_epochs)
     return 0
 
 

@@ -35,6 +35,7 @@ PRETRAIN_RECIPE = [
     "data.trimodal.captions=3",
     "data.trimodal.speech=digit_and_motion",
     "data.trimodal.speech_seconds=2.0",
+    "data.trimodal.clips_per_image=3",
     "data.trimodal.misalign_rate=0.0",
     "data.trimodal.misalign_modality=text",
     "pretrain.backbone=shared",
