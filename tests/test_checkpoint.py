@@ -95,7 +95,7 @@ def test_failed_save_keeps_old_file_and_removes_temp(tmp_path: Path, monkeypatch
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(CheckpointError, match=r"no space left on device.*is intact.*Free disk space.*--resume"):
+    with pytest.raises(CheckpointError, match=r"no space left on device.*is intact.*Free disk space.*resume"):
         atomic_save(_state(8.0), path)
     monkeypatch.undo()
 

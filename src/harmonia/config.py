@@ -93,6 +93,13 @@ class MisalignKind(str, enum.Enum):
     BOTH = "both"
 
 
+class SpeechKind(str, enum.Enum):
+    """What the audio of a tri-modal AV-Digits clip says."""
+
+    DIGIT_AND_MOTION = "digit_and_motion"
+    DIGIT = "digit"
+
+
 class BackboneKind(str, enum.Enum):
     SHARED = "shared"
     SPECIFIC = "specific"
@@ -166,6 +173,20 @@ class TriModalConfig:
     frames: int = param(8, help="frames per video clip, spread over the audio clip's duration", ge=2)
     frame_size: int = param(16, help="side of each square frame in pixels", ge=8)
     captions: int = param(3, help="caption candidates per clip (the bag of MIL-NCE)", ge=1)
+    speech: SpeechKind = param(
+        SpeechKind.DIGIT_AND_MOTION,
+        help="digit_and_motion: the audio says the digit and the motion, as the captions do ('seven, "
+        "moving left'); digit: the AV-Digits clip, which says only the digit",
+    )
+    clips_per_image: int = param(
+        1,
+        help="training clips made from each training image, each with a motion and a training voice of "
+        "its own (validation and test: one clip per image)",
+        ge=1,
+    )
+    speech_seconds: float = param(
+        2.0, help="digit_and_motion: length of the spoken clip in seconds", ge=1.0, le=4.0
+    )
     sync_contrast: float = param(
         0.6,
         help="how much brighter the digit is in frames during which the word is spoken (0: no "
@@ -339,6 +360,11 @@ class PretrainConfig:
     chunk_size: int = param(
         0, help="finegrained: clips per chunk of the token-similarity tensor (0: a 64 MiB budget)", ge=0
     )
+    gate: bool = param(
+        True,
+        help="measure the learnability gate on the validation split every epoch (tri-modal AV-Digits): "
+        "L_va <= ln B - 1 and video->audio R@10 >= 5x chance, with the digit-axis diagnostic",
+    )
 
     def __post_init__(self) -> None:
         _coerce_enums(self, "pretrain")
@@ -349,6 +375,13 @@ class PretrainConfig:
                 raise ConfigError(f"pretrain.{key}: expected {n} positive integers, got {value}")
         if self.weight_va == 0 and self.weight_vt == 0:
             raise ConfigError("pretrain.weight_va and pretrain.weight_vt are both 0: nothing to train")
+
+
+class CurriculumStartKind(str, enum.Enum):
+    """When the conflict curriculum starts dropping triplets."""
+
+    EPOCH = "epoch"
+    GATE = "gate"
 
 
 class HarmonizeModeKind(str, enum.Enum):
@@ -386,6 +419,14 @@ class HarmonizeConfig:
     )
     curriculum_start_fraction: float = param(
         0.5, help="curriculum top_fraction: share of the batch kept at the start", gt=0, le=1
+    )
+    curriculum_warmup_epochs: float = param(
+        0.0, help="curriculum: epochs during which nothing is dropped (the schedule starts after)", ge=0
+    )
+    curriculum_start_when: CurriculumStartKind = param(
+        CurriculumStartKind.EPOCH,
+        help="curriculum: epoch (after the warm-up epochs) or gate (when the learnability gate first "
+        "passes on validation, and not before the warm-up)",
     )
 
     def __post_init__(self) -> None:
@@ -472,6 +513,16 @@ class ExperimentConfig:
             raise ConfigError(
                 f"data.root: data.name={self.data.name} reads a prepared folder; run "
                 f"harmonia prep {self.data.name} --src RAW --dst DIR and set data.root=DIR"
+            )
+        if (
+            self.harmonize.curriculum
+            and self.harmonize.curriculum_start_when is CurriculumStartKind.GATE
+            and (self.data.name != "trimodal_avdigits" or not self.pretrain.gate)
+        ):
+            raise ConfigError(
+                "harmonize.curriculum_start_when=gate needs the learnability gate, measured on the labelled "
+                "validation split of data.name=trimodal_avdigits with pretrain.gate=true; or set "
+                "harmonize.curriculum_start_when=epoch with harmonize.curriculum_warmup_epochs"
             )
         if self.task is TaskKind.PRETRAIN:
             if sorted(self.data.modalities) != ["audio", "text", "video"]:

@@ -98,6 +98,7 @@ class HarmonizeStats:
     conflict_fraction: float
     kept_fraction: float
     threshold: float | None = None
+    curriculum_active: bool | None = None  # None: no curriculum
 
     def metrics(self) -> dict[str, float]:
         out = {
@@ -107,6 +108,8 @@ class HarmonizeStats:
         }
         if self.threshold is not None:
             out["harmonize/threshold"] = self.threshold
+        if self.curriculum_active is not None:
+            out["harmonize/curriculum_active"] = float(self.curriculum_active)
         return out
 
 
@@ -217,12 +220,14 @@ class GradientHarmonizer:
         target = self._target(row_cosine(rows_a, rows_b)) if self.rule is RealignRule.GRADVAC else 0.0
         new_a, new_b, cos = realign(rows_a, rows_b, self.rule, target)
         cos = cos.detach()
-        threshold = None
+        threshold, active = None, None
         if self.curriculum is None:
             kept = torch.ones(b, dtype=torch.bool, device=cos.device)
         else:
             kept = self.curriculum.keep_mask(all_gather_rows(cos), self.num_steps)[rank * b : (rank + 1) * b]
-            threshold = self.curriculum.threshold(self.num_steps)
+            active = self.curriculum.active(self.num_steps)
+            if active:  # no threshold while it waits
+                threshold = self.curriculum.threshold(self.num_steps)
         n_kept = int(all_reduce_sum(kept.sum()))
         if n_kept == b_global:
             total = loss_a.mean() + loss_b.mean()
@@ -251,6 +256,7 @@ class GradientHarmonizer:
             conflict_fraction=float(all_reduce_sum((cos < 0).sum())) / b_global,
             kept_fraction=n_kept / b_global,
             threshold=threshold,
+            curriculum_active=active,
         )
 
     def _batch(self, loss_a: Tensor, loss_b: Tensor) -> HarmonizeStats:
@@ -277,11 +283,16 @@ class GradientHarmonizer:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"num_steps": self.num_steps, "gradvac_target": self.gradvac_target}
+        state: dict[str, Any] = {"num_steps": self.num_steps, "gradvac_target": self.gradvac_target}
+        if self.curriculum is not None:
+            state["curriculum"] = self.curriculum.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.num_steps = int(state["num_steps"])
         self.gradvac_target = float(state["gradvac_target"])
+        if self.curriculum is not None and "curriculum" in state:
+            self.curriculum.load_state_dict(state["curriculum"])
 
 
 def _flat(grad: Tensor | None, param: Tensor) -> Tensor:

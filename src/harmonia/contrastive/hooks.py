@@ -12,7 +12,7 @@ import torch
 from harmonia.collectives import all_gather_rows
 from harmonia.contrastive.harmonize import GradientHarmonizer, HarmonizeMode
 from harmonia.contrastive.vatt import VATTLossOutput
-from harmonia.eval.metrics import auroc
+from harmonia.eval.metrics import auroc, drop_precision
 from harmonia.train.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -26,10 +26,14 @@ class HarmonizeCallback(Callback):
     """Runs the pre-training backward through a :class:`GradientHarmonizer`.
 
     Logs the harmonizer's statistics every step (``harmonize/conflict_fraction``, ``kept_fraction``,
-    ``mean_cosine``, ``threshold``). In feature mode it also keeps every training triplet's conflict score:
-    each epoch's scores go to ``conflicts/epoch_NNN.npz`` in the run folder, the epoch metrics get
-    ``train/conflict_auroc`` (how well −cos finds the misaligned triplets, when the data has some), and the
-    run ends with ``conflict_histograms.png``. ``anchor_key`` names the ``output.features`` entry both
+    ``mean_cosine``, ``threshold``, ``curriculum_active``). In feature mode it also keeps every training
+    triplet's conflict score and per-sample losses: each epoch's go to ``conflicts/epoch_NNN.npz`` in the
+    run folder, and the run ends with ``conflict_histograms.png``. When the data has ground-truth noise
+    flags, the epoch metrics get ``train/conflict_auroc`` (how well −cos finds the misaligned triplets)
+    beside the loss-based detectors' ``train/loss_vt_auroc`` and ``train/loss_sum_auroc``, and, with a
+    curriculum, the precision of what it dropped: ``train/drop_precision`` (share of the dropped
+    triplets that are truly misaligned), ``train/noise_base_rate``, ``train/drop_lift`` (their ratio) and
+    ``train/dropped_fraction``. ``anchor_key`` names the ``output.features`` entry both
     losses flow through: ``video`` (pooled) or ``video_tokens`` (for fine-grained losses).
     """
 
@@ -40,6 +44,7 @@ class HarmonizeCallback(Callback):
         self._indices: list[torch.Tensor] = []
         self._cosines: list[torch.Tensor] = []
         self._kept: list[torch.Tensor] = []
+        self._losses: dict[str, list[torch.Tensor]] = {"va": [], "vt": []}
 
     def backward(
         self, trainer: Trainer, batch: Mapping[str, Any], losses: VATTLossOutput, output: PretrainOutput
@@ -52,17 +57,26 @@ class HarmonizeCallback(Callback):
             self._indices.append(batch["indices"].cpu())
             self._cosines.append(stats.cosine.float().cpu())
             self._kept.append(stats.kept.cpu())
+            for key, parts in self._losses.items():
+                parts.append(losses.per_sample[key].detach().float().cpu())
 
     def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
         if not self._cosines:
             return
         # every rank's triplets (each rank saw an equal share of every global batch)
-        index, cosine, kept = (
+        index, cosine, kept, loss_va, loss_vt = (
             all_gather_rows(torch.cat(parts))
-            for parts in (self._indices, self._cosines, [k.to(torch.uint8) for k in self._kept])
+            for parts in (
+                self._indices,
+                self._cosines,
+                [k.to(torch.uint8) for k in self._kept],
+                self._losses["va"],
+                self._losses["vt"],
+            )
         )
         kept = kept.bool()
         self._indices, self._cosines, self._kept = [], [], []
+        self._losses = {"va": [], "vt": []}
         truth = getattr(trainer.dataset, "train_noise", None)  # None: real data has no ground truth
         flags = truth[index] if truth is not None else torch.zeros(len(index), dtype=torch.bool)
         if trainer.dist.is_main:
@@ -74,10 +88,18 @@ class HarmonizeCallback(Callback):
                 cosine=cosine.numpy(),
                 kept=kept.numpy(),
                 noisy=flags.numpy(),
+                loss_va=loss_va.numpy(),
+                loss_vt=loss_vt.numpy(),
             )
         metrics["train/conflict_mean_cosine"] = float(cosine.mean())
         if flags.any() and not flags.all():
             metrics["train/conflict_auroc"] = auroc(-cosine, flags)
+            metrics["train/loss_vt_auroc"] = auroc(loss_vt, flags)
+            metrics["train/loss_sum_auroc"] = auroc(loss_va + loss_vt, flags)
+        if truth is not None and self.harmonizer.curriculum is not None:
+            for key, value in drop_precision(kept, flags).items():
+                if not np.isnan(value):
+                    metrics[f"train/{key}"] = value
 
     def on_train_end(self, trainer: Trainer) -> None:
         if not trainer.dist.is_main:

@@ -37,7 +37,8 @@ class VATTLoss(nn.Module):
     Coarse terms are NCE and MIL-NCE on pooled embeddings; a ``finegrained`` term is the same loss on
     token sets scored by ``finegrained`` (a :class:`FineGrainedNCE`, whose τ is replaced by
     ``temperature``). Both terms are means of per-sample losses, which :class:`VATTLossOutput` also
-    returns, so a gradient harmonizer can treat each objective per sample.
+    returns, so a gradient harmonizer can treat each objective per sample. ``gather=False`` takes
+    negatives from the local batch only (evaluation that every data-parallel rank runs on the same data).
     """
 
     def __init__(
@@ -48,12 +49,16 @@ class VATTLoss(nn.Module):
         va: ContrastiveGrain | str = ContrastiveGrain.COARSE,
         vt: ContrastiveGrain | str = ContrastiveGrain.COARSE,
         finegrained: FineGrainedNCE | None = None,
+        gather: bool = True,
     ) -> None:
         super().__init__()
         self.temperature, self.weight_va, self.weight_vt = temperature, weight_va, weight_vt
         self.va, self.vt = ContrastiveGrain(va), ContrastiveGrain(vt)
         self.finegrained = finegrained or FineGrainedNCE()
         self.finegrained.tau = temperature
+        self.gather = gather
+        if not gather:
+            self.finegrained.gather = False
 
     @property
     def needs_tokens(self) -> bool:
@@ -77,12 +82,25 @@ class VATTLoss(nn.Module):
         if own_gradients_only and self.needs_tokens:
             raise ValueError("own_gradients_only is implemented for the coarse losses only")
         if self.va is ContrastiveGrain.COARSE:
-            va = nce(video_va, audio, self.temperature, "none", own_gradients_only=own_gradients_only)
+            va = nce(
+                video_va,
+                audio,
+                self.temperature,
+                "none",
+                own_gradients_only=own_gradients_only,
+                gather=self.gather,
+            )
         else:
             va = self.finegrained(video_va, audio).per_sample
         if self.vt is ContrastiveGrain.COARSE:
             vt = mil_nce(
-                video_vt, text, text_mask, self.temperature, "none", own_gradients_only=own_gradients_only
+                video_vt,
+                text,
+                text_mask,
+                self.temperature,
+                "none",
+                own_gradients_only=own_gradients_only,
+                gather=self.gather,
             )
         else:
             if word_mask is not None and text_mask is not None:

@@ -130,7 +130,7 @@ def load_avdigits(
     folder = cache_root() / "avdigits" / recipe_key(cfg)
     if not rebuild and _cache_problem(folder, cfg) is None:
         return _read(folder, cfg)
-    with _build_lock(folder):  # one builder at a time; the others then find it built
+    with build_lock(folder):  # one builder at a time; the others then find it built
         problem = _cache_problem(folder, cfg)
         if problem is None and not rebuild:
             return _read(folder, cfg)
@@ -143,14 +143,14 @@ def load_avdigits(
 
 
 @contextlib.contextmanager
-def _build_lock(folder: Path) -> Iterator[None]:
+def build_lock(folder: Path) -> Iterator[None]:
     lock = folder.parent / f"{folder.name}.lock"
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         handle = open(lock, "w")  # noqa: SIM115 - closed below, after the lock is released
     except OSError as exc:
         raise DataError(
-            f"AV-Digits for this recipe must be built, but the cache folder {folder.parent} is not "
+            f"a dataset must be built into the cache, but the cache folder {folder.parent} is not "
             f"writable ({exc.strerror or exc}); set HARMONIA_CACHE to a writable folder (or build it once "
             "as a user who can write there)"
         ) from exc
@@ -171,7 +171,7 @@ def _build_lock(folder: Path) -> Iterator[None]:
 # cache
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -191,7 +191,7 @@ def _cache_problem(folder: Path, cfg: AVDigitsConfig) -> str | None:
         return f"meta.json holds a {type(meta).__name__}, not an object"
     if meta.get("recipe_version") != RECIPE_VERSION or meta.get("recipe") != to_dict(cfg):
         return "stale recipe"
-    if meta.get("sha256") != _sha256(data_path):
+    if meta.get("sha256") != file_sha256(data_path):
         return "data.npz checksum mismatch"
     return None
 
@@ -242,7 +242,7 @@ def _build_into(folder: Path, cfg: AVDigitsConfig, progress: bool) -> None:
             "recipe_version": RECIPE_VERSION,
             "recipe": to_dict(cfg),
             "voices": voices,
-            "sha256": _sha256(tmp / "data.npz"),
+            "sha256": file_sha256(tmp / "data.npz"),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if folder.exists():

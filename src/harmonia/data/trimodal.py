@@ -1,19 +1,24 @@
-"""Tri-modal AV-Digits: video, audio and text triplets for contrastive pre-training (DESIGN §3).
+"""Tri-modal AV-Digits: video, audio and text triplets for contrastive pre-training.
 
-Built in memory, in about a second, from the cached AV-Digits arrays (``data.avdigits`` recipe):
+Built from the cached AV-Digits images and voices (``data.avdigits`` recipe) and, for the default
+``speech: digit_and_motion``, spoken descriptions cached by :mod:`harmonia.data.spoken` (about 10 s to
+synthesize once):
 
 * **video** [1, T, S, S]: the sample's digit image moving in one of four directions while it grows or
   shrinks; the digit is brighter in the frames during which its name is spoken (``sync_contrast``), so
-  video and audio share a timing cue as well as the digit, as real clips do;
-* **audio** [1, n_mels, frames]: the AV-Digits log-mel spectrogram of the spoken digit;
+  video and audio share a timing cue as well as their meaning, as real clips do;
+* **audio** [1, n_mels, frames]: log-mel spectrogram of the clip's speech, in its AV-Digits voice (voices
+  are disjoint between train, validation and test). ``digit_and_motion``: the digit and the motion,
+  ``"seven, moving left"`` (what it says is kept in ``split.transcripts``); ``digit``: the AV-Digits clip,
+  only the digit's name;
 * **text** [K, L] word ids (+ mask): K caption candidates from different templates, most of which say
   what the clip shows (``"digit 7 shrinks while moving left"``), some only the digit.
 
-Noise, on the training split only (validation and test stay clean, so evaluation measures what was
-learned): ``misalign_rate`` replaces the text, the audio or both of exactly ``round(rate * N)`` triplets
-with those of a sample of another digit and keeps per-sample flags; ``partial_rate`` replaces a contiguous
-block of ``partial_fraction`` of the frames of exactly ``round(rate * N)`` clips with another digit's
-frames and keeps a per-frame relevance mask.
+Noise, on the training split only (validation and test stay clean, so evaluation and every choice made on
+validation measure what was learned): ``misalign_rate`` replaces the text, the audio or both of exactly
+``round(rate * N)`` triplets with those of a sample of another digit and keeps per-sample flags;
+``partial_rate`` replaces a contiguous block of ``partial_fraction`` of the frames of exactly
+``round(rate * N)`` clips with another digit's frames and keeps a per-frame relevance mask.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from harmonia.config import AVDigitsConfig, MisalignKind, TriModalConfig
+from harmonia.config import AVDigitsConfig, MisalignKind, SpeechKind, TriModalConfig
 from harmonia.data import captions as cap
+from harmonia.data import spoken
 from harmonia.data.avdigits import NUM_CLASSES, SPLITS, AVDigits, load_avdigits
 from harmonia.errors import DataError
 
@@ -42,6 +48,10 @@ class TriModalSplit:
     ``inputs`` holds ``video`` [N, 1, T, S, S], ``audio`` [N, 1, n_mels, frames], ``text`` [N, K, L] word
     ids and ``text_mask`` [N, K, L] (True on real words). ``labels`` is the digit of the video;
     ``modality_labels[m]`` the digit modality m actually shows (different where it was swapped).
+    ``directions`` and ``zooms`` [N] index :data:`~harmonia.data.captions.DIRECTIONS` and ``ZOOMS``: the
+    clip's motion. ``transcripts[i]`` is what clip i's audio says (the donor's where the audio was
+    swapped), ``captions[i]`` its caption candidates, ``voices[i]`` the voice the clip itself was given
+    (splits never share a voice).
     """
 
     inputs: dict[str, Tensor]
@@ -50,6 +60,10 @@ class TriModalSplit:
     misaligned: dict[str, Tensor]  # "audio", "text": bool [N]
     relevant_frames: Tensor  # bool [N, T]: False where a partial clip shows unrelated frames
     captions: list[list[str]] = field(default_factory=list)
+    transcripts: list[str] = field(default_factory=list)
+    directions: Tensor | None = None
+    zooms: Tensor | None = None
+    voices: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -90,38 +104,36 @@ def load_trimodal_avdigits(
     """Tri-modal AV-Digits from the AV-Digits recipe ``base_cfg`` (built and cached when needed)."""
     cfg = cfg or TriModalConfig()
     base = base or load_avdigits(base_cfg, progress=progress)
+    clips = {name: _clips_of(cfg, base, code, name) for code, name in enumerate(SPLITS)}
+    speech = _speech(cfg, base, clips, progress)
     splits = {}
-    for code, name in enumerate(SPLITS):
-        data = base.splits[name]
-        if data.speech_span is None:  # pragma: no cover - every cache of recipe version >= 3 has it
-            raise DataError(
-                "this AV-Digits cache has no speech timing; rebuild it with `harmonia data avdigits`"
-            )
-        rng = np.random.default_rng([cfg.seed, code])
-        n = len(data)
-        labels = data.labels.numpy()
-        directions = rng.integers(0, len(cap.DIRECTIONS), n)
-        zooms = rng.integers(0, len(cap.ZOOMS), n)
-        brightness = frame_brightness(
-            data.speech_span, cfg.frames, base.config.clip_seconds, cfg.sync_contrast
-        )
-        video = render_videos(
-            data.inputs["image"][:, 0], cfg.frames, cfg.frame_size, directions, zooms, brightness
-        )
-        texts = cap.sample_captions(labels, directions, zooms, cfg.captions, rng)
+    for name in SPLITS:
+        c = clips[name]
+        rng, directions, zooms, source = c.rng, c.directions, c.zooms, torch.from_numpy(c.source)
+        n = len(source)
+        labels = base.splits[name].labels[source]
+        audio, span, clip_seconds, transcripts = speech[name]
+        brightness = frame_brightness(span, cfg.frames, clip_seconds, cfg.sync_contrast)
+        images = base.splits[name].inputs["image"][source, 0]
+        video = render_videos(images, cfg.frames, cfg.frame_size, directions, zooms, brightness)
+        texts = cap.sample_captions(labels.numpy(), directions, zooms, cfg.captions, rng)
         ids, mask = cap.tokenize([t for clip in texts for t in clip])
         split = TriModalSplit(
             inputs={
                 "video": video,
-                "audio": data.inputs["audio"].clone(),  # misalignment edits it in place
+                "audio": audio.clone(),  # misalignment edits it in place
                 "text": ids.view(n, cfg.captions, -1),
                 "text_mask": mask.view(n, cfg.captions, -1),
             },
-            labels=data.labels.clone(),
-            modality_labels={m: data.labels.clone() for m in TRIMODAL_MODALITIES},
+            labels=labels.clone(),
+            modality_labels={m: labels.clone() for m in TRIMODAL_MODALITIES},
             misaligned={m: torch.zeros(n, dtype=torch.bool) for m in ("audio", "text")},
             relevant_frames=torch.ones(n, cfg.frames, dtype=torch.bool),
             captions=texts,
+            transcripts=list(transcripts),
+            directions=torch.from_numpy(directions),
+            zooms=torch.from_numpy(zooms),
+            voices=c.voices,
         )
         if name == "train":
             misalign(split, cfg.misalign_rate, cfg.misalign_modality, np.random.default_rng([cfg.seed, 10]))
@@ -130,6 +142,73 @@ def load_trimodal_avdigits(
             )
         splits[name] = split
     return TriModalAVDigits(config=cfg, base=base, splits=splits)
+
+
+@dataclass
+class _Clips:
+    """The clips of one split before rendering: which AV-Digits sample each shows (``source``), its voice
+    and motion, and the split's generator (captions are drawn from it next)."""
+
+    rng: np.random.Generator
+    source: np.ndarray
+    directions: np.ndarray
+    zooms: np.ndarray
+    voices: list[str]
+
+
+def _clips_of(cfg: TriModalConfig, base: AVDigits, code: int, name: str) -> _Clips:
+    """Each AV-Digits sample once (training: ``clips_per_image`` times, the copies with a motion and a
+    voice of the training voices of their own)."""
+    data = base.splits[name]
+    copies = cfg.clips_per_image if name == "train" else 1
+    source = np.repeat(np.arange(len(data)), copies)
+    rng = np.random.default_rng([cfg.seed, code])
+    n = len(source)
+    directions, zooms = rng.integers(0, len(cap.DIRECTIONS), n), rng.integers(0, len(cap.ZOOMS), n)
+    voices = [data.voices[i] for i in source]
+    if copies > 1:
+        pool = sorted(set(data.voices))
+        other = np.random.default_rng([cfg.seed, code, 1]).integers(0, len(pool), n)
+        voices = [
+            v if j % copies == 0 else pool[o] for j, (v, o) in enumerate(zip(voices, other, strict=True))
+        ]
+    return _Clips(rng, source, directions, zooms, voices)
+
+
+def _speech(
+    cfg: TriModalConfig, base: AVDigits, clips: dict[str, _Clips], progress: bool
+) -> dict[str, tuple[Tensor, Tensor, float, list[str]]]:
+    """Per split: audio [N, 1, n_mels, frames], the digit word's span [N, 2] in seconds, the clip length
+    and what each clip says."""
+    if cfg.speech is SpeechKind.DIGIT:
+        out = {}
+        for name in SPLITS:
+            data, source = base.splits[name], torch.from_numpy(clips[name].source)
+            if data.speech_span is None:  # pragma: no cover - every cache of recipe version >= 3 has it
+                raise DataError(
+                    "this AV-Digits cache has no speech timing; rebuild it with `harmonia data avdigits`"
+                )
+            words = [cap.DIGIT_WORDS[int(d)] for d in data.labels[source]]
+            out[name] = (
+                data.inputs["audio"][source],
+                data.speech_span[source],
+                base.config.clip_seconds,
+                words,
+            )
+        return out
+    build = {
+        name: (base.splits[name].labels.numpy()[c.source], c.directions, c.zooms, c.voices)
+        for name, c in clips.items()
+    }
+    settings = {
+        "seed": cfg.seed,
+        "speech_seconds": cfg.speech_seconds,
+        "clips_per_image": cfg.clips_per_image,
+    }
+    spoken_clips = spoken.load_spoken(settings, base.config, build, cfg.speech_seconds, cfg.seed, progress)
+    return {
+        name: (c.audio, c.digit_span, cfg.speech_seconds, c.transcripts) for name, c in spoken_clips.items()
+    }
 
 
 def frame_brightness(speech_span: Tensor, frames: int, clip_seconds: float, contrast: float) -> Tensor:
@@ -210,9 +289,11 @@ def misalign(split: TriModalSplit, rate: float, kind: MisalignKind, rng: np.rand
             split.inputs[key][index] = split.inputs[key][donors]
         split.modality_labels[m][index] = split.labels[donors]
         split.misaligned[m][index] = True
-        if m == "text":
+        said = split.captions if m == "text" else split.transcripts
+        if said:
+            before = list(said)  # a donor may itself be chosen: read what it said before the swap
             for i, d in zip(chosen.tolist(), donors.tolist(), strict=True):
-                split.captions[i] = split.captions[d]
+                said[i] = before[d]
 
 
 def replace_partially(split: TriModalSplit, rate: float, fraction: float, rng: np.random.Generator) -> None:

@@ -180,3 +180,29 @@ def auroc(scores: ArrayLike, positive: ArrayLike) -> float:
 
     ranks = rankdata(s)  # average ranks for ties
     return float((ranks[p].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def drop_precision(kept: ArrayLike, noisy: ArrayLike) -> dict[str, float]:
+    """How well a curriculum's drops find the noisy samples.
+
+    With D the dropped samples (``kept`` False) and the ground-truth flags ``noisy``:
+
+        precision = |D ∩ noisy| / |D|,   base_rate = |noisy| / N,   lift = precision / base_rate
+
+    (a curriculum that drops at random has lift 1). ``precision`` and ``lift`` are NaN when nothing was
+    dropped (or, for ``lift``, when nothing is noisy).
+    """
+    k = _to_numpy(kept, "kept").astype(bool).ravel()
+    y = _to_numpy(noisy, "noisy").astype(bool).ravel()
+    _same_length(k, y, "kept and noisy")
+    if len(k) == 0:
+        raise ValueError("drop_precision: no samples")
+    dropped = ~k
+    base = float(y.mean())
+    precision = float(y[dropped].mean()) if dropped.any() else float("nan")
+    return {
+        "dropped_fraction": float(dropped.mean()),
+        "drop_precision": precision,
+        "noise_base_rate": base,
+        "drop_lift": precision / base if base > 0 else float("nan"),
+    }

@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from harmonia.config import HarmonizeConfig, HarmonizeModeKind, PretrainConfig, TextEncoderKind
+from harmonia.config import (
+    CurriculumStartKind,
+    HarmonizeConfig,
+    HarmonizeModeKind,
+    PretrainConfig,
+    TextEncoderKind,
+)
 from harmonia.contrastive import ContrastiveGrain, FineGrainedNCE, VATTLoss, VATTLossOutput
 from harmonia.contrastive.curriculum import ConflictCurriculum
 from harmonia.contrastive.finegrained import token_scores
@@ -30,6 +36,7 @@ from harmonia.eval.retrieval import retrieval_metrics_from_scores
 from harmonia.models.pretrain import PretrainOutput, TriModalPretrainModel, VideoAnchor
 from harmonia.train.base import BaseTrainer
 from harmonia.train.build import model_allocation
+from harmonia.train.gate import LearnabilityGate
 
 INPUT_KEYS = ("video", "audio", "text", "text_mask")
 
@@ -52,6 +59,8 @@ def build_harmonize_callback(
             shape=cfg.curriculum_shape,
             keep=cfg.curriculum_keep,
             start_fraction=cfg.curriculum_start_fraction,
+            warmup_steps=round(cfg.curriculum_warmup_epochs * steps_per_epoch),
+            deferred=cfg.curriculum_start_when is CurriculumStartKind.GATE,
         )
     harmonizer = GradientHarmonizer(
         mode=cfg.mode.value,
@@ -104,6 +113,14 @@ class PretrainTrainer(BaseTrainer):
         )
         if self.harmonize is not None:
             self.callbacks.insert(0, self.harmonize)
+        self.gate: LearnabilityGate | None = None
+        if cfg.data.name == "trimodal_avdigits" and p.gate:
+            self.gate = LearnabilityGate(seed=cfg.train.seed)
+            self.callbacks.append(self.gate)
+            curriculum = self.harmonize.harmonizer.curriculum if self.harmonize is not None else None
+            if curriculum is not None and curriculum.deferred:
+                harmonizer = self.harmonize.harmonizer  # type: ignore[union-attr]
+                self.gate.on_pass.append(lambda _epoch: curriculum.begin(harmonizer.num_steps))
 
     def _setup_trimodal(self, dataset: TriModalAVDigits | None) -> None:
         cfg = self.cfg
