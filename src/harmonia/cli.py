@@ -398,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from harmonia.reproducibility import set_reproducible_environment
+
+    set_reproducible_environment()  # before anything imports torch and multiplies matrices
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     # overrides may come after flags (`--overwrite optim.lr=0.1`): argparse leaves those in `extras`

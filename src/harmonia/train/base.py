@@ -18,6 +18,7 @@ import json
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from harmonia.collectives import all_reduce_sum
 from harmonia.config import BalanceMethod, ExperimentConfig, ScheduleKind, dump_config, load_config, to_dict
 from harmonia.data.sources import EpochLoader
 from harmonia.errors import CheckpointError, ConfigError, NonFiniteLossError, RunFolderExistsError
+from harmonia.reproducibility import apply_reproducibility
 from harmonia.train.build import build_optimizer, build_scheduler
 from harmonia.train.callbacks import Callback
 from harmonia.train.checkpoint import (
@@ -56,6 +58,7 @@ class TrainResult:
     probe: dict[str, float] = field(default_factory=dict)
     epochs: int = 0
     seconds: float = 0.0
+    num_threads: int = 0  # CPU threads the run trained with (its numbers repeat at this count)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -64,6 +67,7 @@ class TrainResult:
             "probe": self.probe,
             "epochs": self.epochs,
             "seconds": self.seconds,
+            "num_threads": self.num_threads,
         }
 
 
@@ -113,8 +117,7 @@ class BaseTrainer:
         self.checkpoint_path = self.run_dir / "checkpoints" / "last.pt"
         self.resume = resume
 
-        if cfg.train.num_threads is not None:
-            torch.set_num_threads(cfg.train.num_threads)
+        self.num_threads = apply_reproducibility(cfg.train.reproducibility, cfg.train.num_threads)
         self.device = resolve_device(cfg.train.device)
         self.dist = init_distributed(self.device, cfg.train.dist_timeout_s)
         if self.dist.enabled and self.device.type == "cuda":
@@ -250,6 +253,7 @@ class BaseTrainer:
             "rng": capture_rng_state(),
             "callbacks": self._callback_states(),
             "config": to_dict(self.cfg),
+            "num_threads": self.num_threads,
         }
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save(state, self.checkpoint_path)
@@ -275,6 +279,14 @@ class BaseTrainer:
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         restore_rng_state(state["rng"])
+        started_with = state.get("num_threads")
+        if started_with is not None and started_with != self.num_threads:
+            warnings.warn(
+                f"the run was started with {started_with} CPU threads and resumes with {self.num_threads}: "
+                f"its numbers will differ from an uninterrupted run in the last digits; resume with "
+                f"train.num_threads={started_with} (or train with train.reproducibility=any_threads)",
+                stacklevel=2,
+            )
         if self.cfg.train.epochs < self.epoch:
             raise ConfigError(
                 f"train.epochs={self.cfg.train.epochs} is below the {self.epoch} epochs "
@@ -369,7 +381,9 @@ class BaseTrainer:
             plot_balance_curves({"": self.run_dir}, self.run_dir / "balance_curves.png")
         for cb in self.callbacks:
             cb.on_train_end(self)
-        result = TrainResult(self.run_dir, test, probe, self.epoch, time.perf_counter() - start)
+        result = TrainResult(
+            self.run_dir, test, probe, self.epoch, time.perf_counter() - start, self.num_threads
+        )
         if self.dist.is_main:
             (self.run_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=1))
         return result
