@@ -110,6 +110,11 @@ class VTHeadKind(str, enum.Enum):
     SHARED = "shared"
 
 
+class VideoTokensKind(str, enum.Enum):
+    GLOBAL = "global"
+    TIME_LOCAL = "time_local"
+
+
 class TextEncoderKind(str, enum.Enum):
     NATIVE = "native"
     MINILM = "minilm"
@@ -333,6 +338,12 @@ class PretrainConfig:
     )
     audio_patch: list[int] = param(
         default_factory=lambda: [8, 4], help="spectrogram patch size [mel bands, frames]"
+    )
+    video_tokens: VideoTokensKind = param(
+        VideoTokensKind.GLOBAL,
+        help="global: every video tubelet token attends to the whole clip; time_local: only to the tokens "
+        "of its own time slot (feature-map-cell tokens for fine-grained losses; the pooled clip embedding "
+        "mixes the slots)",
     )
     vt_head: VTHeadKind = param(
         VTHeadKind.MLP,
