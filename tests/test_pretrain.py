@@ -221,6 +221,20 @@ def test_pretraining_learns_logs_and_resumes_exactly(tmp_path: Path) -> None:
     assert resumed.test == full.test and resumed.probe == full.probe
 
 
+def test_max_steps_trains_exactly_that_many_steps(tmp_path: Path) -> None:
+    """train.max_steps replaces train.epochs: ceil(max_steps / steps per epoch) epochs, the last cut short."""
+    cfg = tiny_pretrain(
+        tmp_path, "train.max_steps=5", "train.epochs=50", "train.batch_size=32", "train.probe=false"
+    )
+    trainer = build_trainer(cfg, progress=False)
+    per_epoch = len(trainer.train_loader)
+    assert 1 < per_epoch < 5
+    result = trainer.fit()
+    assert trainer.global_step == 5 and result.epochs == trainer.num_epochs == -(-5 // per_epoch)
+    epochs = [m for m in read_metrics(result.run_dir / "metrics.jsonl") if m["kind"] == "epoch"]
+    assert [m["step"] for m in epochs][-1] == 5 and "test/video_to_text/R@1" in epochs[-1]
+
+
 def test_bench_pretrain_recipe_is_the_config_file() -> None:
     from harmonia.bench.pretrain import PRETRAIN_RECIPE
     from harmonia.config import load_config, to_dict

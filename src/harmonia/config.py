@@ -456,6 +456,12 @@ class HarmonizeConfig:
 @dataclass
 class TrainConfig:
     epochs: int = param(20, help="number of training epochs", ge=1)
+    max_steps: int | None = param(
+        None,
+        help="train for exactly this many optimizer steps instead of train.epochs: ceil(max_steps / steps "
+        "per epoch) epochs, the last one cut short (null: train.epochs whole epochs)",
+        ge=1,
+    )
     batch_size: int = param(64, help="training batch size", ge=1)
     eval_batch_size: int = param(256, help="evaluation batch size", ge=1)
     seed: int = param(0, help="seed of model initialisation and data order")
