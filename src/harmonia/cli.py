@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="balance: fusion/method pairs, e.g. concat/none concat/opm; harmonize: baseline realign ...; "
         "finegrained: coarse finegrained finegrained-both finegrained-av",
     )
-    p.add_argument("--batch-sizes", type=int, nargs="+", help="finegrained: batch sizes (default 32 128)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", help="finegrained: batch sizes (default 16 32)")
     p.add_argument(
         "--steps",
         type=int,
@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="finegrained, harmonize: evaluations per run, for the curves (default: the benchmark's)",
     )
     p.add_argument(
-        "--backbones", nargs="+", choices=["shared", "specific"], help="harmonize: backbones (default both)"
+        "--backbones", nargs="+", choices=["shared", "specific"], help="harmonize: backbones (default shared)"
     )
     p.add_argument(
         "--video-tokens",
