@@ -192,6 +192,26 @@ def _mean_after(results: list[dict[str, Any]], key: str) -> list[float]:
     return [statistics.fmean(v) for v in (after_gate(r, key) for r in results) if v]
 
 
+def _drop_precision_after(results: list[dict[str, Any]]) -> list[float]:
+    """Per seed, the precision of everything the curriculum dropped after the gate: the epochs' drop
+    precisions weighted by their dropped fractions (an epoch that dropped 3 triplets counts for little)."""
+    out = []
+    for r in results:
+        rows = [c for c in _after_gate_curves(r) if "train/drop_precision" in c]
+        total = sum(c["train/dropped_fraction"] for c in rows)
+        if total > 0:
+            out.append(sum(c["train/drop_precision"] * c["train/dropped_fraction"] for c in rows) / total)
+    return out
+
+
+def _after_gate_curves(result: dict[str, Any]) -> list[dict[str, float]]:
+    """The epoch records after the first at which the gate passed that log a dropped fraction."""
+    passed = [c["epoch"] for c in result["curves"] if c.get("gate/passed") == 1.0]
+    if not passed:
+        return []
+    return [c for c in result["curves"] if c["epoch"] > passed[0] and "train/dropped_fraction" in c]
+
+
 def _last(results: list[dict[str, Any]], key: str) -> list[float]:
     """Per seed, the last logged value of ``key``."""
     return [
@@ -310,8 +330,8 @@ def format_report(summary: dict[str, Any], command: str) -> str:
         "",
         "Learnability gate and noise detection during training (mean ± std over seeds; AUROC of the "
         "misaligned training triplets; 'after gate' = mean over the epochs after the gate first passed, "
-        "'last' = final epoch; drop precision = share of the dropped triplets that are misaligned, base rate "
-        "0.30):",
+        "'last' = final epoch; drop precision = share of all triplets dropped after the gate that are "
+        "misaligned, base rate 0.30):",
         "",
         "| backbone | variant | gate passed at epoch | conflict AUROC after gate | conflict AUROC last "
         "| loss_vt AUROC last | drop precision after gate | dropped fraction after gate |",
@@ -328,7 +348,7 @@ def format_report(summary: dict[str, Any], command: str) -> str:
             f"| {backbone} | {variant} | {gate} | {_cell(_mean_after(results, 'train/conflict_auroc'))} | "
             f"{_cell(_last(results, 'train/conflict_auroc'))} | "
             f"{_cell(_last(results, 'train/loss_vt_auroc'))} | "
-            f"{_cell(_mean_after(results, 'train/drop_precision'))} | "
+            f"{_cell(_drop_precision_after(results))} | "
             f"{_cell(_mean_after(results, 'train/dropped_fraction'))} |"
         )
     if summary["audit"]:
