@@ -122,7 +122,7 @@ class TextEncoderKind(str, enum.Enum):
 
 @dataclass
 class AVDigitsConfig:
-    """Recipe of the embedded AV-Digits dataset (DESIGN §3). Any change here rebuilds the cache."""
+    """Recipe of the embedded AV-Digits dataset. Any change here rebuilds the cache."""
 
     seed: int = param(0, help="seed of every random choice in the recipe (voices, pairing, noise)")
     val_fraction: float = param(
@@ -173,7 +173,7 @@ class AVDigitsConfig:
 
 @dataclass
 class TriModalConfig:
-    """Tri-modal AV-Digits (DESIGN §3): video made from the digit image, speech, and captions."""
+    """Tri-modal AV-Digits: video made from the digit image, speech, and captions."""
 
     frames: int = param(8, help="frames per video clip, spread over the audio clip's duration", ge=2)
     frame_size: int = param(16, help="side of each square frame in pixels", ge=8)
@@ -295,7 +295,7 @@ class BalanceMethod(str, enum.Enum):
 
 @dataclass
 class BalanceConfig:
-    """Modality balancing (DESIGN §1.1-1.3): OGM / OGM-GE after backward, OPM before fusion, or both."""
+    """Modality balancing: OGM / OGM-GE after backward, OPM before fusion, or both."""
 
     method: BalanceMethod = param(BalanceMethod.NONE, help="none, ogm, opm or opm+ogm")
     alpha: float = param(0.8, help="OGM modulation strength α (paper: 0.8 CREMA-D, 0.1 VGGSound)", ge=0)
@@ -316,7 +316,7 @@ class BalanceConfig:
 
 @dataclass
 class PretrainConfig:
-    """Tri-modal contrastive pre-training (task: pretrain; DESIGN §1.4, VATT)."""
+    """Tri-modal contrastive pre-training (task: pretrain; VATT)."""
 
     backbone: BackboneKind = param(
         BackboneKind.SHARED,
@@ -355,12 +355,12 @@ class PretrainConfig:
     va_loss: ContrastiveGrain = param(
         ContrastiveGrain.COARSE,
         help="coarse: NCE of pooled clip and audio embeddings; finegrained: NCE of attention-pooled "
-        "video-tubelet x spectrogram-patch similarities (DESIGN 1.7)",
+        "video-tubelet x spectrogram-patch similarities (docs/finegrained.md)",
     )
     vt_loss: ContrastiveGrain = param(
         ContrastiveGrain.COARSE,
         help="coarse: MIL-NCE of pooled clip and caption embeddings; finegrained: MIL-NCE of "
-        "attention-pooled video-tubelet x word similarities (DESIGN 1.7)",
+        "attention-pooled video-tubelet x word similarities (docs/finegrained.md)",
     )
     tau_att: float = param(0.1, help="finegrained: temperature of the attention over tokens", gt=0)
     pool_direction: PoolDirection = param(
@@ -404,7 +404,7 @@ class HarmonizeModeKind(str, enum.Enum):
 
 @dataclass
 class HarmonizeConfig:
-    """Cross-modality gradient harmonization of task: pretrain (DESIGN §1.5-1.6)."""
+    """Cross-modality gradient harmonization of task: pretrain (docs/harmonization.md)."""
 
     mode: HarmonizeModeKind = param(
         HarmonizeModeKind.NONE,

@@ -1,4 +1,4 @@
-"""Tri-modal pre-training model (DESIGN §1.4): tokenizers, transformer backbone(s) and VATT heads.
+"""Tri-modal pre-training model (VATT-style): tokenizers, transformer backbone(s) and VATT heads.
 
 Each modality is cut into tokens by its own tokenizer — video tubelets, spectrogram patches, words — and
 encoded either by **one modality-agnostic transformer shared by all three** (``BackboneKind.SHARED``, the
