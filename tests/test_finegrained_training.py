@@ -169,8 +169,11 @@ def test_bench_finegrained_writes_report_plots_and_memory(tmp_path: Path) -> Non
     summary = run_finegrained_benchmark(
         seeds=1,
         out_dir=tmp_path,
+        variants=["coarse-clean", "coarse", "finegrained"],
         batch_sizes=[16],
         overrides=[*tiny_pretrain_overrides(), "data.trimodal.captions=2"],
+        steps=4,
+        evaluations=1,
         speed_steps=2,
         speed_rounds=1,
         progress=False,
@@ -178,7 +181,44 @@ def test_bench_finegrained_writes_report_plots_and_memory(tmp_path: Path) -> Non
     out = tmp_path / "finegrained"
     report = (out / "finegrained.md").read_text()
     assert "| 16 | finegrained |" in report and "peak step memory" in report
-    assert summary["speed"]["16"]["coarse"]["ratio"] == 1.0
+    assert "Share of the coarse clean-vs-partial gap" in report and "Chosen on validation" in report
+    assert summary["speed"]["16"]["coarse-clean"]["ratio"] == 1.0
     assert all(s["peak_mib"] > 0 for s in summary["speed"]["16"].values())
     assert (out / "finegrained.png").stat().st_size > 1000
+    assert (out / "finegrained_curves.png").stat().st_size > 1000
     assert (out / "attention_finegrained_b16.png").stat().st_size > 1000
+    fine = summary["runs"]["16"]["finegrained"][0]
+    assert fine["attention"]["ratio"] > 0 and "video_to_text/R@1" in fine["val"]
+    assert any("attention/ratio" in c for c in fine["curves"])
+    assert summary["runs"]["16"]["coarse-clean"][0]["attention"] == {}  # no partial clips: no attention
+
+
+def test_bench_finegrained_gives_every_batch_size_the_same_steps(tmp_path: Path) -> None:
+    """Batch 8 and 64 both take exactly ``steps`` optimizer steps (ceil(steps / steps per epoch) epochs,
+    the last one cut short), so the comparison is at equal optimizer steps."""
+    from harmonia.bench.common import equal_step_overrides
+    from harmonia.bench.finegrained import run_finegrained_benchmark
+
+    expected = ["train.max_steps=10", "train.epochs=4", "train.eval_every=2"]
+    assert equal_step_overrides(10, 100, 32, 2) == expected
+    expected = ["train.max_steps=10", "train.epochs=1", "train.eval_every=1"]
+    assert equal_step_overrides(10, 100, 8, 2) == expected
+    summary = run_finegrained_benchmark(
+        seeds=1,
+        out_dir=tmp_path,
+        variants=["coarse"],
+        batch_sizes=[8, 64],
+        overrides=[*tiny_pretrain_overrides(), "data.trimodal.captions=2"],
+        steps=7,
+        evaluations=2,
+        speed_steps=0,
+        progress=False,
+    )
+    per_epoch = {b: summary["train_size"] // b for b in (8, 64)}
+    assert per_epoch[64] < 7 < per_epoch[8]  # batch 64 needs several epochs, batch 8 a part of one
+    for batch_size in ("8", "64"):
+        run = summary["runs"][batch_size]["coarse"][0]
+        assert run["steps"] == 7
+        assert run["curves"][-1]["step"] == 7
+        assert run["epochs"] == -(-7 // per_epoch[int(batch_size)])
+    assert "| 8 | coarse | 7 |" in (tmp_path / "finegrained" / "finegrained.md").read_text()

@@ -268,9 +268,10 @@ def test_bench_harmonize_writes_report(tmp_path: Path) -> None:
     summary = run_harmonize_benchmark(
         seeds=1,
         out_dir=tmp_path,
-        variants=["baseline", "realign+curriculum"],
+        variants=["clean", "baseline", "realign+curriculum"],
         backbones=["specific"],
         overrides=tiny_pretrain_overrides(),
+        steps=6,
         speed_steps=2,
         speed_rounds=1,
         progress=False,
@@ -280,3 +281,10 @@ def test_bench_harmonize_writes_report(tmp_path: Path) -> None:
     assert set(summary["speed"]["steps"]) >= {"plain", "feature", "parameter", "batch"}
     assert summary["speed"]["steps"]["plain"]["ratio"] == 1.0
     assert (tmp_path / "harmonize" / "harmonize.png").stat().st_size > 1000
+    assert (tmp_path / "harmonize" / "harmonize_curves.png").stat().st_size > 1000
+    assert "Variant chosen on validation" in report and "conflict AUROC after gate" in report
+    runs = summary["runs"]
+    assert all(r["steps"] == 6 for rs in runs.values() for r in rs)  # equal optimizer steps
+    baseline = runs["specific/baseline"][0]
+    assert any("train/conflict_auroc" in c for c in baseline["curves"])  # rule none still reports conflicts
+    assert not any("train/conflict_auroc" in c for c in runs["specific/clean"][0]["curves"])

@@ -141,6 +141,50 @@ def test_model_outputs_normalized_embeddings_and_tokens(backbone: str) -> None:
         TriModalPretrainModel(PretrainConfig(tubelet=[3, 4, 4]), (4, 16), (32, 51), 50, 6)
 
 
+@pytest.mark.parametrize("backbone", ["shared", "specific"])
+@pytest.mark.parametrize("video_tokens", ["time_local", "global"])
+def test_time_local_video_tokens_ignore_other_time_slots(backbone: str, video_tokens: str) -> None:
+    """With time-local tokens, a token's output does not change when another time slot's frames change
+    (with global attention it does); audio and text are untouched by the video mask."""
+    torch.manual_seed(0)
+    cfg = PretrainConfig(
+        backbone=backbone,  # type: ignore[arg-type]
+        video_tokens=video_tokens,  # type: ignore[arg-type]
+        width=16,
+        depth=2,
+        heads=2,
+        embed_dim=8,
+        tubelet=[2, 4, 4],
+    )
+    model = TriModalPretrainModel(cfg, (8, 16), (32, 51), len(cap.VOCABULARY), cap.MAX_WORDS).eval()
+    ids, mask = cap.tokenize(["a seven moves left", "number 7", "the digit one", "one"])
+    inputs = {
+        "video": torch.rand(2, 1, 8, 16, 16),
+        "audio": torch.randn(2, 1, 32, 51),
+        "text": ids.view(2, 2, -1),
+        "text_mask": mask.view(2, 2, -1),
+    }
+    changed = {**inputs, "video": inputs["video"].clone()}
+    changed["video"][:, :, 4:6] = torch.rand(2, 1, 2, 16, 16)  # time slot 2 of 4 (tubelet: 2 frames)
+    slots = model.tokenizers["video"].time_slots()
+    assert slots.tolist() == [t for t in range(4) for _ in range(16)]
+    with torch.no_grad():
+        before, after = model(inputs, return_tokens=True), model(changed, return_tokens=True)
+    tokens_before, tokens_after = before.features["video_tokens"], after.features["video_tokens"]
+    others = slots != 2
+    assert not torch.allclose(tokens_before[:, ~others], tokens_after[:, ~others])
+    if video_tokens == "time_local":
+        torch.testing.assert_close(tokens_before[:, others], tokens_after[:, others])
+    else:
+        assert not torch.allclose(tokens_before[:, others], tokens_after[:, others], atol=1e-4)
+    torch.testing.assert_close(before.audio, after.audio)
+    torch.testing.assert_close(before.text, after.text)
+    # the anchor the harmonizer differentiates is the same computation as the model's
+    torch.testing.assert_close(model.video_anchor(changed["video"], pooled=False), tokens_after)
+    # and the pooled clip embedding still mixes the time slots
+    assert not torch.allclose(before.video_va, after.video_va)
+
+
 def test_pretrain_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="pre-training uses video, audio and text"):
         tiny_pretrain(tmp_path, "data.modalities=[video,audio]")
@@ -175,6 +219,20 @@ def test_pretraining_learns_logs_and_resumes_exactly(tmp_path: Path) -> None:
         progress=False,
     ).fit()
     assert resumed.test == full.test and resumed.probe == full.probe
+
+
+def test_max_steps_trains_exactly_that_many_steps(tmp_path: Path) -> None:
+    """train.max_steps replaces train.epochs: ceil(max_steps / steps per epoch) epochs, the last cut short."""
+    cfg = tiny_pretrain(
+        tmp_path, "train.max_steps=5", "train.epochs=50", "train.batch_size=32", "train.probe=false"
+    )
+    trainer = build_trainer(cfg, progress=False)
+    per_epoch = len(trainer.train_loader)
+    assert 1 < per_epoch < 5
+    result = trainer.fit()
+    assert trainer.global_step == 5 and result.epochs == trainer.num_epochs == -(-5 // per_epoch)
+    epochs = [m for m in read_metrics(result.run_dir / "metrics.jsonl") if m["kind"] == "epoch"]
+    assert [m["step"] for m in epochs][-1] == 5 and "test/video_to_text/R@1" in epochs[-1]
 
 
 def test_bench_pretrain_recipe_is_the_config_file() -> None:

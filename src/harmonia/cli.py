@@ -71,7 +71,7 @@ def _train(args: argparse.Namespace) -> int:
             hint = (
                 f"no epoch had finished, so there is no checkpoint. Start again with: {command} --overwrite"
             )
-        elif trainer.epoch >= cfg.train.epochs:
+        elif trainer.epoch >= trainer.num_epochs:
             hint = f"training had finished; rerun the final evaluation with: {command} --resume"
         else:
             hint = f"the last checkpoint holds {trainer.epoch} finished epochs. "
@@ -253,7 +253,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         )
         return 0
     if args.benchmark == "harmonize":
-        from harmonia.bench.harmonize import VARIANTS, run_harmonize_benchmark
+        from harmonia.bench.harmonize import BACKBONES, STEPS, VARIANTS, run_harmonize_benchmark
 
         if args.config:
             raise HarmoniaError("bench harmonize runs its own recipe; change it with overrides, not --config")
@@ -261,14 +261,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             seeds=args.seeds,
             out_dir=args.out,
             variants=args.variants or tuple(VARIANTS),
+            backbones=args.backbones or BACKBONES,
             overrides=args.overrides,
+            steps=args.steps or STEPS,
+            evaluations=args.evaluations or 0,
             speed_steps=args.speed_steps,
             speed_rounds=args.speed_rounds,
             progress=not args.quiet,
         )
         return 0
     if args.benchmark == "finegrained":
-        from harmonia.bench.finegrained import BATCH_SIZES, DEFAULT_VARIANTS, run_finegrained_benchmark
+        from harmonia.bench.finegrained import (
+            BATCH_SIZES,
+            DEFAULT_VARIANTS,
+            EVALUATIONS,
+            STEPS,
+            VIDEO_TOKENS,
+            run_finegrained_benchmark,
+        )
 
         if args.config:
             raise HarmoniaError(
@@ -280,6 +290,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             variants=args.variants or DEFAULT_VARIANTS,
             batch_sizes=args.batch_sizes or BATCH_SIZES,
             overrides=args.overrides,
+            steps=args.steps or STEPS,
+            evaluations=args.evaluations or EVALUATIONS,
+            video_tokens=args.video_tokens or VIDEO_TOKENS,
             speed_steps=args.speed_steps,
             speed_rounds=args.speed_rounds,
             progress=not args.quiet,
@@ -375,7 +388,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="balance: fusion/method pairs, e.g. concat/none concat/opm; harmonize: baseline realign ...; "
         "finegrained: coarse finegrained finegrained-both finegrained-av",
     )
-    p.add_argument("--batch-sizes", type=int, nargs="+", help="finegrained: batch sizes (default 16 32 128)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", help="finegrained: batch sizes (default 16 32)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="finegrained, harmonize: optimizer steps of every run, whatever its batch size "
+        "(train.max_steps; default: the benchmark's)",
+    )
+    p.add_argument(
+        "--evaluations",
+        type=int,
+        help="finegrained, harmonize: evaluations per run, for the curves (default: the benchmark's)",
+    )
+    p.add_argument(
+        "--backbones", nargs="+", choices=["shared", "specific"], help="harmonize: backbones (default shared)"
+    )
+    p.add_argument(
+        "--video-tokens",
+        choices=["global", "time_local"],
+        help="finegrained: the video tokens of every run's encoder (default time_local)",
+    )
     p.add_argument(
         "--rates", type=float, nargs="+", help="pretrain: misalignment rates (default 0 0.1 0.3 0.5)"
     )

@@ -111,6 +111,11 @@ class VTHeadKind(str, enum.Enum):
     SHARED = "shared"
 
 
+class VideoTokensKind(str, enum.Enum):
+    GLOBAL = "global"
+    TIME_LOCAL = "time_local"
+
+
 class TextEncoderKind(str, enum.Enum):
     NATIVE = "native"
     MINILM = "minilm"
@@ -118,7 +123,7 @@ class TextEncoderKind(str, enum.Enum):
 
 @dataclass
 class AVDigitsConfig:
-    """Recipe of the embedded AV-Digits dataset (DESIGN §3). Any change here rebuilds the cache."""
+    """Recipe of the embedded AV-Digits dataset. Any change here rebuilds the cache."""
 
     seed: int = param(0, help="seed of every random choice in the recipe (voices, pairing, noise)")
     val_fraction: float = param(
@@ -169,7 +174,7 @@ class AVDigitsConfig:
 
 @dataclass
 class TriModalConfig:
-    """Tri-modal AV-Digits (DESIGN §3): video made from the digit image, speech, and captions."""
+    """Tri-modal AV-Digits: video made from the digit image, speech, and captions."""
 
     frames: int = param(8, help="frames per video clip, spread over the audio clip's duration", ge=2)
     frame_size: int = param(16, help="side of each square frame in pixels", ge=8)
@@ -291,7 +296,7 @@ class BalanceMethod(str, enum.Enum):
 
 @dataclass
 class BalanceConfig:
-    """Modality balancing (DESIGN §1.1-1.3): OGM / OGM-GE after backward, OPM before fusion, or both."""
+    """Modality balancing: OGM / OGM-GE after backward, OPM before fusion, or both."""
 
     method: BalanceMethod = param(BalanceMethod.NONE, help="none, ogm, opm or opm+ogm")
     alpha: float = param(0.8, help="OGM modulation strength α (paper: 0.8 CREMA-D, 0.1 VGGSound)", ge=0)
@@ -312,7 +317,7 @@ class BalanceConfig:
 
 @dataclass
 class PretrainConfig:
-    """Tri-modal contrastive pre-training (task: pretrain; DESIGN §1.4, VATT)."""
+    """Tri-modal contrastive pre-training (task: pretrain; VATT)."""
 
     backbone: BackboneKind = param(
         BackboneKind.SHARED,
@@ -335,6 +340,12 @@ class PretrainConfig:
     audio_patch: list[int] = param(
         default_factory=lambda: [8, 4], help="spectrogram patch size [mel bands, frames]"
     )
+    video_tokens: VideoTokensKind = param(
+        VideoTokensKind.GLOBAL,
+        help="global: every video tubelet token attends to the whole clip; time_local: only to the tokens "
+        "of its own time slot (feature-map-cell tokens for fine-grained losses; the pooled clip embedding "
+        "mixes the slots)",
+    )
     vt_head: VTHeadKind = param(
         VTHeadKind.MLP,
         help="mlp: VATT's video-text space e_vt = Linear(ReLU(e_va)); shared: e_vt = e_va (one space)",
@@ -345,12 +356,12 @@ class PretrainConfig:
     va_loss: ContrastiveGrain = param(
         ContrastiveGrain.COARSE,
         help="coarse: NCE of pooled clip and audio embeddings; finegrained: NCE of attention-pooled "
-        "video-tubelet x spectrogram-patch similarities (DESIGN 1.7)",
+        "video-tubelet x spectrogram-patch similarities (docs/finegrained.md)",
     )
     vt_loss: ContrastiveGrain = param(
         ContrastiveGrain.COARSE,
         help="coarse: MIL-NCE of pooled clip and caption embeddings; finegrained: MIL-NCE of "
-        "attention-pooled video-tubelet x word similarities (DESIGN 1.7)",
+        "attention-pooled video-tubelet x word similarities (docs/finegrained.md)",
     )
     tau_att: float = param(0.1, help="finegrained: temperature of the attention over tokens", gt=0)
     pool_direction: PoolDirection = param(
@@ -394,7 +405,7 @@ class HarmonizeModeKind(str, enum.Enum):
 
 @dataclass
 class HarmonizeConfig:
-    """Cross-modality gradient harmonization of task: pretrain (DESIGN §1.5-1.6)."""
+    """Cross-modality gradient harmonization of task: pretrain (docs/harmonization.md)."""
 
     mode: HarmonizeModeKind = param(
         HarmonizeModeKind.NONE,
@@ -446,6 +457,12 @@ class HarmonizeConfig:
 @dataclass
 class TrainConfig:
     epochs: int = param(20, help="number of training epochs", ge=1)
+    max_steps: int | None = param(
+        None,
+        help="train for exactly this many optimizer steps instead of train.epochs: ceil(max_steps / steps "
+        "per epoch) epochs, the last one cut short (null: train.epochs whole epochs)",
+        ge=1,
+    )
     batch_size: int = param(64, help="training batch size", ge=1)
     eval_batch_size: int = param(256, help="evaluation batch size", ge=1)
     seed: int = param(0, help="seed of model initialisation and data order")

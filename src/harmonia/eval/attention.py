@@ -51,9 +51,11 @@ def frame_attention(
     tubelet_frames: int,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
+    max_clips: int | None = None,
 ) -> FrameAttention:
-    """``over_a`` attention of ``model``'s video–text token embeddings on the partial clips of ``split``."""
-    partial = (~split.relevant_frames).any(1).nonzero().flatten()
+    """``over_a`` attention of ``model``'s video–text token embeddings on the partial clips of ``split``
+    (the first ``max_clips`` of them when given)."""
+    partial = (~split.relevant_frames).any(1).nonzero().flatten()[:max_clips]
     if len(partial) == 0:
         raise ValueError("frame_attention: the split has no partial clips (set data.trimodal.partial_rate)")
     was_training = model.training

@@ -1,4 +1,4 @@
-"""Tri-modal pre-training model (DESIGN §1.4): tokenizers, transformer backbone(s) and VATT heads.
+"""Tri-modal pre-training model (VATT-style): tokenizers, transformer backbone(s) and VATT heads.
 
 Each modality is cut into tokens by its own tokenizer — video tubelets, spectrogram patches, words — and
 encoded either by **one modality-agnostic transformer shared by all three** (``BackboneKind.SHARED``, the
@@ -9,6 +9,12 @@ one transformer per modality (``SPECIFIC``). Pooled token outputs go through VAT
 
 all L2-normalized. With ``return_tokens=True`` the same heads are applied to every token, for token-level
 (fine-grained) losses.
+
+Video tokens are ``global`` (every tubelet attends to the whole clip) or ``time_local``
+(``pretrain.video_tokens``): each tubelet token then attends only to the tokens of its own time slot — an
+attention mask in the video transformer (in the shared backbone, applied to video inputs only) — so that
+every token output stays a local feature-map cell, as the CNN cells a fine-grained loss was designed for. A
+clip is mixed across time only by the mean pooling of the coarse embedding.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harmonia.config import BackboneKind, PretrainConfig, TextEncoderKind, VTHeadKind
+from harmonia.config import BackboneKind, PretrainConfig, TextEncoderKind, VideoTokensKind, VTHeadKind
 from harmonia.data import captions as native_captions
 from harmonia.errors import InputError
 from harmonia.models.text import MiniLMTextEncoder
@@ -42,6 +48,7 @@ class VideoTokenizer(nn.Module):
                 f"choose divisors, e.g. [2, 4, 4]"
             )
         self.shape = (channels, frames, size, size)
+        self.grid = grid
         self.proj = nn.Conv3d(channels, width, kernel_size=tubelet, stride=tubelet)
         self.position = nn.Parameter(torch.zeros(1, grid[0] * grid[1] * grid[2], width))
         nn.init.normal_(self.position, std=0.02)
@@ -52,6 +59,16 @@ class VideoTokenizer(nn.Module):
                 f"video: expected [B, {', '.join(map(str, self.shape))}], got {list(video.shape)}"
             )
         return self.proj(video).flatten(2).transpose(1, 2) + self.position
+
+    def time_slots(self) -> Tensor:
+        """The time slot of each token [S] (tokens are ordered time slot first, then rows, then columns)."""
+        return torch.arange(self.grid[0]).repeat_interleave(self.grid[1] * self.grid[2])
+
+    def time_local_mask(self) -> Tensor:
+        """Boolean attention mask [S, S] of time-local tokens: True where token q may **not** attend to
+        token k, i.e. where their time slots differ (PyTorch's ``mask`` convention)."""
+        slots = self.time_slots()
+        return slots[:, None] != slots[None, :]
 
 
 class SpectrogramTokenizer(nn.Module):
@@ -158,6 +175,7 @@ class TriModalPretrainModel(nn.Module):
     ) -> None:
         super().__init__()
         self.backbone_kind = cfg.backbone
+        self.video_tokens = cfg.video_tokens
         self.tokenizers = nn.ModuleDict(
             {
                 "video": VideoTokenizer(
@@ -181,6 +199,11 @@ class TriModalPretrainModel(nn.Module):
             )
         else:
             self.backbones = nn.ModuleDict({m: _transformer(cfg) for m in PRETRAIN_MODALITIES})
+        time_local = cfg.video_tokens is VideoTokensKind.TIME_LOCAL
+        self.video_mask: Tensor | None
+        self.register_buffer(
+            "video_mask", self.tokenizers["video"].time_local_mask() if time_local else None, persistent=False
+        )
         e = cfg.embed_dim
         self.head_va = nn.Linear(cfg.width, e)
         self.head_vt = (
@@ -192,8 +215,13 @@ class TriModalPretrainModel(nn.Module):
     def video_anchor(self, video: Tensor, pooled: bool = True) -> Tensor:
         """The anchor z_v: the pooled video backbone output [B, width] (``features["video"]``), or with
         ``pooled=False`` its tokens [B, S_v, width] (``features["video_tokens"]``)."""
-        tokens = self.encode_tokens("video", self.tokenizers["video"](video))
+        tokens = self.encode_video(video)
         return tokens.mean(1) if pooled else tokens
+
+    def encode_video(self, video: Tensor) -> Tensor:
+        """Video clips [B, C, T, H, W] → backbone token outputs [B, S_v, width] (time-local when
+        ``pretrain.video_tokens`` is ``time_local``)."""
+        return self.encode_tokens("video", self.tokenizers["video"](video), attention_mask=self.video_mask)
 
     def anchor_parameters(self) -> list[nn.Parameter]:
         """Parameters upstream of the video anchor ``features["video"]``: the video tokenizer and the video
@@ -218,11 +246,20 @@ class TriModalPretrainModel(nn.Module):
         padded = torch.arange(k)[None, :] >= sizes[:, None]  # [N, K]
         return ids.masked_fill(padded[..., None], 0), mask & ~padded[..., None]
 
-    def encode_tokens(self, modality: str, tokens: Tensor, padding: Tensor | None = None) -> Tensor:
-        """Run ``modality``'s tokens [N, S, D] through its backbone; ``padding`` [N, S] is True on pads."""
+    def encode_tokens(
+        self,
+        modality: str,
+        tokens: Tensor,
+        padding: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Run ``modality``'s tokens [N, S, D] through its backbone; ``padding`` [N, S] is True on pads and
+        ``attention_mask`` [S, S] is True where a token may not attend to another."""
         if self.backbone_kind is BackboneKind.SHARED:
-            return self.backbone(tokens + self.modality_embedding[modality], src_key_padding_mask=padding)
-        return self.backbones[modality](tokens, src_key_padding_mask=padding)
+            return self.backbone(
+                tokens + self.modality_embedding[modality], mask=attention_mask, src_key_padding_mask=padding
+            )
+        return self.backbones[modality](tokens, mask=attention_mask, src_key_padding_mask=padding)
 
     def encode(self, inputs: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor | None]]:
         """Backbone token outputs and token masks (True = real token) of each modality."""
@@ -231,7 +268,7 @@ class TriModalPretrainModel(nn.Module):
             raise InputError(
                 f"pre-training inputs lack {missing}; expected video, audio, text (and text_mask)"
             )
-        video = self.encode_tokens("video", self.tokenizers["video"](inputs["video"]))  # see video_anchor
+        video = self.encode_video(inputs["video"])
         audio = self.encode_tokens("audio", self.tokenizers["audio"](inputs["audio"]))
         ids = inputs["text"]
         if ids.dim() != 3:

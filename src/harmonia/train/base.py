@@ -15,6 +15,7 @@ evaluation.
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import time
@@ -137,7 +138,8 @@ class BaseTrainer:
                 find_unused_parameters=self.find_unused_parameters,
             )
         self.optimizer = build_optimizer(cfg.optim, list(self.model.parameters()))
-        self.scheduler = build_scheduler(cfg.optim, self.optimizer, cfg.train.epochs)
+        self.num_epochs = planned_epochs(cfg.train.epochs, cfg.train.max_steps, len(self.train_loader))
+        self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.num_epochs)
         # only now that the config, data and model are known to be good, touch the run folder
         self._on_main_first(lambda: self._prepare_run_dir(resume, overwrite))
         self.epoch = 0  # the next epoch to run
@@ -287,10 +289,10 @@ class BaseTrainer:
                 f"train.num_threads={started_with} (or train with train.reproducibility=any_threads)",
                 stacklevel=2,
             )
-        if self.cfg.train.epochs < self.epoch:
+        if self.num_epochs < self.epoch:
             raise ConfigError(
-                f"train.epochs={self.cfg.train.epochs} is below the {self.epoch} epochs "
-                f"the checkpoint has done"
+                f"train.epochs={self.cfg.train.epochs} (max_steps={self.cfg.train.max_steps}) is below the "
+                f"{self.epoch} epochs the checkpoint has done"
             )
         if self.dist.is_main:  # train.epochs may have grown
             (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
@@ -331,7 +333,8 @@ class BaseTrainer:
     # training
 
     def fit(self) -> TrainResult:
-        """Train for ``cfg.train.epochs`` epochs, then evaluate on test and probe each encoder."""
+        """Train for ``cfg.train.epochs`` epochs (or ``cfg.train.max_steps`` steps), then evaluate on test and
+        probe each encoder."""
         start = time.perf_counter()
         if self.resume:
             self.load_checkpoint(self.checkpoint_path)
@@ -348,7 +351,7 @@ class BaseTrainer:
         try:
             for cb in self.callbacks:
                 cb.on_train_start(self)
-            epochs, last_test = self.cfg.train.epochs, None
+            epochs, last_test = self.num_epochs, None
             while self.epoch < epochs:
                 epoch_start = time.perf_counter()
                 train_stats = self._train_epoch()
@@ -395,12 +398,15 @@ class BaseTrainer:
         tally = self.epoch_tally()
         bar = tqdm(
             self.train_loader,
-            desc=f"epoch {self.epoch + 1}/{self.cfg.train.epochs}",
+            desc=f"epoch {self.epoch + 1}/{self.num_epochs}",
             disable=not self.progress,
             leave=False,
             unit="batch",
         )
+        max_steps = self.cfg.train.max_steps
         for batch in bar:
+            if max_steps is not None and self.global_step >= max_steps:
+                break  # the last epoch of a max_steps run is cut short
             batch = to_device(batch, self.device)
             output, loss = self.train_step(batch)
             n = int(batch["indices"].shape[0])
@@ -460,6 +466,14 @@ class NullLogger:
 
     def close(self) -> None:
         pass
+
+
+def planned_epochs(epochs: int, max_steps: int | None, steps_per_epoch: int) -> int:
+    """Epochs a run has: ``epochs``, or with ``max_steps`` the ceil(max_steps / steps_per_epoch) epochs
+    that hold that many steps (the last one cut short)."""
+    if max_steps is None:
+        return epochs
+    return max(1, math.ceil(max_steps / max(1, steps_per_epoch)))
 
 
 def resolve_device(name: str) -> torch.device:
