@@ -1,4 +1,4 @@
-"""Contrastive pre-training: losses with cross-rank negatives (DESIGN §1.4), fine-grained losses (§1.7)."""
+"""Contrastive pre-training: losses with cross-rank negatives (VATT) and fine-grained losses."""
 
 from harmonia.contrastive.finegrained import FineGrainedNCE, FineGrainedOutput, PoolDirection, finegrained_nce
 from harmonia.contrastive.gather import distributed_world, gather_with_grad

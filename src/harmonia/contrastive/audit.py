@@ -1,4 +1,4 @@
-"""``harmonia audit``: rank every training triplet by its cross-modal gradient conflict (DESIGN §1.6).
+"""``harmonia audit``: rank every training triplet by its cross-modal gradient conflict.
 
 The conflict score of triplet i is c_i = cos(g^va_i, g^vt_i), the cosine between the video–audio and the
 video–text losses' gradients at the video anchor (``mode="feature"``) or on the anchor branch's parameters

@@ -1,4 +1,4 @@
-"""Gradient-based curriculum (DESIGN §1.6): train first on triplets whose objectives agree.
+"""Gradient-based curriculum: train first on triplets whose objectives agree.
 
 Sample i's conflict score is c_i = cos(g^va_i, g^vt_i), the cosine the realignment computes anyway; a low
 c_i marks a likely misaligned triplet. At step t a sample is kept when

@@ -1,4 +1,4 @@
-"""Fine-grained, attention-weighted contrastive loss (DESIGN §1.7).
+"""Fine-grained, attention-weighted contrastive loss (Wang & Karout, BMVC 2021).
 
 Wang & Karout, *Fine-grained Multi-Modal Self-Supervised Learning*, BMVC 2021 (arXiv 2112.12182): compare
 two items token by token instead of through one pooled vector each. For an item with L2-normalized tokens

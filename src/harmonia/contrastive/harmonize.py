@@ -1,4 +1,4 @@
-"""Cross-modality gradient harmonization (DESIGN §1.5–1.6; Wu et al., NeurIPS 2022).
+"""Cross-modality gradient harmonization (Wu et al., NeurIPS 2022).
 
 :class:`GradientHarmonizer` replaces ``loss.backward()`` for two per-sample objectives that flow through a
 shared quantity — VATT's L_va and L_vt through the video anchor z_v:

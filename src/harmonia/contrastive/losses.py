@@ -1,4 +1,4 @@
-"""Contrastive losses of tri-modal pre-training (DESIGN §1.4): symmetric InfoNCE and MIL-NCE.
+"""Contrastive losses of tri-modal pre-training: symmetric InfoNCE and MIL-NCE.
 
 ``nce_from_scores`` and ``mil_nce_from_scores`` hold the maths for any pair score (the fine-grained loss
 uses them with attention-pooled token scores).

@@ -1,4 +1,4 @@
-"""Per-sample gradient realignment between two objectives (DESIGN §1.5).
+"""Per-sample gradient realignment between two objectives.
 
 Given row-wise gradients g_a, g_b [B, D] of two losses (e.g. L_va and L_vt) with respect to the same
 per-sample quantity, each row is realigned on its own:

@@ -1,4 +1,4 @@
-"""VATT's tri-modal objective (DESIGN §1.4), with each term coarse or fine-grained (DESIGN §1.7)."""
+"""VATT's tri-modal objective (Akbari et al., NeurIPS 2021), with each term coarse or fine-grained."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""AV-Digits: the embedded default dataset (DESIGN §3).
+"""AV-Digits: the embedded default dataset.
 
 Each sample pairs a real handwritten digit (scikit-learn's bundled ``load_digits``, 1,797 8x8 images) with
 the digit's name spoken by eSpeak NG. Voices (accent x variant), speaking rate and pitch vary per sample;

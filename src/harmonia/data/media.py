@@ -1,5 +1,5 @@
 """Decoding real video and audio files with PyAV (the ``av`` wheel ships FFmpeg: no system package), and the
-TPAMI audio front-end (DESIGN §3).
+TPAMI audio front-end.
 
 * :func:`read_frames`: RGB frames sampled at ``fps`` (1 fps in the papers' preprocessing: the first frame at
   or after each time k / fps);

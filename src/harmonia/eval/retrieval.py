@@ -1,4 +1,4 @@
-"""Zero-shot retrieval between two modalities: recall at K (DESIGN §4)."""
+"""Zero-shot retrieval between two modalities: recall at K."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tri-modal contrastive pre-training: the trainer of ``task: pretrain`` (DESIGN §1.4, §4).
+"""Tri-modal contrastive pre-training: the trainer of ``task: pretrain``.
 
 Each step minimizes VATT's ``w_va · NCE(video_va, audio) + w_vt · MIL-NCE(video_vt, captions)``. Every
 epoch logs zero-shot retrieval R@1/5/10 (video↔text, video↔audio) on validation and test; at the end a
