@@ -50,7 +50,7 @@ def apply_reproducibility(kind: Reproducibility, num_threads: int | None) -> int
     set_reproducible_environment()  # in time only when nothing has multiplied matrices yet
     torch.set_num_threads(num_threads or torch.get_num_threads())
     strict = kind is Reproducibility.ANY_THREADS
-    torch.backends.mkldnn.enabled = not strict
+    torch.backends.mkldnn.enabled = not strict  # type: ignore[assignment]
     torch.use_deterministic_algorithms(strict, warn_only=True)
     torch.backends.cudnn.benchmark = False
     return torch.get_num_threads()

@@ -79,7 +79,9 @@ class SpokenClips:
 
 def _trim(wave: np.ndarray, threshold: float = 0.02) -> np.ndarray:
     """``wave`` without leading and trailing samples below ``threshold`` of its peak."""
-    loud = np.flatnonzero(np.abs(wave) > threshold * np.abs(wave).max()) if len(wave) else []
+    if not len(wave):
+        return wave
+    loud = np.flatnonzero(np.abs(wave) > threshold * np.abs(wave).max())
     return wave[loud[0] : loud[-1] + 1] if len(loud) else wave[:0]
 
 

@@ -201,8 +201,10 @@ class TriModalPretrainModel(nn.Module):
             self.backbones = nn.ModuleDict({m: _transformer(cfg) for m in PRETRAIN_MODALITIES})
         time_local = cfg.video_tokens is VideoTokensKind.TIME_LOCAL
         self.video_mask: Tensor | None
+        video_tokenizer = self.tokenizers["video"]
+        assert isinstance(video_tokenizer, VideoTokenizer)
         self.register_buffer(
-            "video_mask", self.tokenizers["video"].time_local_mask() if time_local else None, persistent=False
+            "video_mask", video_tokenizer.time_local_mask() if time_local else None, persistent=False
         )
         e = cfg.embed_dim
         self.head_va = nn.Linear(cfg.width, e)

@@ -170,7 +170,8 @@ def capture_rng_state() -> dict[str, Any]:
 
     Only plain types and tensors, so that :func:`load_checkpoint` reads them back with ``weights_only``.
     """
-    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    assert isinstance(keys, np.ndarray)
     return {
         "python": random.getstate(),
         "numpy": (
