@@ -49,6 +49,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
+from harmonia.data.avdigits import file_sha256
 from harmonia.data.media import MediaError, read_audio, read_frames
 from harmonia.data.prep import failure_reason, make_output_folder, refuse_other_settings
 from harmonia.data.workers import init_bound_worker
@@ -201,19 +202,16 @@ def write_shard(
             _add(tar, f"{clip.key}.txt", "\n".join(sample["text"]).encode())
             words.update(w for line in sample["text"] for w in line.lower().split())
             samples += 1
-    size, digest = _size_and_sha256(tmp)
-    sidecar = {"samples": samples, "failed": failed, "words": dict(words), "bytes": size, "sha256": digest}
+    sidecar = {
+        "samples": samples,
+        "failed": failed,
+        "words": dict(words),
+        "bytes": tmp.stat().st_size,
+        "sha256": file_sha256(tmp),
+    }
     path.with_suffix(".json").write_text(json.dumps(sidecar))
     os.replace(tmp, path)  # the completion marker: written last
     return samples, failed, dict(words)
-
-
-def _size_and_sha256(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return path.stat().st_size, digest.hexdigest()
 
 
 def shard_problem(path: Path) -> str | None:
@@ -225,10 +223,10 @@ def shard_problem(path: Path) -> str | None:
         expected = (int(sidecar["bytes"]), str(sidecar["sha256"]))
     except (OSError, ValueError, TypeError, KeyError):
         return "its sidecar .json with size and checksum is missing or damaged"
-    size, digest = _size_and_sha256(path)
+    size = path.stat().st_size
     if size != expected[0]:
         return f"{size} bytes where {expected[0]} were written (truncated or appended to)"
-    if digest != expected[1]:
+    if file_sha256(path) != expected[1]:
         return "its SHA-256 differs from the one recorded when it was written"
     return None
 

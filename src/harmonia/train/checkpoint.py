@@ -130,8 +130,8 @@ def load_checkpoint(path: str | Path, required: tuple[str, ...] = ()) -> dict[st
             raise _corrupt(file, exc) from exc
         raise CheckpointError(
             f"{file} is not a harmonia checkpoint: it holds Python objects other than tensors and plain "
-            f"containers, which harmonia refuses to unpickle because loading them can run arbitrary code"
-            f"{f' ({detail[:200]})' if detail else ''}. Point to a checkpoint written by harmonia; never "
+            f"containers, which harmonia refuses to unpickle because loading them can run arbitrary code "
+            f"({detail[:200]}). Point to a checkpoint written by harmonia; never "
             "load files from a source you do not trust"
         ) from exc
     except Exception as exc:
