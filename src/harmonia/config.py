@@ -480,8 +480,8 @@ class TrainConfig:
     num_threads: int | None = param(None, help="torch CPU threads (null: torch's default)", ge=1)
     reproducibility: Reproducibility = param(
         Reproducibility.SAME_THREADS,
-        help="same_threads: bitwise-identical runs on one machine at one thread count (no cost); "
-        "any_threads: also across thread counts (oneDNN off: CPU steps about 1.2-1.8x slower)",
+        help="same_threads: bitwise-identical runs on one machine at one thread count; "
+        "any_threads: also across thread counts (oneDNN off: slower CPU convolutions)",
     )
 
     def __post_init__(self) -> None:

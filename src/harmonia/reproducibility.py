@@ -5,14 +5,14 @@ same order. On CPU two libraries choose that order by the number of threads they
 matrix products) and oneDNN (its convolutions). The data order, augmentation and every method's randomness
 depend only on (seed, epoch, step) already. So:
 
-* ``same_threads`` (default, no measurable cost): MKL in conditional numerical reproducibility mode
+* ``same_threads`` (default): MKL in conditional numerical reproducibility mode
   (``MKL_CBWR=AUTO,STRICT``, which must be in the environment before torch's first matrix product: the
   ``harmonia`` command sets it before it imports torch), OpenMP's load-dependent thread adjustment off
   (``OMP_DYNAMIC=FALSE``), and the intra-op thread count set explicitly and recorded with the run. Runs on the
   same machine with the same thread count are bitwise identical, however loaded the machine is.
 * ``any_threads``: in addition, oneDNN off (``torch.backends.mkldnn.enabled = False``, so convolutions take
   torch's own kernels) and ``torch.use_deterministic_algorithms(True)`` (which matters on GPU). Runs are also
-  identical across thread counts; a CPU training step of the small conv models costs about 1.2–1.8× more.
+  identical across thread counts; CPU convolutions run slower (not benchmarked yet).
 
 Neither makes results equal across different CPUs (instruction sets change rounding), nor across torch builds.
 """
