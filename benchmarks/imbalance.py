@@ -5,7 +5,7 @@ The same as ``harmonia bench imbalance``; writes ``bench-results/imbalance/imbal
 
 import sys
 
-from harmonia.cli import main
+from harmonia.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", "imbalance", *sys.argv[1:]]))

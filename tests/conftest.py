@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from harmonia.config import AVDigitsConfig, ExperimentConfig, load_config
+from harmonia.app.config import AVDigitsRecipe, ExperimentConfig, load_config
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -30,8 +30,8 @@ TINY_RECIPE = {
 
 
 @pytest.fixture
-def tiny_recipe() -> AVDigitsConfig:
-    return AVDigitsConfig(**TINY_RECIPE)
+def tiny_recipe() -> AVDigitsRecipe:
+    return AVDigitsRecipe(**TINY_RECIPE)
 
 
 def tiny_experiment(out_dir: Path, *overrides: str) -> ExperimentConfig:

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from harmonia.config import AVDigitsConfig
 from harmonia.data import speech
 from harmonia.data.audio_features import add_noise_at_snr, log_mel_spectrogram, mel_filterbank
-from harmonia.data.avdigits import SPLITS, build_arrays, cache_root, load_avdigits, recipe_key
+from harmonia.data.avdigits import SPLITS, AVDigitsRecipe, build_arrays, cache_root, load_avdigits, recipe_key
 from harmonia.data.loader import BatchLoader
 from harmonia.errors import ConfigError, DataError
 
@@ -29,7 +28,7 @@ def test_speech_errors() -> None:
         speech.synthesize("one", rate=10)
 
 
-def test_dataset_is_deterministic_for_a_seed(tiny_recipe: AVDigitsConfig) -> None:
+def test_dataset_is_deterministic_for_a_seed(tiny_recipe: AVDigitsRecipe) -> None:
     a, voices_a = build_arrays(tiny_recipe, progress=False)
     b, voices_b = build_arrays(tiny_recipe, progress=False)
     assert voices_a == voices_b
@@ -40,11 +39,11 @@ def test_dataset_is_deterministic_for_a_seed(tiny_recipe: AVDigitsConfig) -> Non
     diff = np.abs(a["audio"].astype(np.float32) - b["audio"].astype(np.float32))
     assert diff.mean() < 0.1
     np.testing.assert_allclose(a["duration"], b["duration"], rtol=0.05)
-    other, _ = build_arrays(AVDigitsConfig(**{**tiny_recipe.__dict__, "seed": 1}), progress=False)
+    other, _ = build_arrays(AVDigitsRecipe(**{**tiny_recipe.__dict__, "seed": 1}), progress=False)
     assert not np.array_equal(a["audio"], other["audio"])
 
 
-def test_splits_are_disjoint_by_voice_and_image(tiny_recipe: AVDigitsConfig) -> None:
+def test_splits_are_disjoint_by_voice_and_image(tiny_recipe: AVDigitsRecipe) -> None:
     ds = load_avdigits(tiny_recipe, progress=False)
     voices = {s: set(ds.splits[s].voices) for s in SPLITS}
     assert all(voices[s] for s in SPLITS)
@@ -56,7 +55,7 @@ def test_splits_are_disjoint_by_voice_and_image(tiny_recipe: AVDigitsConfig) -> 
     assert not images["train"] & images["test"]
 
 
-def test_feature_shapes_and_dtypes(tiny_recipe: AVDigitsConfig) -> None:
+def test_feature_shapes_and_dtypes(tiny_recipe: AVDigitsRecipe) -> None:
     ds = load_avdigits(tiny_recipe, progress=False)
     train = ds.splits["train"]
     frames = int(round(tiny_recipe.clip_seconds / tiny_recipe.hop_seconds)) + 1
@@ -67,7 +66,7 @@ def test_feature_shapes_and_dtypes(tiny_recipe: AVDigitsConfig) -> None:
 
 
 def test_cache_reloads_fast_and_rebuilds_when_corrupt(
-    tiny_recipe: AVDigitsConfig, capsys: pytest.CaptureFixture
+    tiny_recipe: AVDigitsRecipe, capsys: pytest.CaptureFixture
 ) -> None:
     ds = load_avdigits(tiny_recipe, progress=False)
     folder = cache_root() / "avdigits" / recipe_key(tiny_recipe)
@@ -88,15 +87,15 @@ def test_cache_reloads_fast_and_rebuilds_when_corrupt(
     assert "stale recipe" in capsys.readouterr().err
 
 
-def test_recipe_changes_change_the_cache_key(tiny_recipe: AVDigitsConfig) -> None:
-    changed = AVDigitsConfig(**{**tiny_recipe.__dict__, "audio_snr_db": 0.0})
+def test_recipe_changes_change_the_cache_key(tiny_recipe: AVDigitsRecipe) -> None:
+    changed = AVDigitsRecipe(**{**tiny_recipe.__dict__, "audio_snr_db": 0.0})
     assert recipe_key(changed) != recipe_key(tiny_recipe)
 
 
-def test_degradation_knobs_act_on_their_modality(tiny_recipe: AVDigitsConfig) -> None:
+def test_degradation_knobs_act_on_their_modality(tiny_recipe: AVDigitsRecipe) -> None:
     base, _ = build_arrays(tiny_recipe, progress=False)
     blurred, _ = build_arrays(
-        AVDigitsConfig(**{**tiny_recipe.__dict__, "image_blur_sigma": 1.0}), progress=False
+        AVDigitsRecipe(**{**tiny_recipe.__dict__, "image_blur_sigma": 1.0}), progress=False
     )
     assert np.abs(base["audio"].astype(np.float32) - blurred["audio"].astype(np.float32)).mean() < 0.1
     assert not np.array_equal(base["image"], blurred["image"])
@@ -107,9 +106,9 @@ def test_degradation_knobs_act_on_their_modality(tiny_recipe: AVDigitsConfig) ->
 
 def test_bad_recipes_are_rejected() -> None:
     with pytest.raises(ConfigError, match="no variant 'zz9'"):
-        build_arrays(AVDigitsConfig(limit=30, voice_variants=["f1", "zz9"]), progress=False)
+        build_arrays(AVDigitsRecipe(limit=30, voice_variants=["f1", "zz9"]), progress=False)
     with pytest.raises(ConfigError, match="rate_range"):
-        build_arrays(AVDigitsConfig(limit=30, rate_range=[300, 100]), progress=False)
+        build_arrays(AVDigitsRecipe(limit=30, rate_range=[300, 100]), progress=False)
 
 
 def test_noise_has_the_requested_snr() -> None:
@@ -150,7 +149,7 @@ def test_batch_loader_order_depends_only_on_seed_and_epoch() -> None:
 def test_too_few_voices_for_three_splits() -> None:
     with pytest.raises(ConfigError, match="cannot give train, val"):
         build_arrays(
-            AVDigitsConfig(
+            AVDigitsRecipe(
                 limit=30,
                 voice_accents=["en-us"],
                 voice_variants=["f1", "m1", "m2", "f2"],
@@ -161,8 +160,8 @@ def test_too_few_voices_for_three_splits() -> None:
         )
 
 
-def test_fresh_training_noise_is_an_augmentation(tiny_recipe: AVDigitsConfig) -> None:
-    recipe = AVDigitsConfig(**{**tiny_recipe.__dict__, "image_noise_std": 0.5})
+def test_fresh_training_noise_is_an_augmentation(tiny_recipe: AVDigitsRecipe) -> None:
+    recipe = AVDigitsRecipe(**{**tiny_recipe.__dict__, "image_noise_std": 0.5})
     ds = load_avdigits(recipe, progress=False)
     train, test = ds.splits["train"], ds.splits["test"]
     assert set(train.train_transforms) == {"image"} and not test.train_transforms
@@ -182,6 +181,6 @@ def test_fresh_training_noise_is_an_augmentation(tiny_recipe: AVDigitsConfig) ->
     noise = batch["inputs"]["image"] - clean[batch["indices"]]
     assert noise.std().item() == pytest.approx(0.5, rel=0.1)
     fixed_off = load_avdigits(
-        AVDigitsConfig(**{**recipe.__dict__, "image_noise_fresh": False}), progress=False
+        AVDigitsRecipe(**{**recipe.__dict__, "image_noise_fresh": False}), progress=False
     )
     assert not fixed_off.splits["train"].train_transforms

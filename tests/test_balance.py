@@ -226,7 +226,7 @@ def test_opm_is_reproducible_and_resumable() -> None:
 def test_balance_curves_average_the_step_records_per_epoch(tmp_path) -> None:
     import json
 
-    from harmonia.train.report import balance_curves, plot_balance_curves
+    from harmonia.app.train.report import balance_curves, plot_balance_curves
 
     records = [
         {"kind": "step", "step": 1, "epoch": 0, "balance/rho/a": 1.0},

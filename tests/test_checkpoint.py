@@ -1,4 +1,4 @@
-"""Tests for harmonia.train.checkpoint: atomic saving, corrupt-file errors and RNG state."""
+"""Tests for harmonia.app.train.checkpoint: atomic saving, corrupt-file errors and RNG state."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from harmonia.errors import CheckpointError
-from harmonia.train import checkpoint as ckpt
-from harmonia.train.checkpoint import (
+from harmonia.app.train import checkpoint as ckpt
+from harmonia.app.train.checkpoint import (
     CHECKPOINT_FORMAT_VERSION,
     atomic_save,
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
 )
+from harmonia.errors import CheckpointError
 
 
 def _state(value: float = 1.0) -> dict[str, Any]:

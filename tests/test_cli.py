@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_RECIPE, tiny_experiment
-from harmonia.cli import main
-from harmonia.config import dump_config
+from harmonia.app.cli import main
+from harmonia.app.config import dump_config
 from harmonia.errors import ConfigError
 
 RECIPE_ARGS = [f"{k}={v!r}".replace("'", "") for k, v in TINY_RECIPE.items()]
@@ -87,7 +87,7 @@ def test_bench_imbalance_needs_two_modalities(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_bench_balance_writes_report_plots_and_speed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from harmonia.bench.balance import measure_step_times, run_balance_benchmark
+    from harmonia.app.bench.balance import measure_step_times, run_balance_benchmark
 
     tiny = [o for o in _tiny_overrides() if not o.startswith(("name=", "out_dir="))]
     summary = run_balance_benchmark(
@@ -111,7 +111,7 @@ def test_bench_balance_writes_report_plots_and_speed(tmp_path: Path, capsys: pyt
 
 
 def _tiny_overrides() -> list[str]:
-    from harmonia.config import to_dict
+    from harmonia.app.config import to_dict
 
     def flat(d: dict, prefix: str = "") -> list[str]:
         items = []

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from harmonia.config import (
+from harmonia.app.config import (
     ExperimentConfig,
     OptimizerKind,
     apply_overrides,
@@ -102,7 +102,7 @@ def test_to_dict_is_plain_data() -> None:
 
 
 def test_configs_built_in_python_get_enums_and_checks() -> None:
-    from harmonia.config import EncoderKind, ModelConfig, OptimConfig, ScheduleKind
+    from harmonia.app.config import EncoderKind, ModelConfig, OptimConfig, ScheduleKind
 
     assert OptimConfig(name="sgd", schedule="cosine").name is OptimizerKind.SGD
     assert OptimConfig(schedule="cosine").schedule is ScheduleKind.COSINE

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harmonia.contrastive import VATTLoss, finegrained_nce, mil_nce, nce
-from harmonia.eval.retrieval import recall_at_k, retrieval_metrics
+from harmonia.losses import VATTLoss, finegrained_nce, mil_nce, nce
+from harmonia.metrics.retrieval import recall_at_k, retrieval_metrics
 
 
 def _unit(*shape: int, seed: int = 0) -> torch.Tensor:

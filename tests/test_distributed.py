@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from conftest import tiny_experiment, tiny_pretrain
+from harmonia.app.train import build_trainer
+from harmonia.app.train.checkpoint import load_checkpoint
+from harmonia.app.train.distributed import free_port
 from harmonia.data.loader import BatchLoader
-from harmonia.train import build_trainer
-from harmonia.train.checkpoint import load_checkpoint
-from harmonia.train.distributed import free_port
 
 STEPS = 2  # the tiny supervised data holds 2 full global batches of 32
 
@@ -125,7 +125,7 @@ def _torchrun(
 
 
 def test_torchrun_trains_resumes_and_matches_one_process(tmp_path: Path) -> None:
-    from harmonia.config import dump_config
+    from harmonia.app.config import dump_config
 
     config = tmp_path / "pretrain.yaml"
     config.write_text(
@@ -172,7 +172,7 @@ def _dying_worker(rank: int, port: int, config: str, out_dir: str) -> None:
     import contextlib
     import io
 
-    from harmonia.cli import main
+    from harmonia.app.cli import main
 
     err = io.StringIO()
     start = time.perf_counter()
@@ -184,7 +184,7 @@ def _dying_worker(rank: int, port: int, config: str, out_dir: str) -> None:
 def test_a_dead_rank_makes_the_others_exit_with_a_message(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
-    from harmonia.config import dump_config
+    from harmonia.app.config import dump_config
 
     config = tmp_path / "pretrain.yaml"
     config.write_text(dump_config(tiny_pretrain(tmp_path)))
@@ -203,8 +203,8 @@ def test_a_dead_rank_makes_the_others_exit_with_a_message(tmp_path: Path) -> Non
 
 
 def test_bench_distributed_reports_throughput_of_each_process_count(tmp_path: Path) -> None:
-    from harmonia.bench.distributed import run_distributed_benchmark
-    from harmonia.config import dump_config
+    from harmonia.app.bench.distributed import run_distributed_benchmark
+    from harmonia.app.config import dump_config
 
     config = tmp_path / "tiny.yaml"
     config.write_text(dump_config(tiny_experiment(tmp_path)))

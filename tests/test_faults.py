@@ -17,16 +17,16 @@ import torch
 
 from avfixtures import write_corrupt, write_video
 from conftest import tiny_experiment, tiny_pretrain
+from harmonia.app.cli import main
+from harmonia.app.config import AVDigitsRecipe, dump_config, load_config
+from harmonia.app.train import Callback, Trainer
+from harmonia.app.train.checkpoint import CHECKPOINT_FORMAT_VERSION, load_checkpoint
 from harmonia.balance import OGM, OPM
-from harmonia.cli import main
-from harmonia.config import AVDigitsConfig, dump_config, load_config
-from harmonia.contrastive import FineGrainedNCE, mil_nce, nce
-from harmonia.contrastive.finegrained import finegrained_nce
 from harmonia.data import avdigits
 from harmonia.data.prep import PrepSettings
 from harmonia.errors import CheckpointError, ConfigError, DataError, InputError, NonFiniteLossError
-from harmonia.train import Callback, Trainer
-from harmonia.train.checkpoint import CHECKPOINT_FORMAT_VERSION, load_checkpoint
+from harmonia.losses import FineGrainedNCE, mil_nce, nce
+from harmonia.losses.finegrained import finegrained_nce
 
 # --------------------------------------------------------------------------------------------------
 # checkpoints
@@ -129,7 +129,7 @@ def test_disk_full_while_training_says_free_space_and_resume(
 ) -> None:
     import errno
 
-    from harmonia.train import checkpoint
+    from harmonia.app.train import checkpoint
 
     trainer = Trainer(tiny_experiment(tmp_path, "train.probe=false"), progress=False)
 
@@ -174,7 +174,7 @@ def test_unknown_key_message_separates_its_sentences() -> None:
 def test_a_batch_larger_than_the_training_set_is_refused_in_both_tasks(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"train.batch_size=100000000 exceeds the \d+ training samples"):
         Trainer(tiny_experiment(tmp_path, "train.batch_size=100000000"), progress=False)
-    from harmonia.train.pretrain import PretrainTrainer
+    from harmonia.app.train.pretrain import PretrainTrainer
 
     with pytest.raises(ConfigError, match=r"train.batch_size=100000000 exceeds the \d+ training"):
         PretrainTrainer(tiny_pretrain(tmp_path, "train.batch_size=100000000"), progress=False)
@@ -191,7 +191,7 @@ def test_a_model_too_large_for_memory_names_the_sizes(tmp_path: Path) -> None:
 # AV-Digits cache
 
 
-def test_a_cache_meta_that_is_not_an_object_is_rebuilt(tiny_recipe: AVDigitsConfig) -> None:
+def test_a_cache_meta_that_is_not_an_object_is_rebuilt(tiny_recipe: AVDigitsRecipe) -> None:
     first = avdigits.load_avdigits(tiny_recipe, progress=False)
     meta = avdigits.cache_root() / "avdigits" / avdigits.recipe_key(tiny_recipe) / "meta.json"
     meta.write_text("[1, 2, 3]")
@@ -201,7 +201,7 @@ def test_a_cache_meta_that_is_not_an_object_is_rebuilt(tiny_recipe: AVDigitsConf
 
 
 def test_a_read_only_cache_that_needs_a_build_says_so(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_recipe: AVDigitsConfig
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_recipe: AVDigitsRecipe
 ) -> None:
     monkeypatch.setenv("HARMONIA_CACHE", str(tmp_path / "ro"))
     real_mkdir = Path.mkdir

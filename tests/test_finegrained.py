@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harmonia.contrastive import FineGrainedNCE, finegrained_nce, mil_nce, nce
-from harmonia.contrastive.finegrained import paired_attention, token_scores
+from harmonia.losses import FineGrainedNCE, finegrained_nce, mil_nce, nce
+from harmonia.losses.finegrained import paired_attention, token_scores
 
 
 def _unit(*shape: int, seed: int = 0) -> torch.Tensor:

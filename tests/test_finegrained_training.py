@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_pretrain, tiny_pretrain_overrides
-from harmonia.contrastive import ContrastiveGrain, FineGrainedNCE, VATTLoss
-from harmonia.contrastive.finegrained import token_scores
-from harmonia.contrastive.harmonize import GradientHarmonizer
-from harmonia.eval.attention import frame_attention
-from harmonia.eval.retrieval import retrieval_metrics, retrieval_metrics_from_scores
-from harmonia.train import build_trainer
-from harmonia.train.logging import read_metrics
-from harmonia.train.pretrain import PretrainTrainer
+from harmonia.app.attention import frame_attention
+from harmonia.app.train import build_trainer
+from harmonia.app.train.logging import read_metrics
+from harmonia.app.train.pretrain import PretrainTrainer
+from harmonia.gradients.harmonizer import GradientHarmonizer
+from harmonia.losses import ContrastiveGrain, FineGrainedNCE, VATTLoss
+from harmonia.losses.finegrained import token_scores
+from harmonia.metrics.retrieval import retrieval_metrics, retrieval_metrics_from_scores
 
 
 def test_finegrained_pretraining_runs_scores_retrieval_finely_and_resumes(tmp_path: Path) -> None:
@@ -164,7 +164,7 @@ def test_frame_attention_sums_to_one_and_labels_time_slots(tmp_path: Path) -> No
 
 
 def test_bench_finegrained_writes_report_plots_and_memory(tmp_path: Path) -> None:
-    from harmonia.bench.finegrained import run_finegrained_benchmark
+    from harmonia.app.bench.finegrained import run_finegrained_benchmark
 
     summary = run_finegrained_benchmark(
         seeds=1,
@@ -196,8 +196,8 @@ def test_bench_finegrained_writes_report_plots_and_memory(tmp_path: Path) -> Non
 def test_bench_finegrained_gives_every_batch_size_the_same_steps(tmp_path: Path) -> None:
     """Batch 8 and 64 both take exactly ``steps`` optimizer steps (ceil(steps / steps per epoch) epochs,
     the last one cut short), so the comparison is at equal optimizer steps."""
-    from harmonia.bench.common import equal_step_overrides
-    from harmonia.bench.finegrained import run_finegrained_benchmark
+    from harmonia.app.bench.common import equal_step_overrides
+    from harmonia.app.bench.finegrained import run_finegrained_benchmark
 
     expected = ["train.max_steps=10", "train.epochs=4", "train.eval_every=2"]
     assert equal_step_overrides(10, 100, 32, 2) == expected

@@ -11,22 +11,21 @@ import pytest
 import torch
 
 from conftest import TINY_RECIPE, tiny_pretrain
-from harmonia.config import AVDigitsConfig, MisalignKind, TriModalConfig
-from harmonia.contrastive.curriculum import ConflictCurriculum
+from harmonia.app.train import build_trainer
+from harmonia.app.train.logging import read_metrics
 from harmonia.data import captions as cap
-from harmonia.data.avdigits import load_avdigits
+from harmonia.data.avdigits import AVDigitsRecipe, load_avdigits
 from harmonia.data.spoken import PHRASES, assemble, transcript
-from harmonia.data.trimodal import load_trimodal_avdigits
+from harmonia.data.trimodal import MisalignKind, TriModalRecipe, load_trimodal_avdigits
 from harmonia.errors import ConfigError
-from harmonia.eval.gate import GateRule, digit_axis_cosines, swap_pairs
-from harmonia.eval.metrics import drop_precision
-from harmonia.train import build_trainer
-from harmonia.train.logging import read_metrics
+from harmonia.gradients.curriculum import ConflictCurriculum
+from harmonia.metrics.classification import drop_precision
+from harmonia.metrics.gate import GateRule, digit_axis_cosines, swap_pairs
 
 
 @pytest.fixture(scope="module")
 def base() -> object:
-    return load_avdigits(AVDigitsConfig(**TINY_RECIPE), progress=False)
+    return load_avdigits(AVDigitsRecipe(**TINY_RECIPE), progress=False)
 
 
 def _says(text: str, digit: int, direction: int) -> bool:
@@ -35,7 +34,7 @@ def _says(text: str, digit: int, direction: int) -> bool:
 
 
 def test_the_audio_says_what_the_captions_say(base: object) -> None:
-    ds = load_trimodal_avdigits(TriModalConfig(captions=3), base=base)  # type: ignore[arg-type]
+    ds = load_trimodal_avdigits(TriModalRecipe(captions=3), base=base)  # type: ignore[arg-type]
     for name in ("train", "val", "test"):
         split = ds.split(name)
         assert split.directions is not None and len(split.transcripts) == len(split)
@@ -54,10 +53,10 @@ def test_the_audio_says_what_the_captions_say(base: object) -> None:
 
 
 def test_audio_misalignment_changes_what_is_said_with_exact_counts(base: object) -> None:
-    clean = load_trimodal_avdigits(TriModalConfig(), base=base).split("train")  # type: ignore[arg-type]
+    clean = load_trimodal_avdigits(TriModalRecipe(), base=base).split("train")  # type: ignore[arg-type]
     for kind in (MisalignKind.AUDIO, MisalignKind.BOTH, MisalignKind.TEXT):
         split = load_trimodal_avdigits(
-            TriModalConfig(misalign_rate=0.3, misalign_modality=kind),
+            TriModalRecipe(misalign_rate=0.3, misalign_modality=kind),
             base=base,  # type: ignore[arg-type]
         ).split("train")
         n, flagged = len(split), split.misaligned["audio"]
@@ -80,7 +79,7 @@ def test_audio_misalignment_changes_what_is_said_with_exact_counts(base: object)
 
 
 def test_digit_only_speech_keeps_the_avdigits_audio(base: object) -> None:
-    ds = load_trimodal_avdigits(TriModalConfig(speech="digit"), base=base)  # type: ignore[arg-type]
+    ds = load_trimodal_avdigits(TriModalRecipe(speech="digit"), base=base)  # type: ignore[arg-type]
     split = ds.split("train")
     assert torch.equal(split.inputs["audio"], base.splits["train"].inputs["audio"])  # type: ignore[attr-defined]
     assert split.transcripts[0] == cap.DIGIT_WORDS[int(split.labels[0])]
@@ -101,7 +100,7 @@ def test_assemble_places_word_pause_phrase() -> None:
 
 def test_validation_split_is_clean_and_speaker_disjoint(base: object) -> None:
     ds = load_trimodal_avdigits(
-        TriModalConfig(misalign_rate=0.5, misalign_modality="both", partial_rate=0.5),  # type: ignore[arg-type]
+        TriModalRecipe(misalign_rate=0.5, misalign_modality="both", partial_rate=0.5),  # type: ignore[arg-type]
         base=base,  # type: ignore[arg-type]
     )
     voices = {name: set(ds.split(name).voices) for name in ("train", "val", "test")}
@@ -221,7 +220,7 @@ def test_trainer_waits_for_the_warmup_and_logs_drop_precision(tmp_path: Path) ->
 
 
 def test_gate_is_logged_every_epoch_and_starts_a_deferred_curriculum(tmp_path: Path) -> None:
-    from harmonia.eval.gate import GateRule
+    from harmonia.metrics.gate import GateRule
 
     cfg = tiny_pretrain(
         tmp_path,
@@ -276,8 +275,8 @@ def test_gate_start_needs_the_gate(tmp_path: Path) -> None:
 
 
 def test_clips_per_image_makes_more_training_clips_only(base: object) -> None:
-    one = load_trimodal_avdigits(TriModalConfig(), base=base)  # type: ignore[arg-type]
-    three = load_trimodal_avdigits(TriModalConfig(clips_per_image=3), base=base)  # type: ignore[arg-type]
+    one = load_trimodal_avdigits(TriModalRecipe(), base=base)  # type: ignore[arg-type]
+    three = load_trimodal_avdigits(TriModalRecipe(clips_per_image=3), base=base)  # type: ignore[arg-type]
     train = three.split("train")
     assert len(train) == 3 * len(one.split("train")) and len(three.split("val")) == len(one.split("val"))
     assert torch.equal(train.labels, one.split("train").labels.repeat_interleave(3))

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from conftest import tiny_experiment, tiny_pretrain, tiny_pretrain_overrides
-from harmonia.contrastive.curriculum import ConflictCurriculum
-from harmonia.contrastive.harmonize import GradientHarmonizer
+from harmonia.app.train import build_trainer
+from harmonia.app.train.logging import read_metrics
 from harmonia.errors import ConfigError
-from harmonia.eval.metrics import auroc
-from harmonia.train import build_trainer
-from harmonia.train.logging import read_metrics
+from harmonia.gradients.curriculum import ConflictCurriculum
+from harmonia.gradients.harmonizer import GradientHarmonizer
+from harmonia.metrics.classification import auroc
 
 B, D_IN, D = 6, 4, 3
 
@@ -192,15 +192,12 @@ class ToyAnchor(torch.nn.Module):
 
 
 def test_per_sample_parameter_grads_equal_a_loop_on_the_real_video_branch() -> None:
-    from harmonia.config import PretrainConfig
-    from harmonia.contrastive.harmonize import per_sample_parameter_grads
     from harmonia.data import captions
+    from harmonia.gradients.harmonizer import per_sample_parameter_grads
     from harmonia.models.pretrain import TriModalPretrainModel, VideoAnchor
 
     torch.manual_seed(0)
-    model = TriModalPretrainModel(
-        PretrainConfig(width=16, heads=2, depth=1), (4, 16), (32, 51), len(captions.VOCABULARY), 6
-    )
+    model = TriModalPretrainModel((4, 16), (32, 51), len(captions.VOCABULARY), 6, width=16, heads=2, depth=1)
     anchor = VideoAnchor(model)
     params = anchor.anchor_named_parameters()
     video, rows = torch.rand(5, 1, 4, 16, 16), torch.randn(5, 16)
@@ -238,7 +235,7 @@ def test_parameter_mode_realigns_per_sample_parameter_gradients() -> None:
 def test_audit_ranks_triplets_and_scores_detectors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import csv
 
-    from harmonia.cli import main
+    from harmonia.app.cli import main
 
     cfg = tiny_pretrain(tmp_path, "data.trimodal.misalign_rate=0.3")
     trainer = build_trainer(cfg, progress=False)
@@ -263,7 +260,7 @@ def test_audit_ranks_triplets_and_scores_detectors(tmp_path: Path, capsys: pytes
 
 
 def test_bench_harmonize_writes_report(tmp_path: Path) -> None:
-    from harmonia.bench.harmonize import run_harmonize_benchmark
+    from harmonia.app.bench.harmonize import run_harmonize_benchmark
 
     summary = run_harmonize_benchmark(
         seeds=1,

@@ -1,4 +1,4 @@
-"""Tests for harmonia.eval.metrics against scikit-learn and hand-computed values."""
+"""Tests for harmonia.metrics.classification against scikit-learn and hand-computed values."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score
 
 from harmonia.errors import InputError
-from harmonia.eval import (
+from harmonia.metrics import (
     accuracy,
     average_precision,
     classification_metrics,

@@ -13,7 +13,7 @@ import pytest
 from scipy.signal import spectrogram
 
 from avfixtures import write_corrupt, write_video, write_wav
-from harmonia.cli import main
+from harmonia.app.cli import main
 from harmonia.data.media import MediaError, read_audio, read_frames, tpami_spectrogram
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from avfixtures import RAW_LAYOUTS
-from harmonia.cli import main
-from harmonia.config import PREPARED_DATASETS, BalanceMethod, OptimizerKind, load_config
+from harmonia.app.cli import main
+from harmonia.app.config import PREPARED_DATASETS, BalanceMethod, OptimizerKind, load_config
 from harmonia.data.raw_layouts import SCANNERS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

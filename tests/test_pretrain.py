@@ -10,23 +10,28 @@ import pytest
 import torch
 
 from conftest import TINY_RECIPE, tiny_pretrain, tiny_pretrain_overrides
-from harmonia.config import AVDigitsConfig, MisalignKind, PretrainConfig, TriModalConfig
+from harmonia.app.train import PretrainTrainer, build_trainer
+from harmonia.app.train.logging import read_metrics
 from harmonia.data import captions as cap
-from harmonia.data.avdigits import load_avdigits
-from harmonia.data.trimodal import frame_brightness, load_trimodal_avdigits, render_videos
+from harmonia.data.avdigits import AVDigitsRecipe, load_avdigits
+from harmonia.data.trimodal import (
+    MisalignKind,
+    TriModalRecipe,
+    frame_brightness,
+    load_trimodal_avdigits,
+    render_videos,
+)
 from harmonia.errors import ConfigError, InputError
 from harmonia.models.pretrain import TriModalPretrainModel
-from harmonia.train import PretrainTrainer, build_trainer
-from harmonia.train.logging import read_metrics
 
 
 @pytest.fixture(scope="module")
 def base() -> object:
-    return load_avdigits(AVDigitsConfig(**TINY_RECIPE), progress=False)
+    return load_avdigits(AVDigitsRecipe(**TINY_RECIPE), progress=False)
 
 
 def test_clean_triplets_agree_and_captions_describe_the_clip(base: object) -> None:
-    ds = load_trimodal_avdigits(TriModalConfig(frames=4, captions=2), base=base)  # type: ignore[arg-type]
+    ds = load_trimodal_avdigits(TriModalRecipe(frames=4, captions=2), base=base)  # type: ignore[arg-type]
     for name in ("train", "val", "test"):
         split = ds.split(name)
         n = len(split)
@@ -45,13 +50,13 @@ def test_clean_triplets_agree_and_captions_describe_the_clip(base: object) -> No
 
 
 def test_misalignment_rate_is_exact_and_flags_are_true(base: object) -> None:
-    clean = load_trimodal_avdigits(TriModalConfig(), base=base).split("train")  # type: ignore[arg-type]
+    clean = load_trimodal_avdigits(TriModalRecipe(), base=base).split("train")  # type: ignore[arg-type]
     for kind, swapped in (
         (MisalignKind.TEXT, {"text"}),
         (MisalignKind.AUDIO, {"audio"}),
         (MisalignKind.BOTH, {"audio", "text"}),
     ):
-        ds = load_trimodal_avdigits(TriModalConfig(misalign_rate=0.3, misalign_modality=kind), base=base)  # type: ignore[arg-type]
+        ds = load_trimodal_avdigits(TriModalRecipe(misalign_rate=0.3, misalign_modality=kind), base=base)  # type: ignore[arg-type]
         split = ds.split("train")
         n = len(split)
         assert int(split.noisy.sum()) == round(0.3 * n)
@@ -69,8 +74,8 @@ def test_misalignment_rate_is_exact_and_flags_are_true(base: object) -> None:
 
 
 def test_partial_clips_replace_a_block_of_frames_with_another_digit(base: object) -> None:
-    cfg = TriModalConfig(frames=8, partial_rate=0.5, partial_fraction=0.25)
-    clean = load_trimodal_avdigits(TriModalConfig(frames=8), base=base).split("train")  # type: ignore[arg-type]
+    cfg = TriModalRecipe(frames=8, partial_rate=0.5, partial_fraction=0.25)
+    clean = load_trimodal_avdigits(TriModalRecipe(frames=8), base=base).split("train")  # type: ignore[arg-type]
     split = load_trimodal_avdigits(cfg, base=base).split("train")  # type: ignore[arg-type]
     partial = (~split.relevant_frames).any(1)
     assert int(partial.sum()) == round(0.5 * len(split))
@@ -96,8 +101,17 @@ def test_video_motion_and_speech_sync_by_hand() -> None:
 
 @pytest.mark.parametrize("backbone", ["shared", "specific"])
 def test_model_outputs_normalized_embeddings_and_tokens(backbone: str) -> None:
-    cfg = PretrainConfig(backbone=backbone, width=16, depth=1, heads=2, embed_dim=8)  # type: ignore[arg-type]
-    model = TriModalPretrainModel(cfg, (4, 16), (32, 51), len(cap.VOCABULARY), cap.MAX_WORDS)
+    model = TriModalPretrainModel(
+        (4, 16),
+        (32, 51),
+        len(cap.VOCABULARY),
+        cap.MAX_WORDS,
+        backbone=backbone,
+        width=16,
+        depth=1,
+        heads=2,
+        embed_dim=8,
+    )
     ids, mask = cap.tokenize(["a seven moves left and grows", "number 7", "", "the digit one"])
     inputs = {
         "video": torch.rand(2, 1, 4, 16, 16),
@@ -113,24 +127,17 @@ def test_model_outputs_normalized_embeddings_and_tokens(backbone: str) -> None:
     assert out.tokens["video_vt"].shape == (2, 2 * 4 * 4, 8) and out.tokens["audio"].shape == (2, 4 * 13, 8)
     assert out.tokens["text"].shape == (2, 2, cap.MAX_WORDS, 8)
     shared = sum(
-        p.numel()
-        for p in TriModalPretrainModel(
-            PretrainConfig(width=16, heads=2), (4, 16), (32, 51), 50, 6
-        ).parameters()
+        p.numel() for p in TriModalPretrainModel((4, 16), (32, 51), 50, 6, width=16, heads=2).parameters()
     )
     specific = sum(
         p.numel()
         for p in TriModalPretrainModel(
-            PretrainConfig(width=16, heads=2, backbone="specific"), (4, 16), (32, 51), 50, 6
-        ).parameters()  # type: ignore[arg-type]
+            (4, 16), (32, 51), 50, 6, width=16, heads=2, backbone="specific"
+        ).parameters()
     )
     assert specific > shared
     same_space = TriModalPretrainModel(
-        PretrainConfig(width=16, heads=2, vt_head="shared"),  # type: ignore[arg-type]
-        (4, 16),
-        (32, 51),
-        len(cap.VOCABULARY),
-        cap.MAX_WORDS,
+        (4, 16), (32, 51), len(cap.VOCABULARY), cap.MAX_WORDS, width=16, heads=2, vt_head="shared"
     )(inputs)
     torch.testing.assert_close(same_space.video_vt, same_space.video_va)
     with pytest.raises(InputError, match="video: expected"):
@@ -138,7 +145,7 @@ def test_model_outputs_normalized_embeddings_and_tokens(backbone: str) -> None:
     with pytest.raises(InputError, match="lack"):
         model({"video": inputs["video"]})
     with pytest.raises(InputError, match="must divide"):
-        TriModalPretrainModel(PretrainConfig(tubelet=[3, 4, 4]), (4, 16), (32, 51), 50, 6)
+        TriModalPretrainModel((4, 16), (32, 51), 50, 6, tubelet=[3, 4, 4])
 
 
 @pytest.mark.parametrize("backbone", ["shared", "specific"])
@@ -147,16 +154,19 @@ def test_time_local_video_tokens_ignore_other_time_slots(backbone: str, video_to
     """With time-local tokens, a token's output does not change when another time slot's frames change
     (with global attention it does); audio and text are untouched by the video mask."""
     torch.manual_seed(0)
-    cfg = PretrainConfig(
-        backbone=backbone,  # type: ignore[arg-type]
-        video_tokens=video_tokens,  # type: ignore[arg-type]
+    model = TriModalPretrainModel(
+        (8, 16),
+        (32, 51),
+        len(cap.VOCABULARY),
+        cap.MAX_WORDS,
+        backbone=backbone,
+        video_tokens=video_tokens,
         width=16,
         depth=2,
         heads=2,
         embed_dim=8,
         tubelet=[2, 4, 4],
-    )
-    model = TriModalPretrainModel(cfg, (8, 16), (32, 51), len(cap.VOCABULARY), cap.MAX_WORDS).eval()
+    ).eval()
     ids, mask = cap.tokenize(["a seven moves left", "number 7", "the digit one", "one"])
     inputs = {
         "video": torch.rand(2, 1, 8, 16, 16),
@@ -236,8 +246,8 @@ def test_max_steps_trains_exactly_that_many_steps(tmp_path: Path) -> None:
 
 
 def test_bench_pretrain_recipe_is_the_config_file() -> None:
-    from harmonia.bench.pretrain import PRETRAIN_RECIPE
-    from harmonia.config import load_config, to_dict
+    from harmonia.app.bench.pretrain import PRETRAIN_RECIPE
+    from harmonia.app.config import load_config, to_dict
 
     here = Path(__file__).resolve().parents[1]
     assert to_dict(load_config(here / "configs" / "trimodal_pretrain.yaml")) == to_dict(
@@ -246,7 +256,7 @@ def test_bench_pretrain_recipe_is_the_config_file() -> None:
 
 
 def test_bench_pretrain_writes_report_and_plot(tmp_path: Path) -> None:
-    from harmonia.cli import main
+    from harmonia.app.cli import main
 
     tiny = tiny_pretrain_overrides()
     assert (

@@ -1,4 +1,4 @@
-"""Tests for harmonia.eval.probe: feature extraction and the linear probe."""
+"""Tests for harmonia.metrics.probe: feature extraction and the linear probe."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from harmonia.errors import InputError
-from harmonia.eval import ProbeResult, extract_features, linear_probe
+from harmonia.metrics import ProbeResult, extract_features, linear_probe
 
 
 def _clusters(n_per_class: int, num_classes: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

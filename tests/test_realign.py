@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harmonia.contrastive.realign import realign, row_cosine
+from harmonia.gradients.realign import realign, row_cosine
 
 
 def test_pcgrad_projects_conflicting_rows_from_the_original_vectors() -> None:
@@ -52,7 +52,7 @@ def test_none_leaves_gradients_and_reports_cosines() -> None:
 def test_curriculum_thresholds_follow_the_schedule_exactly() -> None:
     import math
 
-    from harmonia.contrastive.curriculum import ConflictCurriculum
+    from harmonia.gradients.curriculum import ConflictCurriculum
 
     linear = ConflictCurriculum(start=0.0, end=-1.0, steps=100)
     assert [linear.threshold(t) for t in (0, 25, 50, 100, 500)] == [0.0, -0.25, -0.5, -1.0, -1.0]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from avfixtures import write_corrupt, write_video
-from harmonia.cli import main
+from harmonia.app.cli import main
 from harmonia.data.shards import ShardCorpus, ShardLoader, ShardStream, WordTokenizer, read_shard
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shards_pretrain.yaml"
@@ -131,10 +131,9 @@ def test_pretraining_reads_shards_end_to_end(tmp_path: Path, capsys: pytest.Capt
 
 
 def test_caption_bags_of_different_sizes_are_padded_with_masked_candidates() -> None:
-    from harmonia.config import PretrainConfig
     from harmonia.models.pretrain import TriModalPretrainModel
 
-    model = TriModalPretrainModel(PretrainConfig(width=8, heads=2, embed_dim=4), (4, 8), (8, 8), 40, 6)
+    model = TriModalPretrainModel((4, 8), (8, 8), 40, 6, width=8, heads=2, embed_dim=4)
     ids, mask = model.tokenize_captions([["the digit one"], ["a two", "number 3", "digit", "dropped"]], k=3)
     assert ids.shape == mask.shape == (2, 3, 6)
     assert mask.any(-1).tolist() == [[True, False, False], [True, True, True]]

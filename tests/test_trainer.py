@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from conftest import tiny_experiment
-from harmonia.config import dump_config
+from harmonia.app.config import dump_config
+from harmonia.app.train import Callback, Trainer
+from harmonia.app.train.checkpoint import load_checkpoint
+from harmonia.app.train.logging import read_metrics
 from harmonia.errors import CheckpointError, ConfigError, InputError, NonFiniteLossError, RunFolderExistsError
-from harmonia.train import Callback, Trainer
-from harmonia.train.checkpoint import load_checkpoint
-from harmonia.train.logging import read_metrics
 
 
 class Interrupt(Callback):

@@ -1,5 +1,5 @@
 import sys
 
-from harmonia.cli import main
+from harmonia.app.cli import main
 
 sys.exit(main())

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from harmonia.balance.scores import discrepancy_ratio
-from harmonia.collectives import rank_and_world
+from harmonia.distributed import rank_and_world
 from harmonia.errors import ConfigError, InputError
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from harmonia.collectives import all_reduce_sum
+from harmonia.distributed import all_reduce_sum
 from harmonia.errors import InputError, NonFiniteLossError
 
 

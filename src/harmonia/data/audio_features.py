@@ -6,8 +6,9 @@ import math
 
 import numpy as np
 import torch
-from scipy.signal import resample_poly
 from torch import Tensor
+
+from harmonia.extras import require
 
 
 def resample(wave: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
@@ -15,6 +16,7 @@ def resample(wave: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
     if orig_rate == new_rate:
         return wave.astype(np.float32)
     g = math.gcd(orig_rate, new_rate)
+    resample_poly = require("scipy.signal", "resampling audio").resample_poly
     return resample_poly(wave.astype(np.float64), new_rate // g, orig_rate // g).astype(np.float32)
 
 

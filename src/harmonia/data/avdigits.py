@@ -27,13 +27,67 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from harmonia.config import AVDigitsConfig, to_dict
 from harmonia.data import speech
 from harmonia.data.audio_features import add_noise_at_snr, log_mel_spectrogram, resample
 from harmonia.data.image_ops import add_pixel_noise, blur, downsample, occlude, resize
 from harmonia.errors import ConfigError, DataError
+from harmonia.extras import progress_bar
+from harmonia.settings import setting, to_plain
+
+
+@dataclass
+class AVDigitsRecipe:
+    """Recipe of the embedded AV-Digits dataset. Any change here rebuilds the cache."""
+
+    seed: int = setting(0, help="seed of every random choice in the recipe (voices, pairing, noise)")
+    val_fraction: float = setting(
+        0.2, help="fraction of images and voices in the validation split", gt=0, lt=0.5
+    )
+    test_fraction: float = setting(0.2, help="fraction of images and voices in the test split", gt=0, lt=0.5)
+    limit: int | None = setting(None, help="use only the first N images (quick tests)", ge=30)
+    voice_accents: list[str] = setting(
+        default_factory=lambda: ["en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc"],
+        help="eSpeak NG English voices; every accent is combined with every variant",
+    )
+    voice_variants: list[str] = setting(
+        default_factory=lambda: ["f1", "f2", "f3", "f4", "f5", "m1", "m2", "m3", "m4", "m5", "m6", "m7"],
+        help="eSpeak NG voice variants (voices/!v in its data)",
+    )
+    rate_range: list[int] = setting(
+        default_factory=lambda: [130, 210], help="speaking rate range, words per minute [low, high]"
+    )
+    pitch_range: list[int] = setting(default_factory=lambda: [25, 75], help="pitch range, 0-100 [low, high]")
+    clip_seconds: float = setting(1.0, help="audio clip length; speech is placed at a random offset", gt=0.2)
+    sample_rate: int = setting(
+        16000, help="audio sample rate after resampling from eSpeak's 22050 Hz", ge=8000
+    )
+    n_mels: int = setting(32, help="number of log-mel bands", ge=8)
+    hop_seconds: float = setting(0.02, help="hop of the log-mel frames (window 25 ms)", gt=0.001)
+    audio_snr_db: float | None = setting(
+        -5.0,
+        help="SNR of additive white noise in dB (null: clean); the default makes audio the weak modality",
+    )
+    image_size: int = setting(16, help="side of the square image after resizing the 8x8 digit", ge=8)
+    image_downsample: int = setting(1, help="average-pool by this factor and upsample back (1: off)", ge=1)
+    image_blur_sigma: float = setting(0.0, help="Gaussian blur sigma in pixels of the resized image", ge=0)
+    image_occlusion: float = setting(
+        0.5,
+        help="side of a randomly placed black square (fixed per sample), as a fraction of the image side",
+        ge=0,
+        lt=1,
+    )
+    image_noise_fresh: bool = setting(
+        True,
+        help="draw new pixel noise for every training batch (the encoder cannot memorize it); "
+        "val/test noise is always fixed per sample",
+    )
+    image_noise_std: float = setting(
+        0.0,
+        help="std of additive Gaussian pixel noise (pixels are in [0, 1])",
+        ge=0,
+    )
+
 
 RECIPE_VERSION = 3  # 3: stores the speech onset (tri-modal AV-Digits syncs video to it)
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -50,8 +104,8 @@ def cache_root() -> Path:
     return Path(base) / "harmonia"
 
 
-def recipe_key(cfg: AVDigitsConfig) -> str:
-    recipe = {"version": RECIPE_VERSION, **to_dict(cfg)}
+def recipe_key(cfg: AVDigitsRecipe) -> str:
+    recipe = {"version": RECIPE_VERSION, **to_plain(cfg)}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -77,7 +131,7 @@ class SplitData:
 
 @dataclass
 class AVDigits:
-    config: AVDigitsConfig
+    config: AVDigitsRecipe
     splits: dict[str, SplitData]
     path: Path
     modalities: tuple[str, ...] = MODALITIES
@@ -123,10 +177,10 @@ def check_modalities(requested: list[str] | tuple[str, ...], available: tuple[st
 
 
 def load_avdigits(
-    cfg: AVDigitsConfig | None = None, *, rebuild: bool = False, progress: bool = True
+    cfg: AVDigitsRecipe | None = None, *, rebuild: bool = False, progress: bool = True
 ) -> AVDigits:
     """Load AV-Digits for recipe ``cfg`` from the cache, building it first when needed."""
-    cfg = cfg or AVDigitsConfig()
+    cfg = cfg or AVDigitsRecipe()
     folder = cache_root() / "avdigits" / recipe_key(cfg)
     if not rebuild and _cache_problem(folder, cfg) is None:
         return _read(folder, cfg)
@@ -179,7 +233,7 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _cache_problem(folder: Path, cfg: AVDigitsConfig) -> str | None:
+def _cache_problem(folder: Path, cfg: AVDigitsRecipe) -> str | None:
     meta_path, data_path = folder / "meta.json", folder / "data.npz"
     if not meta_path.exists() or not data_path.exists():
         return "not built"
@@ -189,14 +243,14 @@ def _cache_problem(folder: Path, cfg: AVDigitsConfig) -> str | None:
         return "meta.json is corrupt"
     if not isinstance(meta, dict):
         return f"meta.json holds a {type(meta).__name__}, not an object"
-    if meta.get("recipe_version") != RECIPE_VERSION or meta.get("recipe") != to_dict(cfg):
+    if meta.get("recipe_version") != RECIPE_VERSION or meta.get("recipe") != to_plain(cfg):
         return "stale recipe"
     if meta.get("sha256") != file_sha256(data_path):
         return "data.npz checksum mismatch"
     return None
 
 
-def _read(folder: Path, cfg: AVDigitsConfig) -> AVDigits:
+def _read(folder: Path, cfg: AVDigitsRecipe) -> AVDigits:
     meta = json.loads((folder / "meta.json").read_text())
     try:
         with np.load(folder / "data.npz") as z:
@@ -232,7 +286,7 @@ def _read(folder: Path, cfg: AVDigitsConfig) -> AVDigits:
     return AVDigits(config=cfg, splits=splits, path=folder)
 
 
-def _build_into(folder: Path, cfg: AVDigitsConfig, progress: bool) -> None:
+def _build_into(folder: Path, cfg: AVDigitsRecipe, progress: bool) -> None:
     arrays, voices = build_arrays(cfg, progress=progress)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
@@ -240,7 +294,7 @@ def _build_into(folder: Path, cfg: AVDigitsConfig, progress: bool) -> None:
         np.savez(tmp / "data.npz", **arrays)  # type: ignore[arg-type]
         meta = {
             "recipe_version": RECIPE_VERSION,
-            "recipe": to_dict(cfg),
+            "recipe": to_plain(cfg),
             "voices": voices,
             "sha256": file_sha256(tmp / "data.npz"),
         }
@@ -257,7 +311,7 @@ def _build_into(folder: Path, cfg: AVDigitsConfig, progress: bool) -> None:
 # recipe
 
 
-def split_voices(cfg: AVDigitsConfig, rng: np.random.Generator) -> dict[str, list[str]]:
+def split_voices(cfg: AVDigitsRecipe, rng: np.random.Generator) -> dict[str, list[str]]:
     """All accent+variant voices, shuffled and split three ways; each split gets at least one voice."""
     available = set(speech.available_variants())
     unknown = [v for v in cfg.voice_variants if v not in available]
@@ -285,7 +339,7 @@ def split_voices(cfg: AVDigitsConfig, rng: np.random.Generator) -> dict[str, lis
     }
 
 
-def split_images(labels: np.ndarray, cfg: AVDigitsConfig, rng: np.random.Generator) -> np.ndarray:
+def split_images(labels: np.ndarray, cfg: AVDigitsRecipe, rng: np.random.Generator) -> np.ndarray:
     """Stratified assignment of each image to train (0), val (1) or test (2)."""
     split = np.zeros(len(labels), dtype=np.int8)
     for c in np.unique(labels):
@@ -297,7 +351,7 @@ def split_images(labels: np.ndarray, cfg: AVDigitsConfig, rng: np.random.Generat
     return split
 
 
-def _check_ranges(cfg: AVDigitsConfig) -> None:
+def _check_ranges(cfg: AVDigitsRecipe) -> None:
     for key, rng_, lo, hi in (
         ("rate_range", cfg.rate_range, 80, 450),
         ("pitch_range", cfg.pitch_range, 0, 100),
@@ -308,7 +362,7 @@ def _check_ranges(cfg: AVDigitsConfig) -> None:
             )
 
 
-def build_arrays(cfg: AVDigitsConfig, progress: bool = True) -> tuple[dict[str, np.ndarray], list[str]]:
+def build_arrays(cfg: AVDigitsRecipe, progress: bool = True) -> tuple[dict[str, np.ndarray], list[str]]:
     """Synthesize and featurize the whole dataset. Deterministic for ``cfg`` (incl. ``cfg.seed``)."""
     from sklearn.datasets import load_digits
 
@@ -337,7 +391,7 @@ def build_arrays(cfg: AVDigitsConfig, progress: bool = True) -> tuple[dict[str, 
     durations = np.zeros(n, dtype=np.float32)
     onsets = np.zeros(n, dtype=np.float32)
     audio_rng = np.random.default_rng([cfg.seed, 1])
-    for i in tqdm(range(n), desc="AV-Digits: synthesizing speech", disable=not progress, unit="clip"):
+    for i in progress_bar(range(n), desc="AV-Digits: synthesizing speech", disable=not progress, unit="clip"):
         raw = speech.synthesize(DIGIT_WORDS[labels[i]], all_voices[voice[i]], int(rate[i]), int(pitch[i]))
         wave = resample(raw.astype(np.float32) / 32768.0, speech.SAMPLE_RATE, cfg.sample_rate)
         durations[i] = len(wave) / cfg.sample_rate
@@ -385,9 +439,9 @@ def dataset_summary(ds: AVDigits) -> dict:
     Difficulty is the test accuracy of a logistic regression on the raw inputs (pixels; log-mel frames
     averaged in groups of 4), trained on the train split: a model-free gauge of which modality is weaker.
     """
-    from harmonia.eval.probe import linear_probe
+    from harmonia.metrics.probe import linear_probe
 
-    summary: dict = {"path": str(ds.path), "recipe": to_dict(ds.config), "splits": {}}
+    summary: dict = {"path": str(ds.path), "recipe": to_plain(ds.config), "splits": {}}
     for name in SPLITS:
         data = ds.splits[name]
         summary["splits"][name] = {

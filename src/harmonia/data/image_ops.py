@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
+
+from harmonia.extras import require
 
 
 def resize(images: np.ndarray, size: int) -> np.ndarray:
@@ -26,6 +27,7 @@ def downsample(images: np.ndarray, factor: int) -> np.ndarray:
 def blur(images: np.ndarray, sigma: float) -> np.ndarray:
     if sigma <= 0:
         return images
+    gaussian_filter = require("scipy.ndimage", "blurring images").gaussian_filter
     return np.stack([gaussian_filter(img, sigma=sigma, mode="constant") for img in images]).astype(np.float32)
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from scipy.signal import spectrogram
+
+from harmonia.extras import require
 
 
 class MediaError(Exception):
@@ -88,6 +89,7 @@ def tpami_spectrogram(wave: np.ndarray, sample_rate: int = 16000, seconds: float
     if len(wave) == 0:
         raise MediaError("empty waveform")
     x = np.tile(wave, -(-length // len(wave)))[:length].astype(np.float64)
+    spectrogram = require("scipy.signal", "spectrograms").spectrogram
     _, _, power = spectrogram(x, nperseg=512, noverlap=353)
     logs = np.log(power + 1e-7)
     return ((logs - logs.mean()) / (logs.std() + 1e-9)).astype(np.float32)

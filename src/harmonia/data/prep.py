@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from harmonia.data.media import MediaError, read_audio, read_frames, tpami_spectrogram
 from harmonia.data.workers import init_bound_worker
 from harmonia.errors import InputError
+from harmonia.extras import progress_bar
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ def prepare(
             todo.append(clip)
     by_id = {c.id: c for c in clips}
     frame_counts = _indexed_frame_counts(dst)  # clips done in earlier runs; this run's are added below
-    bar = tqdm(total=len(todo), desc=f"prep {dataset}", disable=not progress, unit="clip")
+    bar = progress_bar(total=len(todo), desc=f"prep {dataset}", disable=not progress, unit="clip")
     pool_context = (
         ProcessPoolExecutor(workers, initializer=init_bound_worker, initargs=(os.getpid(),))
         if workers > 1

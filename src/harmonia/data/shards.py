@@ -47,13 +47,13 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm.auto import tqdm
 
 from harmonia.data.avdigits import file_sha256
 from harmonia.data.media import MediaError, read_audio, read_frames
 from harmonia.data.prep import failure_reason, make_output_folder, refuse_other_settings
 from harmonia.data.workers import init_bound_worker
 from harmonia.errors import InputError
+from harmonia.extras import progress_bar
 
 SHARD_FORMAT = 1
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".flv", ".mov")
@@ -267,7 +267,7 @@ def write_shards(
         if problem != "missing":
             report.damaged[name] = problem
     report.already_done.sort()
-    bar = tqdm(total=len(todo), desc="prep shards", disable=not progress, unit="shard")
+    bar = progress_bar(total=len(todo), desc="prep shards", disable=not progress, unit="shard")
     parallel = workers > 1 and len(todo) > 1
     pool_context = (
         ProcessPoolExecutor(workers, initializer=init_bound_worker, initargs=(os.getpid(),))

@@ -33,14 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from harmonia.config import AVDigitsConfig, to_dict
 from harmonia.data import speech
 from harmonia.data.audio_features import add_noise_at_snr, log_mel_spectrogram, resample
-from harmonia.data.avdigits import build_lock, cache_root, file_sha256, recipe_key
+from harmonia.data.avdigits import AVDigitsRecipe, build_lock, cache_root, file_sha256, recipe_key
 from harmonia.data.captions import DIGIT_WORDS, DIRECTIONS
 from harmonia.errors import DataError
+from harmonia.extras import progress_bar
+from harmonia.settings import to_plain
 
 #: bump when the spoken recipe changes: every cached spoken dataset is rebuilt
 RECIPE_VERSION = 1
@@ -126,7 +126,7 @@ def synthesize_clips(
     directions: np.ndarray,
     zooms: np.ndarray,
     voices: list[str],
-    base: AVDigitsConfig,
+    base: AVDigitsRecipe,
     speech_seconds: float,
     rng: np.random.Generator,
     progress: bool = True,
@@ -140,7 +140,7 @@ def synthesize_clips(
     waves = np.zeros((n, clip_len), dtype=np.float32)
     spans = np.zeros((n, 2), dtype=np.float32)
     texts, cut = [], 0
-    for i in tqdm(range(n), desc="tri-modal AV-Digits: speaking", disable=not progress, unit="clip"):
+    for i in progress_bar(range(n), desc="tri-modal AV-Digits: speaking", disable=not progress, unit="clip"):
         d, m, z, p = int(digits[i]), int(directions[i]), int(zooms[i]), int(phrases[i])
         word, phrase = speak(
             (DIGIT_WORDS[d], motion_phrase(p, m, z)), voices[i], int(rates[i]), int(pitches[i]), sr
@@ -158,7 +158,7 @@ def synthesize_clips(
     return SpokenClips(audio[:, None].half().float(), torch.from_numpy(spans), texts, cut)
 
 
-def spoken_key(base: AVDigitsConfig, settings: dict) -> str:
+def spoken_key(base: AVDigitsRecipe, settings: dict) -> str:
     recipe = {
         "version": RECIPE_VERSION,
         "avdigits": recipe_key(base),
@@ -171,7 +171,7 @@ def spoken_key(base: AVDigitsConfig, settings: dict) -> str:
 
 def load_spoken(
     key_settings: dict,
-    base: AVDigitsConfig,
+    base: AVDigitsRecipe,
     build: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]],
     speech_seconds: float,
     seed: int,
@@ -234,7 +234,7 @@ def _write(folder: Path, clips: dict[str, SpokenClips], settings: dict) -> None:
         np.savez(tmp / "speech.npz", **arrays)  # type: ignore[arg-type]
         meta = {
             "recipe_version": RECIPE_VERSION,
-            "settings": to_dict(settings),
+            "settings": to_plain(settings),
             "transcripts": {name: c.transcripts for name, c in clips.items()},
             "cut": {name: c.cut for name, c in clips.items()},
             "sha256": file_sha256(tmp / "speech.npz"),

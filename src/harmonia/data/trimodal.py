@@ -23,6 +23,7 @@ validation measure what was learned): ``misalign_rate`` replaces the text, the a
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,11 +31,73 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from harmonia.config import AVDigitsConfig, MisalignKind, SpeechKind, TriModalConfig
 from harmonia.data import captions as cap
 from harmonia.data import spoken
-from harmonia.data.avdigits import NUM_CLASSES, SPLITS, AVDigits, load_avdigits
+from harmonia.data.avdigits import NUM_CLASSES, SPLITS, AVDigits, AVDigitsRecipe, load_avdigits
 from harmonia.errors import DataError
+from harmonia.settings import coerce_enums, setting
+
+
+class MisalignKind(str, enum.Enum):
+    """Which modality of a misaligned triplet comes from another sample."""
+
+    TEXT = "text"
+    AUDIO = "audio"
+    BOTH = "both"
+
+
+class SpeechKind(str, enum.Enum):
+    """What the audio of a tri-modal AV-Digits clip says."""
+
+    DIGIT_AND_MOTION = "digit_and_motion"
+    DIGIT = "digit"
+
+
+@dataclass
+class TriModalRecipe:
+    """Tri-modal AV-Digits: video made from the digit image, speech, and captions."""
+
+    frames: int = setting(8, help="frames per video clip, spread over the audio clip's duration", ge=2)
+    frame_size: int = setting(16, help="side of each square frame in pixels", ge=8)
+    captions: int = setting(3, help="caption candidates per clip (the bag of MIL-NCE)", ge=1)
+    speech: SpeechKind = setting(
+        SpeechKind.DIGIT_AND_MOTION,
+        help="digit_and_motion: the audio says the digit and the motion, as the captions do ('seven, "
+        "moving left'); digit: the AV-Digits clip, which says only the digit",
+    )
+    clips_per_image: int = setting(
+        1,
+        help="training clips made from each training image, each with a motion and a training voice of "
+        "its own (validation and test: one clip per image)",
+        ge=1,
+    )
+    speech_seconds: float = setting(
+        2.0, help="digit_and_motion: length of the spoken clip in seconds", ge=1.0, le=4.0
+    )
+    sync_contrast: float = setting(
+        0.6,
+        help="how much brighter the digit is in frames during which the word is spoken (0: no "
+        "audio-visual synchrony cue)",
+        ge=0,
+        le=1,
+    )
+    misalign_rate: float = setting(
+        0.0, help="fraction of training triplets with a modality taken from another sample", ge=0, le=1
+    )
+    misalign_modality: MisalignKind = setting(
+        MisalignKind.TEXT, help="which modality misaligned triplets swap: text, audio or both"
+    )
+    partial_rate: float = setting(
+        0.0, help="fraction of training clips with some frames replaced by unrelated content", ge=0, le=1
+    )
+    partial_fraction: float = setting(
+        0.5, help="fraction of a partial clip's frames that are replaced (a contiguous block)", gt=0, lt=1
+    )
+    seed: int = setting(0, help="seed of motion, captions, misalignment and partial replacement")
+
+    def __post_init__(self) -> None:
+        coerce_enums(self)
+
 
 TRIMODAL_MODALITIES = ("video", "audio", "text")
 MOTION_AMPLITUDE = 0.3  # translation from -A to +A along the direction, in [-1, 1] image coordinates
@@ -76,7 +139,7 @@ class TriModalSplit:
 
 @dataclass
 class TriModalAVDigits:
-    config: TriModalConfig
+    config: TriModalRecipe
     base: AVDigits
     splits: dict[str, TriModalSplit]
     modalities: tuple[str, ...] = TRIMODAL_MODALITIES
@@ -95,14 +158,14 @@ class TriModalAVDigits:
 
 
 def load_trimodal_avdigits(
-    cfg: TriModalConfig | None = None,
-    base_cfg: AVDigitsConfig | None = None,
+    cfg: TriModalRecipe | None = None,
+    base_cfg: AVDigitsRecipe | None = None,
     *,
     base: AVDigits | None = None,
     progress: bool = True,
 ) -> TriModalAVDigits:
     """Tri-modal AV-Digits from the AV-Digits recipe ``base_cfg`` (built and cached when needed)."""
-    cfg = cfg or TriModalConfig()
+    cfg = cfg or TriModalRecipe()
     base = base or load_avdigits(base_cfg, progress=progress)
     clips = {name: _clips_of(cfg, base, code, name) for code, name in enumerate(SPLITS)}
     speech = _speech(cfg, base, clips, progress)
@@ -156,7 +219,7 @@ class _Clips:
     voices: list[str]
 
 
-def _clips_of(cfg: TriModalConfig, base: AVDigits, code: int, name: str) -> _Clips:
+def _clips_of(cfg: TriModalRecipe, base: AVDigits, code: int, name: str) -> _Clips:
     """Each AV-Digits sample once (training: ``clips_per_image`` times, the copies with a motion and a
     voice of the training voices of their own)."""
     data = base.splits[name]
@@ -176,7 +239,7 @@ def _clips_of(cfg: TriModalConfig, base: AVDigits, code: int, name: str) -> _Cli
 
 
 def _speech(
-    cfg: TriModalConfig, base: AVDigits, clips: dict[str, _Clips], progress: bool
+    cfg: TriModalRecipe, base: AVDigits, clips: dict[str, _Clips], progress: bool
 ) -> dict[str, tuple[Tensor, Tensor, float, list[str]]]:
     """Per split: audio [N, 1, n_mels, frames], the digit word's span [N, 2] in seconds, the clip length
     and what each clip says."""

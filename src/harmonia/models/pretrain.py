@@ -19,18 +19,39 @@ clip is mixed across time only by the mean pooling of the coarse embedding.
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harmonia.config import BackboneKind, PretrainConfig, TextEncoderKind, VideoTokensKind, VTHeadKind
 from harmonia.data import captions as native_captions
-from harmonia.errors import InputError
+from harmonia.errors import ConfigError, InputError
 from harmonia.models.text import MiniLMTextEncoder
 
 PRETRAIN_MODALITIES = ("video", "audio", "text")
+
+
+class BackboneKind(str, enum.Enum):
+    SHARED = "shared"
+    SPECIFIC = "specific"
+
+
+class VTHeadKind(str, enum.Enum):
+    MLP = "mlp"
+    SHARED = "shared"
+
+
+class VideoTokensKind(str, enum.Enum):
+    GLOBAL = "global"
+    TIME_LOCAL = "time_local"
+
+
+class TextEncoderKind(str, enum.Enum):
+    NATIVE = "native"
+    MINILM = "minilm"
 
 
 class VideoTokenizer(nn.Module):
@@ -110,16 +131,11 @@ class TextTokenizer(nn.Module):
         return self.embed(ids) + self.position[:, : ids.shape[-1]]
 
 
-def _transformer(cfg: PretrainConfig) -> nn.Module:
+def _transformer(width: int, depth: int, heads: int, dropout: float) -> nn.Module:
     layer = nn.TransformerEncoderLayer(
-        cfg.width,
-        cfg.heads,
-        dim_feedforward=2 * cfg.width,
-        dropout=cfg.dropout,
-        batch_first=True,
-        norm_first=True,
+        width, heads, dim_feedforward=2 * width, dropout=dropout, batch_first=True, norm_first=True
     )
-    return nn.TransformerEncoder(layer, cfg.depth, norm=nn.LayerNorm(cfg.width), enable_nested_tensor=False)
+    return nn.TransformerEncoder(layer, depth, norm=nn.LayerNorm(width), enable_nested_tensor=False)
 
 
 def masked_mean(tokens: Tensor, mask: Tensor | None) -> Tensor:
@@ -154,65 +170,93 @@ class PretrainOutput:
 
 
 class TriModalPretrainModel(nn.Module):
-    """Video, audio and text encoders with VATT heads, sharing one transformer or not (``cfg.backbone``).
+    """Video, audio and text encoders with VATT heads, sharing one transformer or not (``backbone``).
 
     Args:
-        cfg: the ``pretrain`` config section (backbone kind, width, depth, heads, patch sizes, embed_dim).
         video_shape: (frames, frame size) of the clips.
         audio_shape: (mel bands, frames) of the spectrograms.
         vocabulary_size, text_length: word vocabulary and maximum caption length.
         video_channels: 1 (grey, tri-modal AV-Digits) or 3 (RGB, shards of real video).
+        backbone: ``shared`` (one modality-agnostic transformer) or ``specific`` (one per modality).
+        width, depth, heads, dropout: the transformer(s); ``width`` must be divisible by ``heads``.
+        embed_dim: dimension of the common embedding spaces.
+        text_encoder: ``native`` (word embeddings into the backbone) or ``minilm`` (pretrained
+            all-MiniLM-L6-v2, frozen unless ``text_finetune``).
+        tubelet: video patch size (frames, height, width); audio_patch: (mel bands, frames).
+        video_tokens: ``global`` or ``time_local`` attention of the video tokens.
+        vt_head: ``mlp`` (VATT's e_vt = Linear(ReLU(e_va))) or ``shared`` (e_vt = e_va).
     """
 
     def __init__(
         self,
-        cfg: PretrainConfig,
         video_shape: tuple[int, int],
         audio_shape: tuple[int, int],
         vocabulary_size: int,
         text_length: int,
         video_channels: int = 1,
+        *,
+        backbone: BackboneKind | str = BackboneKind.SHARED,
+        width: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        embed_dim: int = 64,
+        text_encoder: TextEncoderKind | str = TextEncoderKind.NATIVE,
+        text_finetune: bool = False,
+        dropout: float = 0.0,
+        tubelet: Sequence[int] = (2, 4, 4),
+        audio_patch: Sequence[int] = (8, 4),
+        video_tokens: VideoTokensKind | str = VideoTokensKind.GLOBAL,
+        vt_head: VTHeadKind | str = VTHeadKind.MLP,
     ) -> None:
         super().__init__()
-        self.backbone_kind = cfg.backbone
-        self.video_tokens = cfg.video_tokens
+        if width % heads:
+            raise ConfigError(f"width={width} must be divisible by heads={heads}")
+        for key, value, n in (("tubelet", tubelet, 3), ("audio_patch", audio_patch, 2)):
+            if len(value) != n or min(value) < 1:
+                raise ConfigError(f"{key}: expected {n} positive integers, got {list(value)}")
+        self.backbone_kind = BackboneKind(backbone)
+        self.video_tokens = VideoTokensKind(video_tokens)
         self.tokenizers = nn.ModuleDict(
             {
                 "video": VideoTokenizer(
                     *video_shape,  # type: ignore[arg-type]
-                    tuple(cfg.tubelet),  # type: ignore[arg-type]
-                    cfg.width,
+                    tuple(tubelet),  # type: ignore[arg-type]
+                    width,
                     video_channels,
                 ),
-                "audio": SpectrogramTokenizer(*audio_shape, tuple(cfg.audio_patch), cfg.width),  # type: ignore[arg-type]
+                "audio": SpectrogramTokenizer(*audio_shape, tuple(audio_patch), width),  # type: ignore[arg-type]
             }
         )
         self.minilm: MiniLMTextEncoder | None = None
-        if cfg.text_encoder is TextEncoderKind.MINILM:
-            self.minilm = MiniLMTextEncoder(cfg.width, finetune=cfg.text_finetune)
+        if TextEncoderKind(text_encoder) is TextEncoderKind.MINILM:
+            self.minilm = MiniLMTextEncoder(width, finetune=text_finetune)
         else:
-            self.tokenizers["text"] = TextTokenizer(vocabulary_size, text_length, cfg.width)
-        if cfg.backbone is BackboneKind.SHARED:
-            self.backbone = _transformer(cfg)
+            self.tokenizers["text"] = TextTokenizer(vocabulary_size, text_length, width)
+        if self.backbone_kind is BackboneKind.SHARED:
+            self.backbone = _transformer(width, depth, heads, dropout)
             self.modality_embedding = nn.ParameterDict(
-                {m: nn.Parameter(torch.zeros(1, 1, cfg.width)) for m in PRETRAIN_MODALITIES}
+                {m: nn.Parameter(torch.zeros(1, 1, width)) for m in PRETRAIN_MODALITIES}
             )
         else:
-            self.backbones = nn.ModuleDict({m: _transformer(cfg) for m in PRETRAIN_MODALITIES})
-        time_local = cfg.video_tokens is VideoTokensKind.TIME_LOCAL
+            self.backbones = nn.ModuleDict(
+                {m: _transformer(width, depth, heads, dropout) for m in PRETRAIN_MODALITIES}
+            )
+        time_local = self.video_tokens is VideoTokensKind.TIME_LOCAL
         self.video_mask: Tensor | None
         video_tokenizer = self.tokenizers["video"]
         assert isinstance(video_tokenizer, VideoTokenizer)
         self.register_buffer(
             "video_mask", video_tokenizer.time_local_mask() if time_local else None, persistent=False
         )
-        e = cfg.embed_dim
-        self.head_va = nn.Linear(cfg.width, e)
+        e = embed_dim
+        self.head_va = nn.Linear(width, e)
         self.head_vt = (
-            nn.Sequential(nn.ReLU(), nn.Linear(e, e)) if cfg.vt_head is VTHeadKind.MLP else nn.Identity()
+            nn.Sequential(nn.ReLU(), nn.Linear(e, e))
+            if VTHeadKind(vt_head) is VTHeadKind.MLP
+            else nn.Identity()
         )
-        self.head_audio = nn.Linear(cfg.width, e)
-        self.head_text = nn.Linear(cfg.width, e)
+        self.head_audio = nn.Linear(width, e)
+        self.head_text = nn.Linear(width, e)
 
     def video_anchor(self, video: Tensor, pooled: bool = True) -> Tensor:
         """The anchor z_v: the pooled video backbone output [B, width] (``features["video"]``), or with

@@ -1,0 +1,471 @@
+"""``harmonia bench finegrained``: coarse vs fine-grained contrastive loss on partially irrelevant clips.
+
+The pre-training recipe (:data:`~harmonia.app.bench.pretrain.PRETRAIN_RECIPE`) on tri-modal AV-Digits where
+half of the training clips have half of their frames taken from another digit's clip (a contiguous block;
+captions and audio describe the clip's own digit). Every run uses the same encoder — time-local video
+tokens by default (``pretrain.video_tokens``), so that coarse and fine-grained runs differ only in the
+loss — and every batch size gets the same number of optimizer steps (``train.max_steps``). For each batch
+size the variants come with two controls: the coarse loss on clean clips (the ceiling) and the coarse loss
+on the partial clips (the floor); a variant's share of the gap is (variant − floor) / (ceiling − floor).
+
+Each run is scored on the clean test split — digit linear probe of the frozen video backbone and zero-shot
+video↔text R@1/5/10 (each model ranks by the score it was trained with) — and logs per-evaluation curves
+on validation (R@1) and on the partial training clips (attention of each caption word over the tubelets:
+relevant vs unrelated frames). Variants are compared on validation; test is reported. For each batch size:
+the paired median step time of each variant (same batches, interleaved) and the peak memory of one
+training step (the growth of the resident set of a fresh process during the step).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import statistics
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from harmonia.app.attention import frame_attention, plot_frame_attention
+from harmonia.app.bench.common import (
+    equal_step_overrides,
+    fmt,
+    mean_std,
+    paired_step_times,
+    plot_curves,
+    run_variant,
+)
+from harmonia.app.bench.pretrain import PRETRAIN_RECIPE
+from harmonia.app.config import load_config
+from harmonia.app.train import Callback, build_trainer
+from harmonia.data.trimodal import load_trimodal_avdigits
+
+PARTIAL = ["data.trimodal.partial_rate=0.5", "data.trimodal.partial_fraction=0.5"]
+CLEAN = ["data.trimodal.partial_rate=0.0"]
+FINE = ["pretrain.vt_loss=finegrained", "pretrain.pool_direction=over_a"]
+VARIANTS: dict[str, list[str]] = {
+    "coarse-clean": CLEAN,  # control: the ceiling
+    "coarse": PARTIAL,  # control: the floor
+    "finegrained": [*PARTIAL, *FINE],
+    "finegrained-both": [*PARTIAL, "pretrain.vt_loss=finegrained", "pretrain.pool_direction=both"],
+    "finegrained-av": [*PARTIAL, *FINE, "pretrain.va_loss=finegrained"],
+    # another encoder: only for the attention comparison, not for the gap
+    "finegrained-global": [*PARTIAL, *FINE, "pretrain.video_tokens=global"],
+}
+CEILING, FLOOR = "coarse-clean", "coarse"
+DEFAULT_VARIANTS = (CEILING, FLOOR, "finegrained")
+BATCH_SIZES = (16, 32)  # batch 128 at equal steps does not fit the 45-minute budget on 2 CPU cores
+STEPS = 600  # optimizer steps of every run, whatever its batch size
+EVALUATIONS = 3  # evaluations per run (validation R@1 and attention curves)
+VIDEO_TOKENS = "time_local"
+ATTENTION_CLIPS = 512  # partial training clips the attention curves are measured on
+
+
+def _overrides(variant: str, batch_size: int, overrides: Sequence[str], video_tokens: str) -> list[str]:
+    return [
+        *PRETRAIN_RECIPE,
+        f"pretrain.video_tokens={video_tokens}",
+        "pretrain.gate=false",  # the learnability gate is not part of this comparison (and slow here)
+        *VARIANTS[variant],
+        *overrides,
+        f"train.batch_size={batch_size}",
+    ]
+
+
+class AttentionCurve(Callback):
+    """At every evaluation, the mean attention of caption words on the relevant and the unrelated
+    tubelets of the first ``max_clips`` partial training clips (``attention/relevant``, ``/irrelevant``,
+    ``/ratio``, × uniform); after the last epoch, optionally a picture of it."""
+
+    def __init__(self, tau_att: float, tubelet_frames: int, max_clips: int, picture: Path | None) -> None:
+        self.tau_att, self.tubelet_frames, self.max_clips, self.picture = (
+            tau_att,
+            tubelet_frames,
+            max_clips,
+            picture,
+        )
+
+    def on_epoch_end(self, trainer: Any, epoch: int, metrics: dict[str, float]) -> None:
+        split = trainer.dataset.split("train")
+        if not any(k.startswith("val/") for k in metrics) or bool(split.relevant_frames.all()):
+            return
+        attention = frame_attention(
+            trainer.model,
+            split,
+            self.tau_att,
+            self.tubelet_frames,
+            device=trainer.device,
+            max_clips=self.max_clips,
+        )
+        stats = attention.mean_weight()
+        metrics.update({f"attention/{k}": v for k, v in stats.items()})
+        if self.picture is not None and epoch + 1 == trainer.num_epochs:
+            self.picture.parent.mkdir(parents=True, exist_ok=True)
+            plot_frame_attention(
+                attention,
+                split,
+                str(self.picture),
+                title=f"{self.picture.stem}: attention of caption words over frames "
+                f"(relevant {stats['relevant']:.2f}x uniform, unrelated {stats['irrelevant']:.2f}x)",
+            )
+
+
+def _attention_callbacks(cfg: Any, out: Path, variant: str) -> Any:
+    """A factory of each run's :class:`AttentionCurve` (the first run, seed 0, also draws its picture)."""
+    runs = iter(range(1 << 30))
+
+    def make() -> list[Callback]:
+        first = next(runs) == 0
+        picture = out / f"attention_{variant}_b{cfg.train.batch_size}.png" if first else None
+        return [AttentionCurve(cfg.pretrain.tau_att, cfg.pretrain.tubelet[0], ATTENTION_CLIPS, picture)]
+
+    return make
+
+
+def run_finegrained_benchmark(
+    seeds: int = 3,
+    out_dir: str | Path = "bench-results",
+    variants: Sequence[str] = DEFAULT_VARIANTS,
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+    overrides: Sequence[str] = (),
+    steps: int = STEPS,
+    evaluations: int = EVALUATIONS,
+    video_tokens: str = VIDEO_TOKENS,
+    speed_steps: int = 20,
+    speed_rounds: int = 5,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train every variant at every batch size for ``seeds`` seeds and ``steps`` optimizer steps, time and
+    measure the steps; write ``finegrained.{md,json,png}``, ``finegrained_curves.png`` and
+    ``attention_<variant>_b<batch>.png``."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    out = Path(out_dir) / "finegrained"
+    base = load_config(None, _overrides(variants[0], batch_sizes[0], overrides, video_tokens))
+    train_size = len(
+        load_trimodal_avdigits(base.data.trimodal, base.data.avdigits, progress=False).split("train")
+    )
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    speed: dict[str, dict[str, Any]] = {}
+    jobs = [(b, v) for b in batch_sizes for v in variants]
+    for batch_size, variant in tqdm(jobs, desc="finegrained benchmark", disable=not progress, unit="variant"):
+        cfg = load_config(
+            None,
+            [
+                *_overrides(variant, batch_size, overrides, video_tokens),
+                *equal_step_overrides(steps, train_size, batch_size, evaluations),
+                f"name={variant}_b{batch_size}",
+                f"out_dir={out / 'runs'}",
+            ],
+        )
+        results = run_variant(cfg, list(range(seeds)), progress, _attention_callbacks(cfg, out, variant))
+        for r in results:
+            last = [c for c in r["curves"] if "attention/ratio" in c]
+            r["attention"] = (
+                {k: last[-1][f"attention/{k}"] for k in ("relevant", "irrelevant", "ratio")} if last else {}
+            )
+        runs.setdefault(str(batch_size), {})[variant] = results
+    if speed_steps > 0:
+        for batch_size in batch_sizes:
+            speed[str(batch_size)] = measure_speed(
+                variants, batch_size, overrides, speed_steps, speed_rounds, progress, video_tokens
+            )
+    summary = {
+        "seeds": list(range(seeds)),
+        "variants": list(variants),
+        "overrides": list(overrides),
+        "steps": steps,
+        "video_tokens": video_tokens,
+        "train_size": train_size,
+        "runs": runs,
+        "speed": speed,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "finegrained.json").write_text(json.dumps(summary, indent=1))
+    command = " ".join(
+        [
+            "harmonia bench finegrained",
+            *overrides,
+            f"--seeds {seeds} --steps {steps} --evaluations {evaluations} --video-tokens {video_tokens}",
+            f"--speed-steps {speed_steps} --speed-rounds {speed_rounds}",
+            f"--out {out_dir}",
+        ]
+    )
+    if tuple(variants) != DEFAULT_VARIANTS:
+        command += " --variants " + " ".join(variants)
+    if tuple(batch_sizes) != BATCH_SIZES:
+        command += " --batch-sizes " + " ".join(map(str, batch_sizes))
+    report = format_report(summary, command)
+    (out / "finegrained.md").write_text(report)
+    _plot(summary, out / "finegrained.png")
+    plot_finegrained_curves(summary, out / "finegrained_curves.png")
+    print(report)
+    return summary
+
+
+def measure_speed(
+    variants: Sequence[str],
+    batch_size: int,
+    overrides: Sequence[str],
+    steps: int,
+    rounds: int,
+    progress: bool = True,
+    video_tokens: str = VIDEO_TOKENS,
+) -> dict[str, Any]:
+    """Paired step times of the variants at ``batch_size`` and each one's peak step memory (MiB)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers = [
+            build_trainer(
+                load_config(
+                    None,
+                    [*_overrides(v, batch_size, overrides, video_tokens), f"out_dir={tmp}", f"name=s{i}"],
+                ),
+                progress=False,
+            )
+            for i, v in enumerate(variants)
+        ]
+        batches = [b for _, b in zip(range(steps), trainers[0].train_loader, strict=False)]
+        times = paired_step_times(trainers, batches, rounds, progress)
+    memory = [step_memory_mib(_overrides(v, batch_size, overrides, video_tokens)) for v in variants]
+    return {v: {**t, "peak_mib": m} for v, t, m in zip(variants, times, memory, strict=True)}
+
+
+def step_memory_mib(overrides: Sequence[str]) -> float:
+    """Peak memory of one training step (MiB): how far the resident set of a fresh process grows above
+    its size before the step (Linux; glibc is told to return every freed block of >= 64 KiB to the
+    system, so that the resident set follows the live tensors)."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        process = context.Process(target=_memory_worker, args=(list(overrides), queue))
+        process.start()
+    finally:
+        if previous is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
+    result = queue.get(timeout=600)
+    process.join()
+    return float(result)
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _memory_worker(overrides: list[str], queue: Any) -> None:
+    import gc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = build_trainer(load_config(None, [*overrides, f"out_dir={tmp}"]), progress=False)
+        batch = next(iter(trainer.train_loader))
+        trainer.train_step(batch)  # optimizer state and one-time allocations
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset the peak resident set (VmHWM) to the current one
+        before = _status_kib("VmRSS")
+        trainer.train_step(batch)
+        queue.put((_status_kib("VmHWM") - before) / 1024)
+
+
+def gap_closed(summary: dict[str, Any], batch_size: str, variant: str, metric: str) -> float | None:
+    """(variant − floor) / (ceiling − floor) of the seed means of ``metric`` (``probe``: video probe,
+    else a test retrieval key), or None without both controls."""
+    by = summary["runs"][batch_size]
+    if CEILING not in by or FLOOR not in by:
+        return None
+
+    def value(v: str) -> float:
+        return mean_std([_metric(r, metric) for r in by[v]])[0]
+
+    gap = value(CEILING) - value(FLOOR)
+    return (value(variant) - value(FLOOR)) / gap if gap else None
+
+
+def _metric(result: dict[str, Any], metric: str, split: str = "test") -> float:
+    return float(result["probe"]["video"] if metric == "probe" else result[split][metric])
+
+
+def _probe(results: list[dict[str, Any]]) -> str:
+    return fmt([r["probe"]["video"] for r in results]) if all(r["probe"] for r in results) else "–"
+
+
+def format_report(summary: dict[str, Any], command: str) -> str:
+    n = len(summary["seeds"])
+    variants = summary["variants"]
+    lines = [
+        "# Coarse vs fine-grained contrastive loss on partially irrelevant clips",
+        "",
+        f"Measured with `{command}` (mean ± std over {n} seeds). Training data: 50 % of the clips have a "
+        "contiguous half of their frames taken from another digit's clip (`coarse-clean`: none, the ceiling; "
+        f"`coarse` on the partial clips is the floor); test and validation splits clean. Video tokens: "
+        f"`{summary.get('video_tokens', 'global')}` for every run"
+        + (" but `finegrained-global`" if "finegrained-global" in variants else "")
+        + f"; every run takes {summary.get('steps', '?')} optimizer steps, whatever its batch size.",
+        "",
+        "| batch | variant | steps | val video→text R@1 | test video→text R@1 | R@5 | R@10 | text→video R@1 "
+        "| video probe (%) | attention relevant / unrelated (× uniform) | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for batch_size, by_variant in summary["runs"].items():
+        for v in variants:
+            results = by_variant[v]
+            att = [r["attention"] for r in results if r.get("attention")]
+            attention = (
+                f"{fmt([a['relevant'] for a in att], 1, 2)} / {fmt([a['irrelevant'] for a in att], 1, 2)}"
+                if att
+                else "–"
+            )
+            ratio = fmt([a["ratio"] for a in att], 1, 2) if att else "–"
+            steps = "/".join(sorted({str(r.get("steps", "?")) for r in results}))
+            lines.append(
+                f"| {batch_size} | {v} | {steps} | {fmt([r['val']['video_to_text/R@1'] for r in results])} | "
+                + " | ".join(fmt([r["test"][f"video_to_text/R@{k}"] for r in results]) for k in (1, 5, 10))
+                + f" | {fmt([r['test']['text_to_video/R@1'] for r in results])}"
+                + f" | {_probe(results)} | {attention} | {ratio} |"
+            )
+    others = [v for v in variants if v not in (CEILING, FLOOR, "finegrained-global")]
+    if CEILING in variants and FLOOR in variants and others:
+        lines += [
+            "",
+            "Share of the coarse clean-vs-partial gap a variant closes, (variant − floor) / "
+            "(ceiling − floor) of the seed means (test; 100 % = as good as training on clean clips):",
+            "",
+            "| batch | variant | ceiling − floor, video probe | closed | ceiling − floor, video→text R@1 "
+            "| closed |",
+            "|---|---|---|---|---|---|",
+        ]
+        for batch_size, by in summary["runs"].items():
+            for v in others:
+                cells = []
+                for metric in ("probe", "video_to_text/R@1"):
+                    if metric == "probe" and not all(r["probe"] for rs in by.values() for r in rs):
+                        cells += ["–", "–"]
+                        continue
+                    ceiling = mean_std([_metric(r, metric) for r in by[CEILING]])[0]
+                    floor = mean_std([_metric(r, metric) for r in by[FLOOR]])[0]
+                    closed = gap_closed(summary, batch_size, v, metric)
+                    cells += [
+                        f"{(ceiling - floor) * 100:+.1f} points",
+                        "–" if closed is None else f"{closed * 100:.0f} %",
+                    ]
+                lines.append(f"| {batch_size} | {v} | {' | '.join(cells)} |")
+        lines += ["", "Chosen on validation (video→text R@1, mean over seeds), per batch size:", ""]
+        for batch_size, by in summary["runs"].items():
+            best = max(others, key=lambda v: mean_std([r["val"]["video_to_text/R@1"] for r in by[v]])[0])
+            lines.append(
+                f"- batch {batch_size}: `{best}` — test video→text R@1 "
+                f"{fmt([r['test']['video_to_text/R@1'] for r in by[best]])}, video probe "
+                f"{_probe(by[best])}"
+            )
+    if summary["speed"]:
+        lines += [
+            "",
+            "Step time (median over the timed steps, paired with the first variant on the same batches) and "
+            "peak memory of one training step (growth of a fresh process's resident set during the step):",
+            "",
+            "| batch | variant | step (ms) | × " + variants[0] + " | peak step memory (MiB) |",
+            "|---|---|---|---|---|",
+        ]
+        for batch_size, by_variant in summary["speed"].items():
+            for v in variants:
+                s = by_variant[v]
+                lines.append(
+                    f"| {batch_size} | {v} | {s['seconds'] * 1000:.0f} | {s['ratio']:.2f} | "
+                    f"{s['peak_mib']:.0f} |"
+                )
+    seconds = [r["seconds"] for by in summary["runs"].values() for rs in by.values() for r in rs]
+    lines += [
+        "",
+        f"A training run took {statistics.median(seconds):.0f} s (median over all runs). Curves: "
+        "`finegrained_curves.png`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = summary["variants"]
+    batches = list(summary["runs"])
+    panels = 4 if summary["speed"] else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 3.6))
+    width = 0.8 / len(variants)
+    bars = (
+        ("video→text R@1 (%)", lambda r: r["test"]["video_to_text/R@1"] * 100),
+        ("video probe (%)", lambda r: r["probe"]["video"] * 100),
+    )
+    for ax, (label, value) in zip(axes[:2], bars, strict=True):
+        for j, v in enumerate(variants):
+            stats = [mean_std([value(r) for r in summary["runs"][b][v]]) for b in batches]
+            ax.bar(
+                [i + j * width for i in range(len(batches))],
+                [s[0] for s in stats],
+                width,
+                yerr=[s[1] for s in stats],
+                capsize=3,
+                label=v,
+            )
+        ax.set_xticks([i + width * (len(variants) - 1) / 2 for i in range(len(batches))], batches)
+        ax.set(xlabel="batch size (equal steps)", ylabel=label)
+        ax.legend(fontsize=8)
+    if summary["speed"]:
+        for ax, key, label in (
+            (axes[2], "seconds", "step time (ms)"),
+            (axes[3], "peak_mib", "peak step memory (MiB)"),
+        ):
+            for v in variants:
+                scale = 1000 if key == "seconds" else 1
+                ax.plot(
+                    [int(b) for b in summary["speed"]],
+                    [summary["speed"][b][v][key] * scale for b in summary["speed"]],
+                    marker="o",
+                    label=v,
+                )
+            ax.set(xlabel="batch size", ylabel=label, xscale="log")
+            ax.minorticks_off()
+            ax.set_xticks([int(b) for b in summary["speed"]], list(summary["speed"]))
+            ax.legend(fontsize=8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_finegrained_curves(summary: dict[str, Any], path: Path) -> None:
+    """Per batch size (rows): validation video→text R@1 and the attention ratio (relevant / unrelated,
+    training partial clips) against optimizer steps, mean ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = list(summary["runs"])
+    fig, axes = plt.subplots(len(batches), 2, figsize=(10, 3.2 * len(batches)), squeeze=False)
+    for row, b in enumerate(batches):
+        for v in summary["variants"]:
+            plot_curves(axes[row][0], summary["runs"][b][v], "val/video_to_text/R@1", v, 100)
+            plot_curves(axes[row][1], summary["runs"][b][v], "attention/ratio", v)
+        axes[row][0].set(xlabel="optimizer step", ylabel="val video→text R@1 (%)", title=f"batch {b}")
+        axes[row][1].set(xlabel="optimizer step", ylabel="attention relevant / unrelated", title=f"batch {b}")
+        axes[row][1].axhline(1.0, color="gray", lw=0.8, ls="--")
+        for ax in axes[row]:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

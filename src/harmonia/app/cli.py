@@ -1,0 +1,452 @@
+"""Command line: ``harmonia train | audit | data | bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from harmonia.errors import HarmoniaError
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from harmonia.app.train.distributed import launched_distributed, shutdown_distributed
+
+    try:
+        return _train(args)
+    except RuntimeError as exc:
+        if not (launched_distributed() and _is_collective_failure(exc)):
+            raise
+        rank = os.environ.get("RANK", "?")
+        print(
+            f"harmonia: error: rank {rank}: a collective operation with the other ranks failed or timed out "
+            f"(train.dist_timeout_s bounds the wait): another rank has probably stopped; see its log above. "
+            f"Restart with --resume to continue from the last checkpoint. ({str(exc).splitlines()[0]})",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        shutdown_distributed()
+
+
+def _is_collective_failure(exc: RuntimeError) -> bool:
+    import torch.distributed as dist
+
+    text = str(exc).lower()
+    return isinstance(exc, dist.DistBackendError) or any(
+        word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "peer")
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from harmonia.app.config import TaskKind, load_config
+    from harmonia.app.train import build_trainer
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = build_trainer(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
+    main_rank = trainer.dist.is_main
+    what = "resuming" if args.resume else "training"
+    model = (
+        f"{cfg.pretrain.backbone.value} backbone, contrastive pre-training"
+        if cfg.task is TaskKind.PRETRAIN
+        else f"{cfg.model.fusion.value} fusion"
+    )
+    ranks = f" on {trainer.dist.world_size} processes" if trainer.dist.enabled else ""
+    if main_rank:
+        print(
+            f"harmonia: {what} {cfg.name} ({', '.join(cfg.data.modalities)}; {model}){ranks} -> "
+            f"{trainer.run_dir}",
+            file=sys.stderr,
+        )
+    try:
+        result = trainer.fit()
+    except KeyboardInterrupt:
+        if not main_rank:
+            return 130
+        command = " ".join(["harmonia train", args.config, *args.overrides])
+        if not trainer.checkpoint_path.exists():
+            hint = (
+                f"no epoch had finished, so there is no checkpoint. Start again with: {command} --overwrite"
+            )
+        elif trainer.epoch >= trainer.num_epochs:
+            hint = f"training had finished; rerun the final evaluation with: {command} --resume"
+        else:
+            hint = f"the last checkpoint holds {trainer.epoch} finished epochs. "
+            hint += f"Continue with: {command} --resume"
+        print(f"\nharmonia: interrupted. {hint}", file=sys.stderr)
+        return 130
+    if main_rank:
+        print(format_result(result.test, result.probe, result.seconds, str(result.run_dir)))
+    return 0
+
+
+def format_result(test: dict[str, float], probe: dict[str, float], seconds: float, run_dir: str) -> str:
+    if "accuracy" not in test:  # pre-training: retrieval
+        lines = [
+            "zero-shot retrieval (test): "
+            + "   ".join(f"{k} {v:.3f}" for k, v in test.items() if k.endswith(("R@1", "R@10")))
+        ]
+        if probe:
+            lines.append(
+                "digit linear-probe accuracy of each frozen backbone (test): "
+                + "   ".join(f"{m} {v:.4f}" for m, v in probe.items())
+            )
+        lines.append(f"finished in {seconds:.0f} s; run folder {run_dir}")
+        return "\n".join(lines)
+    lines = [
+        f"test accuracy {test['accuracy']:.4f}   macro-F1 {test['macro_f1']:.4f}   mAP {test['mAP']:.4f}",
+    ]
+    unimodal = {k.split("/", 1)[1]: v for k, v in test.items() if k.startswith("unimodal_accuracy/")}
+    if unimodal:
+        lines.append(
+            "unimodal-logit accuracy (test): " + "   ".join(f"{m} {v:.4f}" for m, v in unimodal.items())
+        )
+    if probe:
+        lines.append(
+            "linear-probe accuracy of each frozen encoder (test): "
+            + "   ".join(f"{m} {v:.4f}" for m, v in probe.items())
+        )
+    lines.append(f"finished in {seconds:.0f} s; run folder {run_dir}")
+    return "\n".join(lines)
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from harmonia.app.audit import audit_conflicts
+    from harmonia.app.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(cfg.out_dir) / cfg.name
+    checkpoint = Path(args.checkpoint) if args.checkpoint else run_dir / "checkpoints" / "last.pt"
+    out = Path(args.out) if args.out else run_dir / f"audit_{args.mode}.csv"
+    result = audit_conflicts(cfg, checkpoint, out, mode=args.mode, progress=not args.quiet)
+    n = len(result.cosine)
+    print(f"scored {n} training triplets with {checkpoint}; ranked CSV (most conflicting first): {out}")
+    print(f"conflicting (cos < 0): {float((result.cosine < 0).float().mean()):.1%}")
+    if result.auroc:
+        print(
+            f"misaligned triplets (ground truth): {int(result.noisy.sum())} of {n}; AUROC of each detector:"
+        )
+        for name, value in result.auroc.items():
+            print(f"  {name:<20} {value:.3f}")
+    return 0
+
+
+def _cmd_prep(args: argparse.Namespace) -> int:
+    from harmonia.data.prep import prepare
+    from harmonia.data.raw_layouts import scan
+
+    if args.dataset == "shards":
+        return _prep_shards(args)
+
+    found = scan(args.dataset, args.src)
+    settings = found.settings
+    if args.fps is not None:
+        from dataclasses import replace
+
+        settings = replace(settings, fps=args.fps)
+    report = prepare(
+        args.dataset, found.clips, args.dst, settings, args.workers, not args.quiet, found.problems
+    )
+    print(f"harmonia prep {args.dataset}: {report.summary()}\nindex: {Path(args.dst) / 'index.csv'}")
+    if report.failed and not report.prepared and not report.already_done:
+        print(
+            f"harmonia: error: every one of the {len(report.failed)} clips failed (reasons above and in "
+            f"{Path(args.dst) / 'prep_report.json'}); check --src, --fps and the files' codecs",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _prep_shards(args: argparse.Namespace) -> int:
+    from harmonia.data.shards import ShardSettings, write_shards
+
+    settings = ShardSettings(
+        frames=args.frames,
+        frame_size=args.frame_size,
+        seconds=args.seconds,
+        n_mels=args.n_mels,
+        shard_size=args.shard_size,
+        test_fraction=args.test_fraction,
+    )
+    sizes = {"--frames": args.frames, "--frame-size": args.frame_size, "--n-mels": args.n_mels}
+    for key, value in sizes.items():
+        if value < 1:
+            raise HarmoniaError(f"{key} must be at least 1, got {value}")
+    if not 0 < args.test_fraction < 1 or args.shard_size < 1 or args.seconds <= 0:
+        raise HarmoniaError("--test-fraction must be in (0, 1), --shard-size >= 1 and --seconds > 0")
+    report = write_shards(args.src, args.dst, settings, args.workers, not args.quiet)
+    print(f"harmonia prep shards: {report.summary()}\nindex: {Path(args.dst) / 'shards.json'}")
+    if report.failed and not sum(report.samples.values()):
+        print(
+            f"harmonia: error: every one of the {len(report.failed)} clips failed (see "
+            f"{Path(args.dst) / 'prep_report.json'}); check --src and the files' codecs",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from harmonia.app.config import AVDigitsRecipe, apply_overrides, from_dict
+    from harmonia.data.avdigits import dataset_summary, format_summary, load_avdigits
+
+    if args.dataset != "avdigits":
+        raise HarmoniaError(f"unknown dataset {args.dataset!r}; available: avdigits")
+    recipe = from_dict(AVDigitsRecipe, apply_overrides({}, args.overrides), prefix="data.avdigits.")
+    ds = load_avdigits(recipe, rebuild=args.rebuild, progress=not args.quiet)
+    summary = dataset_summary(ds)
+    print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.benchmark == "imbalance":
+        from harmonia.app.bench.imbalance import run_imbalance_benchmark
+
+        run_imbalance_benchmark(
+            config=args.config,
+            seeds=args.seeds,
+            out_dir=args.out,
+            overrides=args.overrides,
+            progress=not args.quiet,
+        )
+        return 0
+    if args.benchmark == "balance":
+        from harmonia.app.bench.balance import ALL_VARIANTS, run_balance_benchmark
+
+        if args.config:
+            raise HarmoniaError(
+                "bench balance runs on the defaults; change them with overrides, not --config"
+            )
+        run_balance_benchmark(
+            seeds=args.seeds,
+            out_dir=args.out,
+            variants=args.variants or ALL_VARIANTS,
+            overrides=args.overrides,
+            speed_steps=args.speed_steps,
+            speed_rounds=args.speed_rounds,
+            progress=not args.quiet,
+        )
+        return 0
+    if args.benchmark == "balance-speed":
+        from harmonia.app.bench.balance import run_speed_benchmark
+
+        run_speed_benchmark(args.out, args.overrides, args.speed_steps, args.speed_rounds, not args.quiet)
+        return 0
+    if args.benchmark == "pretrain":
+        from harmonia.app.bench.pretrain import RATES, run_pretrain_benchmark
+
+        if args.config:
+            raise HarmoniaError("bench pretrain runs its own recipe; change it with overrides, not --config")
+        run_pretrain_benchmark(
+            seeds=args.seeds,
+            out_dir=args.out,
+            rates=args.rates or RATES,
+            overrides=args.overrides,
+            progress=not args.quiet,
+        )
+        return 0
+    if args.benchmark == "harmonize":
+        from harmonia.app.bench.harmonize import BACKBONES, STEPS, VARIANTS, run_harmonize_benchmark
+
+        if args.config:
+            raise HarmoniaError("bench harmonize runs its own recipe; change it with overrides, not --config")
+        run_harmonize_benchmark(
+            seeds=args.seeds,
+            out_dir=args.out,
+            variants=args.variants or tuple(VARIANTS),
+            backbones=args.backbones or BACKBONES,
+            overrides=args.overrides,
+            steps=args.steps or STEPS,
+            evaluations=args.evaluations or 0,
+            speed_steps=args.speed_steps,
+            speed_rounds=args.speed_rounds,
+            progress=not args.quiet,
+        )
+        return 0
+    if args.benchmark == "finegrained":
+        from harmonia.app.bench.finegrained import (
+            BATCH_SIZES,
+            DEFAULT_VARIANTS,
+            EVALUATIONS,
+            STEPS,
+            VIDEO_TOKENS,
+            run_finegrained_benchmark,
+        )
+
+        if args.config:
+            raise HarmoniaError(
+                "bench finegrained runs its own recipe; change it with overrides, not --config"
+            )
+        run_finegrained_benchmark(
+            seeds=args.seeds,
+            out_dir=args.out,
+            variants=args.variants or DEFAULT_VARIANTS,
+            batch_sizes=args.batch_sizes or BATCH_SIZES,
+            overrides=args.overrides,
+            steps=args.steps or STEPS,
+            evaluations=args.evaluations or EVALUATIONS,
+            video_tokens=args.video_tokens or VIDEO_TOKENS,
+            speed_steps=args.speed_steps,
+            speed_rounds=args.speed_rounds,
+            progress=not args.quiet,
+        )
+        return 0
+    if args.benchmark == "distributed":
+        from harmonia.app.bench.distributed import DEFAULT_CONFIG, run_distributed_benchmark
+
+        run_distributed_benchmark(
+            config=args.config or DEFAULT_CONFIG,
+            nprocs=args.nprocs,
+            epochs=args.epochs,
+            out_dir=args.out,
+            overrides=args.overrides,
+            progress=not args.quiet,
+        )
+        return 0
+    raise HarmoniaError(
+        f"unknown benchmark {args.benchmark!r}; "
+        "available: imbalance, balance, balance-speed, pretrain, harmonize, finegrained, distributed"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harmonia", description="Robust and balanced multimodal learning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("config", help="experiment YAML, e.g. configs/avdigits_concat.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.05 train.epochs=3")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    group.add_argument("--overwrite", action="store_true", help="delete an existing run folder first")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("audit", help="rank training triplets by cross-modal gradient conflict (pretrain)")
+    p.add_argument("config", help="the task=pretrain experiment YAML the checkpoint was trained with")
+    p.add_argument("overrides", nargs="*", help="the same dotted overrides as the training run")
+    p.add_argument("--checkpoint", help="checkpoint to audit (default: out_dir/name/checkpoints/last.pt)")
+    p.add_argument("--out", help="CSV to write (default: out_dir/name/audit_<mode>.csv)")
+    p.add_argument("--mode", choices=["feature", "parameter"], default="feature", help="where gradients meet")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_audit)
+
+    p = sub.add_parser("data", help="build a dataset (if needed) and print its statistics")
+    p.add_argument("dataset", help="dataset name: avdigits")
+    p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. audio_snr_db=5 image_blur_sigma=1")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the cache even if it is valid")
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser(
+        "prep",
+        help="prepare a raw dataset (CREMA-D, Kinetics-Sounds, AVE, VGGSound), or write pre-training "
+        "shards from videos with transcripts (prep shards)",
+    )
+    p.add_argument("dataset", help="cremad, kinetics_sounds, ave, vggsound, or shards")
+    p.add_argument(
+        "--src",
+        required=True,
+        help="the raw dataset folder (layouts: docs/datasets.md); shards: videos with .txt transcripts",
+    )
+    p.add_argument("--dst", required=True, help="output folder (frames, spectrograms, index.csv / shards)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
+    p.add_argument("--fps", type=float, default=None, help="frames kept per second (default 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    shards = p.add_argument_group("shards (harmonia prep shards; docs/pretraining.md)")
+    shards.add_argument("--frames", type=int, default=8, help="frames per clip")
+    shards.add_argument("--frame-size", type=int, default=32, help="side of the square frames in pixels")
+    shards.add_argument("--seconds", type=float, default=4.0, help="seconds of each video kept")
+    shards.add_argument("--n-mels", type=int, default=32, help="log-mel bands of the audio")
+    shards.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    shards.add_argument("--test-fraction", type=float, default=0.05, help="share of clips held out for test")
+    p.set_defaults(func=_cmd_prep)
+
+    p = sub.add_parser("bench", help="run a benchmark and write a Markdown report")
+    p.add_argument(
+        "benchmark",
+        help="imbalance, balance, balance-speed, pretrain, harmonize, finegrained or distributed",
+    )
+    p.add_argument(
+        "--nprocs", type=int, nargs="+", default=[1, 2], help="distributed: process counts (default 1 2)"
+    )
+    p.add_argument("--epochs", type=int, default=4, help="distributed: epochs per run (default 4)")
+    p.add_argument("overrides", nargs="*", help="config overrides applied to every run")
+    p.add_argument("--config", default=None, help="base config (default: the benchmark's own)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        help="balance: fusion/method pairs, e.g. concat/none concat/opm; harmonize: baseline realign ...; "
+        "finegrained: coarse finegrained finegrained-both finegrained-av",
+    )
+    p.add_argument("--batch-sizes", type=int, nargs="+", help="finegrained: batch sizes (default 16 32)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="finegrained, harmonize: optimizer steps of every run, whatever its batch size "
+        "(train.max_steps; default: the benchmark's)",
+    )
+    p.add_argument(
+        "--evaluations",
+        type=int,
+        help="finegrained, harmonize: evaluations per run, for the curves (default: the benchmark's)",
+    )
+    p.add_argument(
+        "--backbones", nargs="+", choices=["shared", "specific"], help="harmonize: backbones (default shared)"
+    )
+    p.add_argument(
+        "--video-tokens",
+        choices=["global", "time_local"],
+        help="finegrained: the video tokens of every run's encoder (default time_local)",
+    )
+    p.add_argument(
+        "--rates", type=float, nargs="+", help="pretrain: misalignment rates (default 0 0.1 0.3 0.5)"
+    )
+    p.add_argument(
+        "--speed-steps",
+        type=int,
+        default=20,
+        help="balance-speed, harmonize, finegrained: batches timed per round",
+    )
+    p.add_argument(
+        "--speed-rounds",
+        type=int,
+        default=5,
+        help="balance-speed, harmonize, finegrained: timing rounds after a warm-up",
+    )
+    p.add_argument("--out", default="bench-results", help="folder for runs and the report")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from harmonia.reproducibility import set_reproducible_environment
+
+    set_reproducible_environment()  # before anything imports torch and multiplies matrices
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    # overrides may come after flags (`--overwrite optim.lr=0.1`): argparse leaves those in `extras`
+    unknown = [e for e in extras if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extras:
+        args.overrides = [*args.overrides, *extras]
+    try:
+        return int(args.func(args))
+    except HarmoniaError as exc:
+        print(f"harmonia: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Hook points of the trainer. Balancing and harmonization methods plug in here, as a user's code would."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from harmonia.app.train.base import BaseTrainer as Trainer
+
+
+class Callback:
+    """Override the hooks you need; each default does nothing.
+
+    Order within a training step::
+
+        before_forward -> encode -> transform_features -> fuse -> loss
+        -> backward -> after_backward -> (grad clipping) -> before_optimizer_step -> optimizer.step()
+
+    A callback that keeps state across steps returns it from :meth:`state_dict` so that ``--resume``
+    restores it with the checkpoint.
+    """
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        """Once, after the model and optimizer exist (and after a resume has loaded them)."""
+
+    def before_forward(self, trainer: Trainer, batch: Mapping[str, Any]) -> None:
+        """Before the encoders run on ``batch``."""
+
+    def transform_features(self, trainer: Trainer, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Between encoders and fusion head (e.g. to drop a modality's features); return the features."""
+        return features
+
+    def after_backward(self, trainer: Trainer, batch: Mapping[str, Any], output: Any) -> None:
+        """After ``loss.backward()``: gradients are in ``.grad``; ``output`` is the model's output (a
+        ``MultimodalOutput`` in supervised training, a ``PretrainOutput`` in pre-training)."""
+
+    def before_optimizer_step(self, trainer: Trainer) -> None:
+        """After gradient clipping, just before ``optimizer.step()``."""
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
+        """After evaluation of ``epoch``; ``metrics`` may be extended and is then logged."""
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        """Once, after the final evaluation (reports, plots)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""

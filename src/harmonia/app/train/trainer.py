@@ -1,0 +1,181 @@
+"""Supervised multimodal classification: the trainer of ``task: classify``.
+
+Run folder, checkpoints, resume and logging come from :class:`~harmonia.app.train.base.BaseTrainer`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from harmonia.app.build import build_balance_callback, build_model
+from harmonia.app.config import PREPARED_DATASETS
+from harmonia.app.train.base import BaseTrainer, TrainResult, seed_everything, to_device
+from harmonia.data.avdigits import AVDigits, check_modalities, load_avdigits
+from harmonia.data.sources import ClassificationData, InMemoryData, PreparedData
+from harmonia.errors import ConfigError
+from harmonia.metrics.classification import classification_metrics
+from harmonia.metrics.probe import linear_probe
+from harmonia.models import MultimodalClassifier
+
+
+class Trainer(BaseTrainer):
+    """Train a :class:`~harmonia.models.MultimodalClassifier` (``task: classify``), with OGM / OPM when
+    ``balance.method`` asks for them.
+
+    Args:
+        cfg: the validated experiment config.
+        callbacks: hook objects (see :class:`~harmonia.app.train.callbacks.Callback`).
+        resume: continue the run in ``out_dir/name`` from its last checkpoint.
+        overwrite: delete an existing run folder first.
+        progress: show progress bars.
+        dataset: a loaded :class:`~harmonia.data.avdigits.AVDigits` or any
+            :class:`~harmonia.data.sources.ClassificationData` to use instead of loading ``cfg.data``.
+    """
+
+    model: MultimodalClassifier
+    dataset: ClassificationData
+
+    def setup(self, dataset: AVDigits | ClassificationData | None) -> None:
+        cfg = self.cfg
+        self.dataset = self._load_data(dataset)
+        self.modalities = list(self.dataset.modalities)
+        self.eval_splits = self.dataset.eval_splits
+        self.model = self.prepare_model(  # type: ignore[assignment]
+            build_model(cfg.model, self.modalities, self.dataset.input_channels, self.dataset.num_classes)
+        )
+        if cfg.train.batch_size > self.dataset.train_size:
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size} exceeds the {self.dataset.train_size} training "
+                "samples; lower train.batch_size"
+            )
+        balance = build_balance_callback(cfg.balance, self.model, cfg.train.seed, self.device)
+        if balance is not None:
+            self.callbacks.insert(0, balance)
+        self.train_loader = self.dataset.train_loader(
+            cfg.train.batch_size, cfg.train.seed, self.dist.rank, self.dist.world_size
+        )
+        if len(self.train_loader) == 0:
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size} leaves no training batch (under torchrun the last "
+                f"incomplete global batch is dropped); lower train.batch_size"
+            )
+
+    def _load_data(self, dataset: AVDigits | ClassificationData | None) -> ClassificationData:
+        cfg = self.cfg.data
+        if dataset is not None and not isinstance(dataset, AVDigits):
+            return dataset
+        if cfg.name in PREPARED_DATASETS:
+            assert cfg.root is not None  # the config checks it
+            return PreparedData(
+                cfg.root,
+                cfg.name,
+                list(cfg.modalities),
+                frames=cfg.frames,
+                image_size=cfg.image_size,
+                num_workers=cfg.num_workers,
+                seed=self.cfg.train.seed,
+            )
+        avdigits = dataset or load_avdigits(cfg.avdigits, progress=self.progress)
+        check_modalities(cfg.modalities, avdigits.modalities)
+        return InMemoryData(avdigits, list(cfg.modalities))
+
+    def epoch_tally(self) -> dict[str, float]:
+        return {"accuracy": 0.0, **{f"unimodal_accuracy/{m}": 0.0 for m in self.modalities}}
+
+    def tally_step(self, tally: dict[str, float], batch: dict[str, Any], output: Any) -> None:
+        labels = batch["labels"]
+        tally["accuracy"] += int((output.logits.argmax(1) == labels).sum())
+        for m in self.modalities:
+            tally[f"unimodal_accuracy/{m}"] += int((output.unimodal_logits[m].argmax(1) == labels).sum())
+
+    def train_step(self, batch: dict[str, Any]) -> tuple[Any, float]:
+        """One optimisation step on ``batch``; returns the model output and the loss value."""
+        self.step_metrics = {}
+        for cb in self.callbacks:
+            cb.before_forward(self, batch)
+
+        def transform(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            for cb in self.callbacks:
+                features = cb.transform_features(self, features)
+            return features
+
+        output = self.parallel_model(batch["inputs"], transform=transform)
+        loss = F.cross_entropy(output.logits, batch["labels"])
+        if not torch.isfinite(loss):
+            self._raise_non_finite(loss, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for cb in self.callbacks:
+            cb.after_backward(self, batch, output)
+        self._finish_step()
+        return output, float(loss.detach())
+
+    # ----------------------------------------------------------------------------------------------
+    # evaluation
+
+    @torch.no_grad()
+    def predict(self, split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Fused logits, per-modality logits and labels over a whole split (eval mode)."""
+        was_training = self.model.training
+        self.model.eval()
+        logits: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
+        unimodal: dict[str, list[torch.Tensor]] = {m: [] for m in self.modalities}
+        for batch in self.dataset.eval_batches(split, self.cfg.train.eval_batch_size):
+            batch = to_device(batch, self.device)
+            out = self.model(batch["inputs"])
+            logits.append(out.logits.float().cpu())
+            for m in self.modalities:
+                unimodal[m].append(out.unimodal_logits[m].float().cpu())
+            labels.append(batch["labels"].cpu())
+        self.model.train(was_training)
+        return torch.cat(logits), {m: torch.cat(v) for m, v in unimodal.items()}, torch.cat(labels)
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Accuracy, macro-F1 and mAP of the fused prediction, and each modality's unimodal accuracy."""
+        logits, unimodal, labels = self.predict(split)
+        metrics = classification_metrics(logits, labels, self.dataset.num_classes)
+        out = {f"{split}/{k}": v for k, v in metrics.items()}
+        for m, lg in unimodal.items():
+            out[f"{split}/unimodal_accuracy/{m}"] = float((lg.argmax(1) == labels).float().mean())
+        return out
+
+    @torch.no_grad()
+    def encoder_features(self, split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Each frozen encoder's features over a whole split (eval mode, no augmentation), and the labels."""
+        was_training = self.model.training
+        self.model.eval()
+        features: dict[str, list[torch.Tensor]] = {m: [] for m in self.modalities}
+        labels: list[torch.Tensor] = []
+        try:
+            for batch in self.dataset.eval_batches(split, self.cfg.train.eval_batch_size):
+                batch = to_device(batch, self.device)
+                for m in self.modalities:
+                    features[m].append(self.model.encoders[m](batch["inputs"][m]).float().cpu())
+                labels.append(batch["labels"].cpu())
+        finally:
+            self.model.train(was_training)
+        return {m: torch.cat(v) for m, v in features.items()}, torch.cat(labels)
+
+    def probe_encoders(self) -> dict[str, float]:
+        """Linear-probe test accuracy of each frozen encoder (fit on train features)."""
+        (train_x, train_y), (test_x, test_y) = self.encoder_features("train"), self.encoder_features("test")
+        return {
+            m: linear_probe(
+                train_x[m], train_y, test_x[m], test_y, self.dataset.num_classes, seed=self.cfg.train.seed
+            ).accuracy
+            for m in self.modalities
+        }
+
+
+def train(cfg: Any, **kwargs: Any) -> TrainResult:
+    """Convenience wrapper: build the trainer of ``cfg.task`` and run it."""
+    from harmonia.app.train import build_trainer
+
+    return build_trainer(cfg, **kwargs).fit()
+
+
+__all__ = ["TrainResult", "Trainer", "seed_everything", "train"]
