@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from harmonia.app.callbacks.base import Callback
 from harmonia.app.config import load_config
 from harmonia.app.train import build_trainer
-from harmonia.app.train.callbacks import Callback
 
 COLUMNS = (
     ("gate/loss_va", "val L_va"),

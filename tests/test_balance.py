@@ -226,7 +226,7 @@ def test_opm_is_reproducible_and_resumable() -> None:
 def test_balance_curves_average_the_step_records_per_epoch(tmp_path) -> None:
     import json
 
-    from harmonia.app.train.report import balance_curves, plot_balance_curves
+    from harmonia.app.plots import balance_curves, plot_balance_curves
 
     records = [
         {"kind": "step", "step": 1, "epoch": 0, "balance/rho/a": 1.0},
@@ -239,3 +239,79 @@ def test_balance_curves_average_the_step_records_per_epoch(tmp_path) -> None:
     assert plot_balance_curves({"run": tmp_path}, tmp_path / "c.png")
     (tmp_path / "metrics.jsonl").write_text(json.dumps(records[-1]) + "\n")
     assert not plot_balance_curves({"run": tmp_path}, tmp_path / "d.png")
+
+
+def _tiny_classifier(seed: int = 0) -> nn.Module:
+    from harmonia.models import build_classifier
+
+    torch.manual_seed(seed)
+    return build_classifier(
+        ["audio", "image"], {"audio": 1, "image": 1}, 3, encoder_widths=[4], feature_dim=8
+    )
+
+
+@pytest.mark.parametrize("order", [("ogm", "opm"), ("opm", "ogm")])
+def test_combined_methods_share_one_rho_and_match_a_hand_computation(
+    order: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OPM + OGM through the hooks, in either order: ρ is computed once per step, on the features before
+    any drop, and OGM scales each encoder's gradient by k(ρ) computed here independently."""
+    from harmonia.balance import BalanceStep, OGMSettings, OPMSettings, discrepancy_ratio
+    from harmonia.balance import method as method_module
+
+    model = _tiny_classifier()
+    x = {"audio": torch.randn(6, 1, 8, 8), "image": torch.randn(6, 1, 8, 8)}
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    built = {
+        "ogm": OGM.build(model, OGMSettings(alpha=0.8, ge=False)),
+        "opm": OPM.build(model, OPMSettings(p_exe=0.0)),  # never drops: the forward is the plain one
+    }
+    methods = [built[name] for name in order]
+
+    # the reference: a plain step, ρ from the unimodal logits of the same features, k by the TPAMI formula
+    plain = model(x)
+    torch.nn.functional.cross_entropy(plain.logits, y).backward()
+    rho = {m: float(r) for m, r in discrepancy_ratio(plain.unimodal_logits, y).items()}
+    expected = {
+        m: [
+            p.grad.clone() * float(ogm_coefficient(torch.tensor(rho[m]), 0.8))
+            for p in model.encoders[m].parameters()
+        ]
+        for m in ("audio", "image")
+    }
+    model.zero_grad()
+
+    calls = []
+    real = method_module.discrepancy_ratio
+    monkeypatch.setattr(method_module, "discrepancy_ratio", lambda *a: calls.append(1) or real(*a))
+    step = BalanceStep(y, epoch=0)
+    for m in methods:
+        m.before_forward(step)
+
+    def transform(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for m in methods:
+            features = m.transform_features(step, features)
+        return features
+
+    out = model(x, transform=transform)
+    torch.nn.functional.cross_entropy(out.logits, y).backward()
+    for m in methods:
+        m.after_backward(step, out)
+    assert len(calls) == 1
+    assert step.metrics["balance/rho/audio"] == pytest.approx(rho["audio"], rel=1e-6)
+    for m in ("audio", "image"):
+        for got, want in zip(model.encoders[m].parameters(), expected[m], strict=True):
+            torch.testing.assert_close(got.grad, want, rtol=1e-5, atol=1e-7)
+
+
+def test_a_method_state_round_trips_through_state_dict() -> None:
+    model = _tiny_classifier()
+    ogm, opm = OGM.build(model), OPM.build(model)
+    ogm.apply({"audio": torch.tensor(2.0), "image": torch.tensor(0.5)}, epoch=0)
+    opm.set_ratios({"audio": torch.tensor(2.0), "image": torch.tensor(0.5)})
+    twin_ogm, twin_opm = OGM.build(model), OPM.build(model)
+    twin_ogm.load_state_dict(ogm.state_dict())
+    twin_opm.load_state_dict(opm.state_dict())
+    assert int(twin_ogm.num_steps) == 1
+    torch.testing.assert_close(twin_opm.q, opm.q)
+    assert float(twin_opm.q[0]) > 0 and float(twin_opm.q[1]) == 0

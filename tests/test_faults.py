@@ -83,7 +83,7 @@ def test_a_real_checkpoint_loads_without_unpickling_objects(tmp_path: Path) -> N
     trainer = Trainer(tiny_experiment(tmp_path, "train.epochs=1", "balance.method=opm+ogm"), progress=False)
     trainer.fit()
     state = torch.load(trainer.checkpoint_path, weights_only=True)
-    assert state["callbacks"]["BalanceCallback"]["ogm"]["num_steps"] > 0
+    assert state["callbacks"]["BalancingCallback"]["0:ogm"]["num_steps"] > 0
 
 
 def test_resume_and_fresh_start_remove_stale_temporary_checkpoints(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from conftest import tiny_pretrain, tiny_pretrain_overrides
 from harmonia.app.attention import frame_attention
+from harmonia.app.logs import read_metrics
 from harmonia.app.train import build_trainer
-from harmonia.app.train.logging import read_metrics
 from harmonia.app.train.pretrain import PretrainTrainer
 from harmonia.gradients.harmonizer import GradientHarmonizer
 from harmonia.losses import ContrastiveGrain, FineGrainedNCE, VATTLoss

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import TINY_RECIPE, tiny_pretrain
+from harmonia.app.logs import read_metrics
 from harmonia.app.train import build_trainer
-from harmonia.app.train.logging import read_metrics
 from harmonia.data import captions as cap
 from harmonia.data.avdigits import AVDigitsRecipe, load_avdigits
 from harmonia.data.spoken import PHRASES, assemble, transcript

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import tiny_experiment, tiny_pretrain, tiny_pretrain_overrides
+from harmonia.app.logs import read_metrics
 from harmonia.app.train import build_trainer
-from harmonia.app.train.logging import read_metrics
 from harmonia.errors import ConfigError
 from harmonia.gradients.curriculum import ConflictCurriculum
 from harmonia.gradients.harmonizer import GradientHarmonizer

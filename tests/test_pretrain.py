@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import TINY_RECIPE, tiny_pretrain, tiny_pretrain_overrides
+from harmonia.app.logs import read_metrics
 from harmonia.app.train import PretrainTrainer, build_trainer
-from harmonia.app.train.logging import read_metrics
 from harmonia.data import captions as cap
 from harmonia.data.avdigits import AVDigitsRecipe, load_avdigits
 from harmonia.data.trimodal import (

@@ -12,9 +12,9 @@ import torch
 
 from conftest import tiny_experiment
 from harmonia.app.config import dump_config
+from harmonia.app.logs import read_metrics
 from harmonia.app.train import Callback, Trainer
 from harmonia.app.train.checkpoint import load_checkpoint
-from harmonia.app.train.logging import read_metrics
 from harmonia.errors import CheckpointError, ConfigError, InputError, NonFiniteLossError, RunFolderExistsError
 
 

@@ -11,6 +11,7 @@ that provides it when it is missing:
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Iterable, Iterator
 from types import ModuleType
 from typing import Any, TypeVar
@@ -45,6 +46,14 @@ def require(module: str, purpose: str = "") -> ModuleType:
             f"harmonia needs the package '{package}'{need}; install it with "
             f"`pip install 'harmonia[{extra}]'` (or `pip install {package}`)"
         ) from exc
+
+
+def check_installed(modules: Iterable[str], purpose: str) -> None:
+    """Raise the :func:`require` error for the first of ``modules`` that is not installed, without
+    importing any of them."""
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            require(module, purpose)
 
 
 def progress_bar(iterable: Iterable[T] | None = None, **kwargs: Any) -> Iterator[T] | Any:

@@ -1,95 +1,38 @@
-"""Build the model, optimizer and schedule an experiment config describes."""
+"""Build the model, balancing methods, optimizer and schedule an experiment config describes (through the
+registries of :mod:`harmonia.app.registry`)."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from harmonia.app.config import (
-    BalanceConfig,
-    BalanceMethod,
-    EncoderKind,
-    ModelConfig,
-    OptimConfig,
-    OptimizerKind,
-    ScheduleKind,
-)
-from harmonia.app.train.balance import BalanceCallback
-from harmonia.balance import OGM, OPM, conv_weights_only
+from harmonia.app.callbacks.balance import BalancingCallback
+from harmonia.app.config import ModelConfig, OptimConfig, OptimizerKind, ScheduleKind
+from harmonia.app.memory import model_allocation
+from harmonia.app.registry import BALANCING, MODELS
 from harmonia.errors import ConfigError
-from harmonia.models import ConvEncoder, MultimodalClassifier, ResNet18Encoder, build_fusion
-
-
-@contextlib.contextmanager
-def model_allocation(sizes: str) -> Iterator[None]:
-    """Turn an out-of-memory error while a model is built into a :class:`ConfigError` naming the sizes."""
-    try:
-        yield
-    except (MemoryError, RuntimeError) as exc:
-        if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower():
-            raise
-        raise ConfigError(
-            f"the model does not fit in memory ({str(exc).splitlines()[0][:200]}); lower its sizes ({sizes})"
-        ) from None
 
 
 def build_model(
     cfg: ModelConfig, modalities: list[str], input_channels: Mapping[str, int], num_classes: int
-) -> MultimodalClassifier:
-    """One encoder per modality (in ``modalities`` order) and the configured fusion head."""
+) -> nn.Module:
+    """The classifier ``model`` names (``classifier``: one encoder per modality and the fusion head)."""
     with model_allocation("model.feature_dim, model.hidden_dim, model.encoder_widths"):
-        return _build_model(cfg, modalities, input_channels, num_classes)
+        return MODELS.get(getattr(cfg, "name", "classifier"))(cfg, modalities, input_channels, num_classes)
 
 
-def _build_model(
-    cfg: ModelConfig, modalities: list[str], input_channels: Mapping[str, int], num_classes: int
-) -> MultimodalClassifier:
-    encoders: dict[str, nn.Module] = {}
-    for m in modalities:
-        if cfg.encoder is EncoderKind.CONV:
-            encoders[m] = ConvEncoder(
-                input_channels[m], widths=cfg.encoder_widths, feature_dim=cfg.feature_dim
-            )
-        else:
-            encoders[m] = ResNet18Encoder(input_channels[m], feature_dim=cfg.feature_dim)
-    fusion = build_fusion(
-        cfg.fusion,
-        modalities,
-        {m: cfg.feature_dim for m in modalities},
-        num_classes,
-        hidden_dim=cfg.hidden_dim,
-    )
-    return MultimodalClassifier(encoders, fusion)
-
-
-def build_balance_callback(
-    cfg: BalanceConfig, model: MultimodalClassifier, seed: int, device: torch.device
-) -> BalanceCallback | None:
-    """The OGM / OPM callback ``balance`` asks for (``None`` for ``method: none``)."""
-    if cfg.method is BalanceMethod.NONE:
+def build_balancing(
+    entries: Sequence[tuple[str, Any]], model: nn.Module, seed: int
+) -> BalancingCallback | None:
+    """The balancing methods of ``balance`` (``(name, settings)`` pairs, in order) in one callback
+    (``None`` when the list is empty)."""
+    if not entries:
         return None
-    ogm = opm = None
-    if cfg.method in (BalanceMethod.OGM, BalanceMethod.OPM_OGM):
-        ogm = OGM(
-            dict(model.encoders),
-            alpha=cfg.alpha,
-            form=cfg.form,
-            ge=cfg.ge,
-            start_epoch=cfg.start_epoch,
-            end_epoch=cfg.end_epoch,
-            warmup_epochs=cfg.warmup_epochs,
-            param_filter=conv_weights_only if cfg.conv_only else None,
-            seed=seed,
-        )
-    if cfg.method in (BalanceMethod.OPM, BalanceMethod.OPM_OGM):
-        opm = OPM(
-            model.modalities, q_base=cfg.q_base, lam=cfg.lam, p_exe=cfg.p_exe, rescale=cfg.rescale, seed=seed
-        )
-        opm.to(device)
-    return BalanceCallback(ogm=ogm, opm=opm)
+    methods = [BALANCING.get(name).build(model, settings, seed=seed) for name, settings in entries]
+    return BalancingCallback(methods, [name for name, _ in entries])
 
 
 def build_optimizer(cfg: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -113,3 +56,30 @@ def build_scheduler(
     if cfg.schedule is ScheduleKind.NONE:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     raise ConfigError(f"optim.schedule: unknown schedule {cfg.schedule!r}")
+
+
+def balance_entries(cfg: Any) -> list[tuple[str, Any]]:
+    """``(name, settings)`` of every balancing method of ``cfg.balance``, in order."""
+    from harmonia.balance import OGMSettings, OPMSettings
+
+    b = cfg.balance
+    method = getattr(b.method, "value", b.method)
+    entries: list[tuple[str, Any]] = []
+    if method in ("ogm", "opm+ogm"):
+        entries.append(
+            (
+                "ogm",
+                OGMSettings(
+                    alpha=b.alpha,
+                    form=b.form,
+                    ge=b.ge,
+                    start_epoch=b.start_epoch,
+                    end_epoch=b.end_epoch,
+                    warmup_epochs=b.warmup_epochs,
+                    conv_only=b.conv_only,
+                ),
+            )
+        )
+    if method in ("opm", "opm+ogm"):
+        entries.append(("opm", OPMSettings(q_base=b.q_base, lam=b.lam, p_exe=b.p_exe, rescale=b.rescale)))
+    return entries

@@ -128,6 +128,12 @@ class DataConfig:
     words: int = param(16, help="shards: words kept per transcript line", ge=1)
     shuffle_buffer: int = param(1000, help="shards: samples each reading stream shuffles among", ge=1)
 
+    def avdigits_recipe(self) -> AVDigitsRecipe:
+        return self.avdigits
+
+    def trimodal_recipe(self) -> TriModalRecipe:
+        return self.trimodal
+
 
 @dataclass
 class ModelConfig:

@@ -11,6 +11,9 @@ before the optimizer step, every gradient of modality m's encoder is scaled by
 and with generalization enhancement (GE, Eq. 16-17) Gaussian noise with the unscaled gradient's standard
 deviation is added: ``g <- k^m·g + h``, ``h ~ N(0, std(g)²)`` per parameter tensor. As in the official code,
 noise is added to every modulated modality (also where ``k^m = 1``). The fusion head is never modulated.
+
+As a :class:`~harmonia.balance.method.BalancingMethod`, OGM modulates in ``after_backward`` with the
+step's shared ρ; its settings are :class:`OGMSettings` (config: ``balance: [{name: ogm, alpha: 0.8}]``).
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from harmonia.balance.method import BalanceStep, BalancingMethod
 from harmonia.balance.scores import discrepancy_ratio
 from harmonia.errors import ConfigError
+from harmonia.settings import setting
 
 ParamFilter = Callable[[str, nn.Parameter], bool]
 
@@ -51,6 +56,19 @@ def ogm_coefficient(ratio: Tensor, alpha: float, form: OGMForm | str = OGMForm.T
 
 
 @dataclass
+class OGMSettings:
+    """OGM / OGM-GE hyper-parameters (defaults: TPAMI 2025 and its official code)."""
+
+    alpha: float = setting(0.8, help="modulation strength α (paper: 0.8 CREMA-D, 0.1 VGGSound)", ge=0)
+    form: OGMForm = setting(OGMForm.TPAMI, help="coefficient: tpami (Eq. 11) or cvpr (Eq. 10, the code's)")
+    ge: bool = setting(True, help="OGM-GE: add noise with the gradient's std (generalization enhancement)")
+    start_epoch: int = setting(0, help="first epoch in which OGM modulates", ge=0)
+    end_epoch: int | None = setting(None, help="OGM stops modulating at this epoch (null: never)", ge=1)
+    warmup_epochs: int = setting(0, help="epochs without modulation at the start", ge=0)
+    conv_only: bool = setting(False, help="modulate only conv kernels (4-D weights), as the official code")
+
+
+@dataclass
 class OGMStats:
     """What one :meth:`OGM.step` did: per-modality ratio ρ and coefficient k (1.0 when inactive)."""
 
@@ -65,7 +83,7 @@ def _named_parameters(source: nn.Module | Iterable[nn.Parameter]) -> list[tuple[
     return [(str(i), p) for i, p in enumerate(source)]
 
 
-class OGM:
+class OGM(BalancingMethod):
     """Gradient modulation of each modality's encoder; call :meth:`step` between backward and optimizer step.
 
     Args:
@@ -79,8 +97,12 @@ class OGM:
         param_filter: ``f(name, param) -> bool`` selecting parameters (default all; see
             :func:`conv_weights_only`).
         seed: seed of the GE noise; the generator is re-seeded with (seed, step) at every step, so all
-            data-parallel ranks add identical noise and a resumed run continues the same sequence.
+            data-parallel ranks add identical noise and a resumed run continues the same sequence (the step
+            counter is a buffer, saved with ``state_dict``).
     """
+
+    Settings: ClassVar[type[Any]] = OGMSettings
+    num_steps: Tensor
 
     def __init__(
         self,
@@ -94,6 +116,7 @@ class OGM:
         param_filter: ParamFilter | None = None,
         seed: int = 0,
     ) -> None:
+        super().__init__()
         if len(encoders) < 2:
             raise ConfigError(f"OGM balances modalities: give at least 2 encoders, got {list(encoders)}")
         if alpha < 0:
@@ -114,7 +137,28 @@ class OGM:
             if not chosen:
                 raise ConfigError(f"OGM: the parameter filter selects no parameter of modality '{m}'")
             self.params[m] = chosen
-        self.num_steps = 0
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+
+    @classmethod
+    def build(cls, model: nn.Module, settings: OGMSettings | None = None, seed: int = 0) -> OGM:
+        """OGM of every encoder of ``model`` (a :class:`~harmonia.models.MultimodalClassifier`)."""
+        s = settings or OGMSettings()
+        return cls(
+            dict(model.encoders),  # type: ignore[arg-type]
+            alpha=s.alpha,
+            form=s.form,
+            ge=s.ge,
+            start_epoch=s.start_epoch,
+            end_epoch=s.end_epoch,
+            warmup_epochs=s.warmup_epochs,
+            param_filter=conv_weights_only if s.conv_only else None,
+            seed=seed,
+        )
+
+    def after_backward(self, step: BalanceStep, output: Any) -> None:
+        """Modulate with the step's shared ρ; logs ``balance/k/<m>``."""
+        stats = self.apply(step.ratios(output.unimodal_logits), step.epoch)
+        step.metrics.update({f"balance/k/{m}": k for m, k in stats.coefficients.items()})
 
     def coefficients(self, ratios: Mapping[str, Tensor | float]) -> dict[str, Tensor]:
         return {m: ogm_coefficient(torch.as_tensor(r), self.alpha, self.form) for m, r in ratios.items()}
@@ -139,7 +183,7 @@ class OGM:
         active = self.is_active(epoch)
         if active:
             self._modulate(coefficients)
-        self.num_steps += 1
+        self.num_steps = self.num_steps + 1  # a new tensor: a saved state_dict is not mutated
         return OGMStats(
             ratios={m: float(r) for m, r in ratios.items()},
             coefficients={m: float(k) if active else 1.0 for m, k in coefficients.items()},
@@ -158,7 +202,7 @@ class OGM:
                     continue
                 if p.grad.device not in generators:
                     generators[p.grad.device] = torch.Generator(device=p.grad.device).manual_seed(
-                        self.seed * 1_000_003 + self.num_steps
+                        self.seed * 1_000_003 + int(self.num_steps)
                     )
                 std = p.grad.std() if p.grad.numel() > 1 else p.grad.new_zeros(())
                 noise = torch.randn(
@@ -168,9 +212,3 @@ class OGM:
                     dtype=p.grad.dtype,
                 )
                 p.grad.mul_(k).add_(noise * std)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"num_steps": self.num_steps}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.num_steps = int(state["num_steps"])

@@ -8,18 +8,28 @@ on the others. With the discrepancy ratio ρ^m of the previous step, the drop pr
 With probability ``p_exe`` per step, each sample's feature of modality m is set to zero with probability q^m;
 kept features are rescaled by 1/(1 - q^m) so the expected input of the fusion head is unchanged; a sample
 never loses all its modalities (the modality with the lowest q is kept). In eval mode OPM is the identity.
+
+As a :class:`~harmonia.balance.method.BalancingMethod`, OPM drops in ``transform_features`` and computes
+the step's shared ρ there, on the features before any is dropped (so OGM, when combined, sees an unbiased
+ρ); its settings are :class:`OPMSettings` (config: ``balance: [{name: opm, q_base: 0.5}]``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from harmonia.balance.method import BalanceStep, BalancingMethod, unimodal_heads
 from harmonia.balance.scores import discrepancy_ratio
 from harmonia.distributed import rank_and_world
 from harmonia.errors import ConfigError, InputError
+from harmonia.settings import setting
+
+UnimodalHeads = Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]]
 
 
 def opm_drop_probability(ratio: Tensor, q_base: float = 0.5, lam: float = 0.5) -> Tensor:
@@ -29,7 +39,17 @@ def opm_drop_probability(ratio: Tensor, q_base: float = 0.5, lam: float = 0.5) -
     return torch.where(ratio > 1, q, torch.zeros_like(ratio))
 
 
-class OPM(nn.Module):
+@dataclass
+class OPMSettings:
+    """OPM hyper-parameters (defaults: TPAMI 2025 and its official code)."""
+
+    q_base: float = setting(0.5, help="base drop probability", ge=0, le=1)
+    lam: float = setting(0.5, help="λ: how fast q grows with ρ", ge=0)
+    p_exe: float = setting(0.7, help="probability that dropping is executed in a step", ge=0, le=1)
+    rescale: bool = setting(True, help="rescale kept features by 1/(1-q)")
+
+
+class OPM(BalancingMethod):
     """Drop dominant modalities' features before fusion; call :meth:`update` each step to adapt q.
 
     Args:
@@ -39,8 +59,11 @@ class OPM(nn.Module):
         rescale: divide kept features by 1 - q (inverted dropout).
         seed: the drop pattern of step t comes from a generator seeded with (seed, t): reproducible and
             resumable (the step counter and q are buffers, saved with ``state_dict``).
+        unimodal_logits: ``features -> unimodal logits`` of the model, used by the
+            :meth:`transform_features` hook to compute ρ before dropping (set by :meth:`build`).
     """
 
+    Settings: ClassVar[type[Any]] = OPMSettings
     q: Tensor
     num_steps: Tensor
 
@@ -52,6 +75,7 @@ class OPM(nn.Module):
         p_exe: float = 0.7,
         rescale: bool = True,
         seed: int = 0,
+        unimodal_logits: UnimodalHeads | None = None,
     ) -> None:
         super().__init__()
         if len(modalities) < 2:
@@ -65,6 +89,39 @@ class OPM(nn.Module):
         self.q_base, self.lam, self.p_exe, self.rescale, self.seed = q_base, lam, p_exe, rescale, seed
         self.register_buffer("q", torch.zeros(len(self.modalities)))
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+        self.unimodal_logits = unimodal_logits
+
+    @classmethod
+    def build(cls, model: nn.Module, settings: OPMSettings | None = None, seed: int = 0) -> OPM:
+        """OPM over the modalities of ``model``, with its unimodal heads for the pre-drop ρ."""
+        s = settings or OPMSettings()
+        opm = cls(
+            tuple(model.modalities),  # type: ignore[arg-type]
+            q_base=s.q_base,
+            lam=s.lam,
+            p_exe=s.p_exe,
+            rescale=s.rescale,
+            seed=seed,
+            unimodal_logits=unimodal_heads(model),
+        )
+        return opm.to(next(model.parameters()).device)
+
+    def transform_features(self, step: BalanceStep, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Drop with the previous step's q, then set q from this step's ρ (computed here, on the features
+        before dropping, unless another method computed it already). Logs ``balance/q/<m>``."""
+        if not step.has_ratios:
+            if self.unimodal_logits is None:
+                raise ConfigError(
+                    "OPM as a training hook needs the model's unimodal heads: build it with "
+                    "OPM.build(model, settings) or pass unimodal_logits=model.fusion.unimodal_logits"
+                )
+            with torch.no_grad():
+                step.ratios(self.unimodal_logits({m: f.detach() for m, f in features.items()}))
+        ratios = step.ratios({})
+        step.metrics.update({f"balance/q/{m}": q for m, q in self.drop_probabilities().items()})
+        dropped = self(features)
+        self.set_ratios(ratios)
+        return dropped
 
     def drop_probabilities(self) -> dict[str, float]:
         return {m: float(q) for m, q in zip(self.modalities, self.q, strict=True)}

@@ -14,10 +14,12 @@ data parallelism, hand each rank its contiguous share of every global batch
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from harmonia.data.avdigits import AVDigits
@@ -89,6 +91,55 @@ class InMemoryData:
     def eval_batches(self, split: str, batch_size: int) -> BatchLoader:
         data = self.splits[split]
         return BatchLoader(data.inputs, data.labels, batch_size)
+
+
+class TensorData:
+    """Your own tensors as a :class:`ClassificationData`: ``splits`` maps ``train``, ``test`` (and
+    optionally ``val``) to ``({modality: [N, ...] tensor}, [N] int64 labels)``.
+
+    Example::
+
+        data = TensorData({"train": ({"audio": xa, "image": xi}, y), "test": ({"audio": ta, "image": ti}, t)})
+        Trainer(cfg, dataset=data).fit()
+    """
+
+    def __init__(self, splits: Mapping[str, tuple[Mapping[str, Tensor], Tensor]]) -> None:
+        for required in ("train", "test"):
+            if required not in splits:
+                raise InputError(f"TensorData needs a '{required}' split; got {sorted(splits)}")
+        self.splits = {name: (dict(inputs), labels) for name, (inputs, labels) in splits.items()}
+        train_inputs = self.splits["train"][0]
+        self.modalities = list(train_inputs)
+        for name, (inputs, labels) in self.splits.items():
+            if list(inputs) != self.modalities:
+                raise InputError(f"split '{name}' has modalities {list(inputs)}, train has {self.modalities}")
+            if labels.dtype != torch.long or labels.dim() != 1:
+                raise InputError(f"split '{name}': labels must be a 1-D int64 tensor, got {labels.dtype}")
+            for m, x in inputs.items():
+                if x.shape[0] != labels.shape[0]:
+                    raise InputError(
+                        f"split '{name}': modality '{m}' has {x.shape[0]} samples but there are "
+                        f"{labels.shape[0]} labels"
+                    )
+        self.num_classes = (
+            int(max(int(labels.max()) for _, labels in self.splits.values() if labels.numel())) + 1
+        )
+        self.input_channels = {m: int(x.shape[1]) for m, x in train_inputs.items()}
+        self.eval_splits: tuple[str, ...] = tuple(s for s in ("val", "test") if s in self.splits)
+
+    @property
+    def train_size(self) -> int:
+        return int(self.splits["train"][1].shape[0])
+
+    def train_loader(self, batch_size: int, seed: int, rank: int, world_size: int) -> BatchLoader:
+        inputs, labels = self.splits["train"]
+        return BatchLoader(
+            inputs, labels, batch_size, shuffle=True, seed=seed, rank=rank, world_size=world_size
+        )
+
+    def eval_batches(self, split: str, batch_size: int) -> BatchLoader:
+        inputs, labels = self.splits[split]
+        return BatchLoader(inputs, labels, batch_size)
 
 
 class PreparedLoader:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from harmonia.models.build import build_classifier
 from harmonia.models.classifier import MultimodalClassifier, MultimodalOutput
 from harmonia.models.encoders import (
     ENCODER_KINDS,
@@ -35,6 +36,7 @@ __all__ = [
     "MultimodalOutput",
     "ResNet18Encoder",
     "SumFusion",
+    "build_classifier",
     "build_encoder",
     "build_fusion",
 ]

@@ -12,6 +12,7 @@ final linear layer are both affine, averaging per-frame features is the same ope
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 
 import torch.nn.functional as F
@@ -20,6 +21,13 @@ from torch import Tensor, nn
 from harmonia.errors import ConfigError, InputError
 
 ENCODER_KINDS = ("conv", "resnet18")
+
+
+class EncoderKind(str, enum.Enum):
+    """Encoder architecture of every modality of a :class:`~harmonia.models.MultimodalClassifier`."""
+
+    CONV = "conv"
+    RESNET18 = "resnet18"
 
 
 class ModalityEncoder(nn.Module):

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from harmonia.app.bench.common import fmt, mean_std, paired_step_times, run_variant
 from harmonia.app.config import load_config
+from harmonia.app.plots import plot_balance_curves
 from harmonia.app.train import Trainer
-from harmonia.app.train.report import plot_balance_curves
 from harmonia.errors import ConfigError
 
 METHODS = ("none", "ogm", "opm", "opm+ogm")

@@ -14,8 +14,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from harmonia.app.config import ExperimentConfig
+from harmonia.app.logs import read_metrics
 from harmonia.app.train import Callback, build_trainer
-from harmonia.app.train.logging import read_metrics
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -20,8 +20,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from harmonia.app.config import load_config
+from harmonia.app.logs import read_metrics
 from harmonia.app.train.distributed import free_port
-from harmonia.app.train.logging import read_metrics
 from harmonia.errors import HarmoniaError
 
 DEFAULT_CONFIG = "configs/avdigits_concat.yaml"

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from harmonia.app.bench.common import fmt, mean_std, run_variant
 from harmonia.app.config import load_config
-from harmonia.app.train.logging import read_metrics
+from harmonia.app.logs import read_metrics
 from harmonia.data.trimodal import load_trimodal_avdigits
 
 PRETRAIN_RECIPE = [

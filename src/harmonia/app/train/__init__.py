@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from harmonia.app.callbacks.base import Callback
 from harmonia.app.config import ExperimentConfig, TaskKind
 from harmonia.app.train.base import BaseTrainer, TrainResult, seed_everything
-from harmonia.app.train.callbacks import Callback
 from harmonia.app.train.pretrain import PretrainTrainer
 from harmonia.app.train.trainer import Trainer, train
 

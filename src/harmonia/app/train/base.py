@@ -31,15 +31,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from harmonia.app.build import build_optimizer, build_scheduler
+from harmonia.app.callbacks.base import Callback
 from harmonia.app.config import (
-    BalanceMethod,
     ExperimentConfig,
     ScheduleKind,
     dump_config,
     load_config,
     to_dict,
 )
-from harmonia.app.train.callbacks import Callback
+from harmonia.app.logs import RunLogger
 from harmonia.app.train.checkpoint import (
     CHECKPOINT_FORMAT_VERSION,
     atomic_save,
@@ -49,8 +49,6 @@ from harmonia.app.train.checkpoint import (
     restore_rng_state,
 )
 from harmonia.app.train.distributed import convert_batchnorm, init_distributed
-from harmonia.app.train.logging import RunLogger
-from harmonia.app.train.report import plot_balance_curves
 from harmonia.data.sources import EpochLoader
 from harmonia.distributed import all_reduce_sum
 from harmonia.errors import CheckpointError, ConfigError, NonFiniteLossError, RunFolderExistsError
@@ -94,11 +92,13 @@ class BaseTrainer:
 
     Args:
         cfg: the validated experiment config.
-        callbacks: hook objects (see :class:`~harmonia.app.train.callbacks.Callback`).
+        callbacks: hook objects (see :class:`~harmonia.app.callbacks.base.Callback`).
         resume: continue the run in ``out_dir/name`` from its last checkpoint.
         overwrite: delete an existing run folder first.
         progress: show progress bars.
-        dataset: a loaded dataset to use instead of loading ``cfg.data`` (tests, benchmarks).
+        dataset: a loaded dataset to use instead of loading ``cfg.data``.
+        model: your own model to train instead of building ``cfg.model`` (``task: classify``; see
+            :class:`~harmonia.app.train.trainer.Trainer` for the output contract).
     """
 
     model: nn.Module
@@ -116,6 +116,7 @@ class BaseTrainer:
         overwrite: bool = False,
         progress: bool = True,
         dataset: Any = None,
+        model: nn.Module | None = None,
     ) -> None:
         if resume and overwrite:
             raise ConfigError("choose one of --resume (continue the run) and --overwrite (start it again)")
@@ -124,6 +125,7 @@ class BaseTrainer:
         self.run_dir = Path(cfg.out_dir) / cfg.name
         self.checkpoint_path = self.run_dir / "checkpoints" / "last.pt"
         self.resume = resume
+        self.user_model = model
 
         self.num_threads = apply_reproducibility(cfg.train.reproducibility, cfg.train.num_threads)
         self.device = resolve_device(cfg.train.device)
@@ -387,8 +389,6 @@ class BaseTrainer:
             )
         finally:
             logger.close()
-        if self.cfg.balance.method is not BalanceMethod.NONE and self.dist.is_main:
-            plot_balance_curves({"": self.run_dir}, self.run_dir / "balance_curves.png")
         for cb in self.callbacks:
             cb.on_train_end(self)
         result = TrainResult(

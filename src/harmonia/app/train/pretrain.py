@@ -8,74 +8,24 @@ and logging come from :class:`~harmonia.app.train.base.BaseTrainer`.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from harmonia.app.build import model_allocation
-from harmonia.app.config import (
-    CurriculumStartKind,
-    HarmonizeConfig,
-    HarmonizeModeKind,
-    PretrainConfig,
-    TextEncoderKind,
-)
+from harmonia.app.callbacks.gate import LearnabilityGate
+from harmonia.app.callbacks.harmonize import HarmonizeCallback
+from harmonia.app.pretrain_data import INPUT_KEYS
+from harmonia.app.registry import BACKWARD, DATASETS
 from harmonia.app.train.base import BaseTrainer
-from harmonia.app.train.gate import LearnabilityGate
-from harmonia.app.train.harmonize import HarmonizeCallback
-from harmonia.data.loader import BatchLoader, local_batch_size
-from harmonia.data.shards import ShardCorpus, ShardLoader, ShardSplit, ShardStream
-from harmonia.data.trimodal import TriModalAVDigits, TriModalSplit, load_trimodal_avdigits
-from harmonia.errors import ConfigError
-from harmonia.gradients.curriculum import ConflictCurriculum
-from harmonia.gradients.harmonizer import GradientHarmonizer
+from harmonia.data.shards import ShardCorpus, ShardSplit
+from harmonia.data.trimodal import TriModalAVDigits, TriModalSplit
 from harmonia.losses import ContrastiveGrain, FineGrainedNCE, VATTLoss, VATTLossOutput
 from harmonia.losses.finegrained import token_scores
 from harmonia.metrics.probe import linear_probe
 from harmonia.metrics.retrieval import retrieval_metrics_from_scores
-from harmonia.models.pretrain import PretrainOutput, TriModalPretrainModel, VideoAnchor
-
-INPUT_KEYS = ("video", "audio", "text", "text_mask")
-
-
-def build_harmonize_callback(
-    cfg: HarmonizeConfig, model: TriModalPretrainModel, steps_per_epoch: int, pretrain: PretrainConfig
-) -> HarmonizeCallback | None:
-    """The harmonizer ``harmonize`` asks for (``None`` for ``mode: none``). Its anchor is the pooled video
-    feature, or the video tokens when a loss is fine-grained (its gradient bypasses the pooled feature)."""
-    if cfg.mode is HarmonizeModeKind.NONE:
-        return None
-    pooled = ContrastiveGrain.FINEGRAINED not in (pretrain.va_loss, pretrain.vt_loss)
-    anchor = VideoAnchor(model, pooled=pooled)
-    curriculum = None
-    if cfg.curriculum:
-        curriculum = ConflictCurriculum(
-            cfg.curriculum_start,
-            cfg.curriculum_end,
-            steps=max(1, round(cfg.curriculum_epochs * steps_per_epoch)),
-            shape=cfg.curriculum_shape,
-            keep=cfg.curriculum_keep,
-            start_fraction=cfg.curriculum_start_fraction,
-            warmup_steps=round(cfg.curriculum_warmup_epochs * steps_per_epoch),
-            deferred=cfg.curriculum_start_when is CurriculumStartKind.GATE,
-        )
-    harmonizer = GradientHarmonizer(
-        mode=cfg.mode.value,
-        rule=cfg.rule,
-        curriculum=curriculum,
-        params=model.anchor_parameters() if cfg.mode is HarmonizeModeKind.BATCH else None,
-        gradvac_beta=cfg.gradvac_beta,
-        anchor_module=anchor if cfg.mode is HarmonizeModeKind.PARAMETER else None,
-        anchor_params=anchor.anchor_named_parameters() if cfg.mode is HarmonizeModeKind.PARAMETER else None,
-    )
-    return HarmonizeCallback(
-        harmonizer,
-        {"va": pretrain.weight_va, "vt": pretrain.weight_vt},
-        anchor_key="video" if pooled else "video_tokens",
-    )
+from harmonia.models.pretrain import PretrainOutput, TextEncoderKind, TriModalPretrainModel
 
 
 class PretrainTrainer(BaseTrainer):
@@ -90,14 +40,11 @@ class PretrainTrainer(BaseTrainer):
     @property
     def find_unused_parameters(self) -> bool:  # type: ignore[override]
         """MiniLM encodes the text: the shared backbone's text modality embedding gets no gradient."""
-        return self.cfg.pretrain.text_encoder is TextEncoderKind.MINILM
+        return TextEncoderKind(self.cfg.pretrain.text_encoder) is TextEncoderKind.MINILM
 
     def setup(self, dataset: TriModalAVDigits | None) -> None:
         cfg = self.cfg
-        if cfg.data.name == "shards":
-            self._setup_shards()
-        else:
-            self._setup_trimodal(dataset)
+        DATASETS.get(cfg.data.name).build(self, dataset)
         p = cfg.pretrain
         self.loss = VATTLoss(
             p.temperature,
@@ -108,11 +55,11 @@ class PretrainTrainer(BaseTrainer):
             finegrained=FineGrainedNCE(p.temperature, p.tau_att, p.pool_direction, p.chunk_size or None),
         )
         self.last_losses: VATTLossOutput | None = None
-        self.harmonize = build_harmonize_callback(
-            cfg.harmonize, self.model, len(self.train_loader), cfg.pretrain
-        )
-        if self.harmonize is not None:
+        self.harmonize: HarmonizeCallback | None = None
+        if cfg.harmonize.mode.value != "none":
+            self.harmonize = BACKWARD.get("harmonize")(self)
             self.callbacks.insert(0, self.harmonize)
+        self.backward_strategy = self.harmonize or BACKWARD.get("plain")(self)
         self.gate: LearnabilityGate | None = None
         if cfg.data.name == "trimodal_avdigits" and p.gate:
             self.gate = LearnabilityGate(seed=cfg.train.seed)
@@ -121,77 +68,6 @@ class PretrainTrainer(BaseTrainer):
             if curriculum is not None and curriculum.deferred:
                 harmonizer = self.harmonize.harmonizer  # type: ignore[union-attr]
                 self.gate.on_pass.append(lambda _epoch: curriculum.begin(harmonizer.num_steps))
-
-    def _setup_trimodal(self, dataset: TriModalAVDigits | None) -> None:
-        cfg = self.cfg
-        self.dataset = dataset or load_trimodal_avdigits(
-            cfg.data.trimodal, cfg.data.avdigits, progress=self.progress
-        )
-        self.modalities = list(self.dataset.modalities)
-        train = self.dataset.split("train")
-        audio, text = train.inputs["audio"], train.inputs["text"]
-        with model_allocation("pretrain.width, pretrain.embed_dim, pretrain.depth"):
-            self.model = TriModalPretrainModel(
-                video_shape=(cfg.data.trimodal.frames, cfg.data.trimodal.frame_size),
-                audio_shape=(int(audio.shape[2]), int(audio.shape[3])),
-                vocabulary_size=len(self.dataset.vocabulary),
-                text_length=int(text.shape[-1]),
-                **cfg.pretrain.architecture(),
-            )
-        self.model = self.prepare_model(self.model)  # type: ignore[assignment]
-        if cfg.pretrain.text_encoder is not TextEncoderKind.NATIVE:
-            for split in self.dataset.splits.values():  # captions as this text encoder tokenizes them
-                split.inputs["text"], split.inputs["text_mask"] = self.model.tokenize_captions(split.captions)
-        self.train_loader = BatchLoader(
-            {k: train.inputs[k] for k in INPUT_KEYS},
-            train.labels,
-            cfg.train.batch_size,
-            shuffle=True,
-            seed=cfg.train.seed,
-            drop_last=True,  # contrastive batches of one size (and equal per rank under DDP)
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-        )
-        if len(self.train_loader) == 0:
-            raise ConfigError(
-                f"train.batch_size={cfg.train.batch_size} exceeds the {len(train)} training triplets; "
-                f"lower train.batch_size"
-            )
-
-    def _setup_shards(self) -> None:
-        """Pre-train on the shards ``harmonia prep shards`` wrote (RGB video, log-mel audio, transcripts);
-        retrieval is evaluated on their test split, and there is no probe (shards carry no labels)."""
-        cfg, data = self.cfg, self.cfg.data
-        assert data.root is not None  # the config checks it
-        corpus = ShardCorpus(data.root, captions=data.captions, words=data.words)
-        self.dataset = corpus
-        self.modalities = list(corpus.modalities)
-        self.eval_splits = ("test",)
-        with model_allocation("pretrain.width, pretrain.embed_dim, pretrain.depth"):
-            self.model = TriModalPretrainModel(
-                video_shape=(corpus.frames, corpus.frame_size),
-                audio_shape=(corpus.n_mels, corpus.audio_frames),
-                vocabulary_size=len(corpus.vocabulary),
-                text_length=data.words,
-                video_channels=3,
-                **cfg.pretrain.architecture(),
-            )
-        self.model = self.prepare_model(self.model)  # type: ignore[assignment]
-        retokenize = None
-        if cfg.pretrain.text_encoder is not TextEncoderKind.NATIVE:
-            retokenize = functools.partial(self.model.tokenize_captions, k=data.captions)
-            test = corpus.split("test")
-            test.inputs["text"], test.inputs["text_mask"] = retokenize(test.captions)
-        world, batch = self.dist.world_size, cfg.train.batch_size
-        steps = corpus.samples("train") // batch
-        if steps == 0:
-            raise ConfigError(
-                f"train.batch_size={batch} exceeds the {corpus.samples('train')} training clips of "
-                f"{corpus.root}; lower train.batch_size"
-            )
-        local = local_batch_size(batch, world)
-        stream = ShardStream(corpus, local, steps, cfg.train.seed, self.dist.rank, world, data.shuffle_buffer)
-        self.train_loader = ShardLoader(stream, data.num_workers, retokenize)
 
     def forward(self, inputs: dict[str, Tensor]) -> PretrainOutput:
         """The model's output, with token outputs when a loss is fine-grained (through
@@ -212,10 +88,7 @@ class PretrainTrainer(BaseTrainer):
         if not torch.isfinite(losses.loss):
             self._raise_non_finite(losses.loss, batch)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.harmonize is None:
-            losses.loss.backward()
-        else:
-            self.harmonize.backward(self, batch, losses, output)
+        self.backward_strategy.backward(self, batch, losses, output)
         for cb in self.callbacks:
             cb.after_backward(self, batch, output)
         self._finish_step()

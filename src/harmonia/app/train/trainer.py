@@ -10,11 +10,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from harmonia.app.build import build_balance_callback, build_model
-from harmonia.app.config import PREPARED_DATASETS
+from harmonia.app.build import balance_entries, build_balancing, build_model
+from harmonia.app.registry import DATASETS
 from harmonia.app.train.base import BaseTrainer, TrainResult, seed_everything, to_device
-from harmonia.data.avdigits import AVDigits, check_modalities, load_avdigits
-from harmonia.data.sources import ClassificationData, InMemoryData, PreparedData
+from harmonia.data.avdigits import AVDigits
+from harmonia.data.sources import ClassificationData
 from harmonia.errors import ConfigError
 from harmonia.metrics.classification import classification_metrics
 from harmonia.metrics.probe import linear_probe
@@ -22,17 +22,23 @@ from harmonia.models import MultimodalClassifier
 
 
 class Trainer(BaseTrainer):
-    """Train a :class:`~harmonia.models.MultimodalClassifier` (``task: classify``), with OGM / OPM when
-    ``balance.method`` asks for them.
+    """Train a multimodal classifier (``task: classify``) with the balancing methods ``balance`` lists.
 
     Args:
         cfg: the validated experiment config.
-        callbacks: hook objects (see :class:`~harmonia.app.train.callbacks.Callback`).
+        callbacks: hook objects (see :class:`~harmonia.app.callbacks.Callback`).
         resume: continue the run in ``out_dir/name`` from its last checkpoint.
         overwrite: delete an existing run folder first.
         progress: show progress bars.
         dataset: a loaded :class:`~harmonia.data.avdigits.AVDigits` or any
             :class:`~harmonia.data.sources.ClassificationData` to use instead of loading ``cfg.data``.
+        model: your own ``nn.Module`` instead of the one ``cfg.model`` describes. The contract (which
+            :class:`~harmonia.models.MultimodalClassifier` follows): ``model(inputs, transform=None)`` takes
+            ``{modality: tensor}``, applies ``transform`` to the per-modality features between its encoders
+            and its fusion, and returns an object with ``logits`` [B, C] and ``unimodal_logits``
+            ``{m: [B, C]}``; ``model.encoders[m]`` maps a modality's input to its features (for OGM and the
+            linear probe); ``model.modalities`` names them, and ``model.unimodal_logits(features)`` (or
+            ``model.fusion.unimodal_logits``) gives unimodal logits from features (for OPM).
     """
 
     model: MultimodalClassifier
@@ -43,15 +49,23 @@ class Trainer(BaseTrainer):
         self.dataset = self._load_data(dataset)
         self.modalities = list(self.dataset.modalities)
         self.eval_splits = self.dataset.eval_splits
-        self.model = self.prepare_model(  # type: ignore[assignment]
-            build_model(cfg.model, self.modalities, self.dataset.input_channels, self.dataset.num_classes)
-        )
+        model = self.user_model
+        if model is None:
+            model = build_model(
+                cfg.model, self.modalities, self.dataset.input_channels, self.dataset.num_classes
+            )
+        elif not hasattr(model, "encoders") and cfg.train.probe:
+            raise ConfigError(
+                f"{type(model).__name__} has no 'encoders' (modality -> encoder module), which the linear "
+                "probe needs; add them to the model, or set train.probe=false"
+            )
+        self.model = self.prepare_model(model)  # type: ignore[assignment]
         if cfg.train.batch_size > self.dataset.train_size:
             raise ConfigError(
                 f"train.batch_size={cfg.train.batch_size} exceeds the {self.dataset.train_size} training "
                 "samples; lower train.batch_size"
             )
-        balance = build_balance_callback(cfg.balance, self.model, cfg.train.seed, self.device)
+        balance = build_balancing(balance_entries(cfg), self.model, cfg.train.seed)
         if balance is not None:
             self.callbacks.insert(0, balance)
         self.train_loader = self.dataset.train_loader(
@@ -64,23 +78,10 @@ class Trainer(BaseTrainer):
             )
 
     def _load_data(self, dataset: AVDigits | ClassificationData | None) -> ClassificationData:
-        cfg = self.cfg.data
         if dataset is not None and not isinstance(dataset, AVDigits):
             return dataset
-        if cfg.name in PREPARED_DATASETS:
-            assert cfg.root is not None  # the config checks it
-            return PreparedData(
-                cfg.root,
-                cfg.name,
-                list(cfg.modalities),
-                frames=cfg.frames,
-                image_size=cfg.image_size,
-                num_workers=cfg.num_workers,
-                seed=self.cfg.train.seed,
-            )
-        avdigits = dataset or load_avdigits(cfg.avdigits, progress=self.progress)
-        check_modalities(cfg.modalities, avdigits.modalities)
-        return InMemoryData(avdigits, list(cfg.modalities))
+        data: ClassificationData = DATASETS.get(self.cfg.data.name).build(self, dataset)
+        return data
 
     def epoch_tally(self) -> dict[str, float]:
         return {"accuracy": 0.0, **{f"unimodal_accuracy/{m}": 0.0 for m in self.modalities}}

@@ -4,22 +4,62 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from harmonia.app.train.callbacks import Callback
+from harmonia.app.callbacks.base import Callback, TrainerView
 from harmonia.distributed import all_gather_rows
+from harmonia.gradients.curriculum import ConflictCurriculum
 from harmonia.gradients.harmonizer import GradientHarmonizer, HarmonizeMode
-from harmonia.losses.vatt import VATTLossOutput
+from harmonia.losses.vatt import ContrastiveGrain, VATTLossOutput
 from harmonia.metrics.classification import auroc, drop_precision
-
-if TYPE_CHECKING:
-    from harmonia.app.train.base import BaseTrainer as Trainer
-    from harmonia.models.pretrain import PretrainOutput
+from harmonia.models.pretrain import PretrainOutput, TriModalPretrainModel, VideoAnchor
 
 CONFLICTS_DIR = "conflicts"
+
+
+def _value(x: Any) -> Any:
+    return getattr(x, "value", x)
+
+
+def build_harmonize_callback(
+    cfg: Any, model: TriModalPretrainModel, steps_per_epoch: int, pretrain: Any
+) -> HarmonizeCallback:
+    """The harmonizer the ``harmonize`` config section asks for (``mode`` feature, parameter or batch).
+    Its anchor is the pooled video feature, or the video tokens when a loss is fine-grained (its gradient
+    bypasses the pooled feature)."""
+    mode = HarmonizeMode(_value(cfg.mode))
+    pooled = ContrastiveGrain.FINEGRAINED not in (pretrain.va_loss, pretrain.vt_loss)
+    anchor = VideoAnchor(model, pooled=pooled)
+    curriculum = None
+    if cfg.curriculum:
+        curriculum = ConflictCurriculum(
+            cfg.curriculum_start,
+            cfg.curriculum_end,
+            steps=max(1, round(cfg.curriculum_epochs * steps_per_epoch)),
+            shape=cfg.curriculum_shape,
+            keep=cfg.curriculum_keep,
+            start_fraction=cfg.curriculum_start_fraction,
+            warmup_steps=round(cfg.curriculum_warmup_epochs * steps_per_epoch),
+            deferred=_value(cfg.curriculum_start_when) == "gate",
+        )
+    parameter = mode is HarmonizeMode.PARAMETER
+    harmonizer = GradientHarmonizer(
+        mode=mode.value,
+        rule=cfg.rule,
+        curriculum=curriculum,
+        params=model.anchor_parameters() if mode is HarmonizeMode.BATCH else None,
+        gradvac_beta=cfg.gradvac_beta,
+        anchor_module=anchor if parameter else None,
+        anchor_params=anchor.anchor_named_parameters() if parameter else None,
+    )
+    return HarmonizeCallback(
+        harmonizer,
+        {"va": pretrain.weight_va, "vt": pretrain.weight_vt},
+        anchor_key="video" if pooled else "video_tokens",
+    )
 
 
 class HarmonizeCallback(Callback):
@@ -47,7 +87,7 @@ class HarmonizeCallback(Callback):
         self._losses: dict[str, list[torch.Tensor]] = {"va": [], "vt": []}
 
     def backward(
-        self, trainer: Trainer, batch: Mapping[str, Any], losses: VATTLossOutput, output: PretrainOutput
+        self, trainer: TrainerView, batch: Mapping[str, Any], losses: VATTLossOutput, output: PretrainOutput
     ) -> None:
         video = batch["inputs"]["video"] if self.harmonizer.mode is HarmonizeMode.PARAMETER else None
         anchor = output.features[self.anchor_key]
@@ -60,7 +100,7 @@ class HarmonizeCallback(Callback):
             for key, parts in self._losses.items():
                 parts.append(losses.per_sample[key].detach().float().cpu())
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, epoch: int, metrics: dict[str, float]) -> None:
         if not self._cosines:
             return
         # every rank's triplets (each rank saw an equal share of every global batch)
@@ -101,7 +141,7 @@ class HarmonizeCallback(Callback):
                 if not np.isnan(value):
                     metrics[f"train/{key}"] = value
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         if not trainer.dist.is_main:
             return
         files = sorted((trainer.run_dir / CONFLICTS_DIR).glob("epoch_*.npz"))

@@ -6,7 +6,7 @@ import statistics
 from collections.abc import Mapping
 from pathlib import Path
 
-from harmonia.app.train.logging import read_metrics
+from harmonia.app.logs import read_metrics
 
 QUANTITIES = (("rho", "discrepancy ratio ρ"), ("k", "OGM coefficient k"), ("q", "OPM drop probability q"))
 

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
-from torch import Tensor
+from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from harmonia.app.train.base import BaseTrainer as Trainer
+
+class TrainerView(Protocol):
+    """What a callback may read (and, for ``step_metrics``, write) of the trainer that calls it."""
+
+    cfg: Any
+    model: nn.Module
+    dataset: Any
+    epoch: int  # the epoch being trained, counted from 0
+    global_step: int  # optimizer steps taken so far
+    run_dir: Path
+    dist: Any  # .enabled, .rank, .world_size, .is_main
+    step_metrics: dict[str, float]  # per-step values to log; reset at the start of every step
 
 
 class Callback:
@@ -23,27 +34,27 @@ class Callback:
     restores it with the checkpoint.
     """
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         """Once, after the model and optimizer exist (and after a resume has loaded them)."""
 
-    def before_forward(self, trainer: Trainer, batch: Mapping[str, Any]) -> None:
+    def before_forward(self, trainer: TrainerView, batch: Mapping[str, Any]) -> None:
         """Before the encoders run on ``batch``."""
 
-    def transform_features(self, trainer: Trainer, features: dict[str, Tensor]) -> dict[str, Tensor]:
+    def transform_features(self, trainer: TrainerView, features: dict[str, Tensor]) -> dict[str, Tensor]:
         """Between encoders and fusion head (e.g. to drop a modality's features); return the features."""
         return features
 
-    def after_backward(self, trainer: Trainer, batch: Mapping[str, Any], output: Any) -> None:
-        """After ``loss.backward()``: gradients are in ``.grad``; ``output`` is the model's output (a
+    def after_backward(self, trainer: TrainerView, batch: Mapping[str, Any], output: Any) -> None:
+        """After the backward pass: gradients are in ``.grad``; ``output`` is the model's output (a
         ``MultimodalOutput`` in supervised training, a ``PretrainOutput`` in pre-training)."""
 
-    def before_optimizer_step(self, trainer: Trainer) -> None:
+    def before_optimizer_step(self, trainer: TrainerView) -> None:
         """After gradient clipping, just before ``optimizer.step()``."""
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
+    def on_epoch_end(self, trainer: TrainerView, epoch: int, metrics: dict[str, float]) -> None:
         """After evaluation of ``epoch``; ``metrics`` may be extended and is then logged."""
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, trainer: TrainerView) -> None:
         """Once, after the final evaluation (reports, plots)."""
 
     def state_dict(self) -> dict[str, Any]:

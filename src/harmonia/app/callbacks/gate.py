@@ -23,19 +23,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from harmonia.app.train.callbacks import Callback
+from harmonia.app.callbacks.base import Callback
 from harmonia.gradients.realign import row_cosine
 from harmonia.losses.vatt import VATTLoss
 from harmonia.metrics.classification import auroc
 from harmonia.metrics.gate import GateRule, digit_axis_cosines, swap_pairs
-
-if TYPE_CHECKING:
-    from harmonia.app.train.pretrain import PretrainTrainer
 
 SWAP_FRACTION = 0.5  # share of each validation batch whose captions are swapped for the diagnostic
 
@@ -70,7 +67,7 @@ class LearnabilityGate(Callback):
 
 
 def measure_gate(
-    trainer: PretrainTrainer,
+    trainer: Any,  # a PretrainTrainer (its embed, loss and dataset)
     rule: GateRule,
     split_name: str,
     seed: int,

@@ -1,0 +1,59 @@
+"""The trainer's use of balancing methods: one callback that runs any list of them through their hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from harmonia.app.callbacks.base import Callback, TrainerView
+from harmonia.app.plots import plot_balance_curves
+from harmonia.balance.method import BalanceStep, BalancingMethod
+
+
+class BalancingCallback(Callback):
+    """Runs ``methods`` (in order) at the trainer's hook points, one :class:`BalanceStep` per step, so that
+    methods sharing ρ get it computed once. Their per-step statistics (``balance/rho|k|q/<m>``, ...) are
+    logged every step; at the end, ``balance_curves.png`` plots them.
+
+    Args:
+        methods: the balancing methods; ``names`` (same length) key their states in checkpoints.
+    """
+
+    def __init__(self, methods: Sequence[BalancingMethod], names: Sequence[str] | None = None) -> None:
+        if not methods:
+            raise ValueError("BalancingCallback needs at least one balancing method")
+        self.methods = nn.ModuleList(methods)
+        self.names = list(names) if names is not None else [type(m).__name__.lower() for m in methods]
+        self._step: BalanceStep | None = None
+
+    def before_forward(self, trainer: TrainerView, batch: Mapping[str, Any]) -> None:
+        self._step = BalanceStep(batch["labels"], trainer.epoch, trainer.step_metrics)
+        for method in self.methods:
+            method.before_forward(self._step)
+
+    def transform_features(self, trainer: TrainerView, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        assert self._step is not None, "transform_features before before_forward"
+        for method in self.methods:
+            features = method.transform_features(self._step, features)
+        return features
+
+    def after_backward(self, trainer: TrainerView, batch: Mapping[str, Any], output: Any) -> None:
+        assert self._step is not None, "after_backward before before_forward"
+        for method in self.methods:
+            method.after_backward(self._step, output)
+
+    def on_train_end(self, trainer: TrainerView) -> None:
+        if trainer.dist.is_main:
+            plot_balance_curves({"": trainer.run_dir}, trainer.run_dir / "balance_curves.png")
+
+    def _keys(self) -> list[str]:
+        return [f"{i}:{name}" for i, name in enumerate(self.names)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {key: dict(m.state_dict()) for key, m in zip(self._keys(), self.methods, strict=True)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, method in zip(self._keys(), self.methods, strict=True):
+            method.load_state_dict(state[key])

@@ -1,0 +1,94 @@
+"""The contract of a modality-balancing method: hook points, a shared per-step statistic, own settings.
+
+A balancing method is one ``nn.Module`` subclass of :class:`BalancingMethod`. It is built from the model it
+balances and its own settings dataclass (fields from :func:`harmonia.settings.setting`, so that the
+application validates a config entry ``{name: ogm, alpha: 0.8}`` against it), keeps whatever must survive
+a resume in buffers or ``get_extra_state``, and overrides only the hooks it needs. One training step
+calls, in this order::
+
+    step = BalanceStep(labels, epoch)
+    method.before_forward(step)                        # every method
+    features -> method.transform_features(step, f)     # between the encoders and the fusion head
+    loss.backward()
+    method.after_backward(step, output)                # gradients are in .grad
+    optimizer.step()
+
+Methods that need the discrepancy ratio ρ (OGM, OPM, ...) ask :meth:`BalanceStep.ratios` for it: the first
+call computes it (one all-reduce under ``torch.distributed``), every later call in the step gets the same
+tensors, so combined methods see one ρ, computed once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from harmonia.balance.scores import discrepancy_ratio
+
+
+@dataclass
+class BalanceStep:
+    """One training step as balancing methods see it.
+
+    Attributes:
+        labels: class indices of the (local) batch.
+        epoch: the epoch being trained, counted from 0.
+        metrics: per-step values to log (``balance/<statistic>/<modality>``); the trainer logs them.
+    """
+
+    labels: Tensor
+    epoch: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    _ratios: dict[str, Tensor] | None = None
+
+    @property
+    def has_ratios(self) -> bool:
+        return self._ratios is not None
+
+    def ratios(self, unimodal_logits: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The step's discrepancy ratio ρ^m (TPAMI 2025 Eq. 7) of the global batch.
+
+        Computed from ``unimodal_logits`` at the first call of the step and logged as
+        ``balance/rho/<m>``; later calls return the same values whatever logits they pass.
+        """
+        if self._ratios is None:
+            self._ratios = discrepancy_ratio(unimodal_logits, self.labels)
+            self.metrics.update({f"balance/rho/{m}": float(r) for m, r in self._ratios.items()})
+        return self._ratios
+
+
+class BalancingMethod(nn.Module):
+    """Base class of balancing methods; each hook's default does nothing.
+
+    Subclasses set ``Settings`` (a dataclass of their hyper-parameters, defaults from the paper) and
+    take ``(model, settings, seed=...)`` in ``__init__``.
+    """
+
+    Settings: ClassVar[type[Any]]
+
+    def before_forward(self, step: BalanceStep) -> None:
+        """Before the encoders run."""
+
+    def transform_features(self, step: BalanceStep, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Between the encoders and the fusion head; return the (possibly edited) features."""
+        return features
+
+    def after_backward(self, step: BalanceStep, output: Any) -> None:
+        """After ``loss.backward()``; ``output`` has ``logits`` and ``unimodal_logits`` (a
+        :class:`~harmonia.models.MultimodalOutput`)."""
+
+
+def unimodal_heads(model: nn.Module) -> Any:
+    """The function ``features -> unimodal logits`` of a model: its ``unimodal_logits`` method, or its
+    fusion head's (:class:`~harmonia.models.MultimodalClassifier`)."""
+    for owner in (model, getattr(model, "fusion", None)):
+        fn = getattr(owner, "unimodal_logits", None)
+        if callable(fn):
+            return fn
+    raise TypeError(
+        f"{type(model).__name__} has no unimodal_logits(features) method (nor a fusion head with one); "
+        "a balancing method that works on features needs it: add it to the model"
+    )
