@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from harmonia.errors import HarmoniaError
@@ -205,115 +207,79 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class BenchSpec:
+    """How ``harmonia bench <name>`` calls its benchmark: ``harmonia.app.bench.<module>.<function>``
+    (imported only when run) with ``out_dir``, ``overrides`` and ``progress``, plus the parsed options
+    named in ``given`` (always passed) and in ``unless_set`` (passed only when set, else the function's
+    own default); ``"steps=speed_steps"`` passes option ``speed_steps`` as keyword ``steps``.
+    ``own_config``: why the benchmark refuses ``--config``."""
+
+    module: str
+    function: str
+    given: tuple[str, ...] = ()
+    unless_set: tuple[str, ...] = ()
+    own_config: str | None = None
+
+    def run(self, args: argparse.Namespace) -> None:
+        if self.own_config and args.config:
+            raise HarmoniaError(f"bench {args.benchmark} {self.own_config}, not --config")
+        kwargs = {}
+        for names, always in ((self.given, True), (self.unless_set, False)):
+            for keyword, _, option in (n.partition("=") for n in names):
+                value = getattr(args, option or keyword)
+                if always or value:
+                    kwargs[keyword] = value
+        module = importlib.import_module(f"harmonia.app.bench.{self.module}")
+        getattr(module, self.function)(
+            out_dir=args.out, overrides=args.overrides, progress=not args.quiet, **kwargs
+        )
+
+
+_SPEED = ("speed_steps", "speed_rounds")
+_OWN_RECIPE = "runs its own recipe; change it with overrides"
+#: the benchmarks of ``harmonia bench <name>``, in the order its help lists them
+BENCHMARKS: dict[str, BenchSpec] = {
+    "imbalance": BenchSpec("imbalance", "run_imbalance_benchmark", given=("config", "seeds")),
+    "balance": BenchSpec(
+        "balance",
+        "run_balance_benchmark",
+        given=("seeds", *_SPEED),
+        unless_set=("variants",),
+        own_config="runs on the defaults; change them with overrides",
+    ),
+    "balance-speed": BenchSpec(
+        "balance", "run_speed_benchmark", given=("steps=speed_steps", "rounds=speed_rounds")
+    ),
+    "pretrain": BenchSpec(
+        "pretrain", "run_pretrain_benchmark", given=("seeds",), unless_set=("rates",), own_config=_OWN_RECIPE
+    ),
+    "harmonize": BenchSpec(
+        "harmonize",
+        "run_harmonize_benchmark",
+        given=("seeds", *_SPEED),
+        unless_set=("variants", "backbones", "steps", "evaluations"),
+        own_config=_OWN_RECIPE,
+    ),
+    "finegrained": BenchSpec(
+        "finegrained",
+        "run_finegrained_benchmark",
+        given=("seeds", *_SPEED),
+        unless_set=("variants", "batch_sizes", "steps", "evaluations", "video_tokens"),
+        own_config=_OWN_RECIPE,
+    ),
+    "distributed": BenchSpec(
+        "distributed", "run_distributed_benchmark", given=("nprocs", "epochs"), unless_set=("config",)
+    ),
+}
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
-    if args.benchmark == "imbalance":
-        from harmonia.app.bench.imbalance import run_imbalance_benchmark
-
-        run_imbalance_benchmark(
-            config=args.config,
-            seeds=args.seeds,
-            out_dir=args.out,
-            overrides=args.overrides,
-            progress=not args.quiet,
-        )
-        return 0
-    if args.benchmark == "balance":
-        from harmonia.app.bench.balance import ALL_VARIANTS, run_balance_benchmark
-
-        if args.config:
-            raise HarmoniaError(
-                "bench balance runs on the defaults; change them with overrides, not --config"
-            )
-        run_balance_benchmark(
-            seeds=args.seeds,
-            out_dir=args.out,
-            variants=args.variants or ALL_VARIANTS,
-            overrides=args.overrides,
-            speed_steps=args.speed_steps,
-            speed_rounds=args.speed_rounds,
-            progress=not args.quiet,
-        )
-        return 0
-    if args.benchmark == "balance-speed":
-        from harmonia.app.bench.balance import run_speed_benchmark
-
-        run_speed_benchmark(args.out, args.overrides, args.speed_steps, args.speed_rounds, not args.quiet)
-        return 0
-    if args.benchmark == "pretrain":
-        from harmonia.app.bench.pretrain import RATES, run_pretrain_benchmark
-
-        if args.config:
-            raise HarmoniaError("bench pretrain runs its own recipe; change it with overrides, not --config")
-        run_pretrain_benchmark(
-            seeds=args.seeds,
-            out_dir=args.out,
-            rates=args.rates or RATES,
-            overrides=args.overrides,
-            progress=not args.quiet,
-        )
-        return 0
-    if args.benchmark == "harmonize":
-        from harmonia.app.bench.harmonize import BACKBONES, STEPS, VARIANTS, run_harmonize_benchmark
-
-        if args.config:
-            raise HarmoniaError("bench harmonize runs its own recipe; change it with overrides, not --config")
-        run_harmonize_benchmark(
-            seeds=args.seeds,
-            out_dir=args.out,
-            variants=args.variants or tuple(VARIANTS),
-            backbones=args.backbones or BACKBONES,
-            overrides=args.overrides,
-            steps=args.steps or STEPS,
-            evaluations=args.evaluations or 0,
-            speed_steps=args.speed_steps,
-            speed_rounds=args.speed_rounds,
-            progress=not args.quiet,
-        )
-        return 0
-    if args.benchmark == "finegrained":
-        from harmonia.app.bench.finegrained import (
-            BATCH_SIZES,
-            DEFAULT_VARIANTS,
-            EVALUATIONS,
-            STEPS,
-            VIDEO_TOKENS,
-            run_finegrained_benchmark,
-        )
-
-        if args.config:
-            raise HarmoniaError(
-                "bench finegrained runs its own recipe; change it with overrides, not --config"
-            )
-        run_finegrained_benchmark(
-            seeds=args.seeds,
-            out_dir=args.out,
-            variants=args.variants or DEFAULT_VARIANTS,
-            batch_sizes=args.batch_sizes or BATCH_SIZES,
-            overrides=args.overrides,
-            steps=args.steps or STEPS,
-            evaluations=args.evaluations or EVALUATIONS,
-            video_tokens=args.video_tokens or VIDEO_TOKENS,
-            speed_steps=args.speed_steps,
-            speed_rounds=args.speed_rounds,
-            progress=not args.quiet,
-        )
-        return 0
-    if args.benchmark == "distributed":
-        from harmonia.app.bench.distributed import DEFAULT_CONFIG, run_distributed_benchmark
-
-        run_distributed_benchmark(
-            config=args.config or DEFAULT_CONFIG,
-            nprocs=args.nprocs,
-            epochs=args.epochs,
-            out_dir=args.out,
-            overrides=args.overrides,
-            progress=not args.quiet,
-        )
-        return 0
-    raise HarmoniaError(
-        f"unknown benchmark {args.benchmark!r}; "
-        "available: imbalance, balance, balance-speed, pretrain, harmonize, finegrained, distributed"
-    )
+    spec = BENCHMARKS.get(args.benchmark)
+    if spec is None:
+        raise HarmoniaError(f"unknown benchmark {args.benchmark!r}; available: {', '.join(BENCHMARKS)}")
+    spec.run(args)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -371,10 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_prep)
 
     p = sub.add_parser("bench", help="run a benchmark and write a Markdown report")
-    p.add_argument(
-        "benchmark",
-        help="imbalance, balance, balance-speed, pretrain, harmonize, finegrained or distributed",
-    )
+    *others, last = BENCHMARKS
+    p.add_argument("benchmark", help=f"{', '.join(others)} or {last}")
     p.add_argument(
         "--nprocs", type=int, nargs="+", default=[1, 2], help="distributed: process counts (default 1 2)"
     )

@@ -10,15 +10,13 @@ methods interleaved step by step; the report gives the median of the per-batch r
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
-from harmonia.app.bench.common import fmt, mean_std, paired_step_times, run_variant
+from harmonia.app.bench.common import fmt, mean_std, paired_step_times
+from harmonia.app.bench.pipeline import BenchReport, bench_command, figure, sweep, unless_default
 from harmonia.app.config import load_config
 from harmonia.app.plots import plot_balance_curves
 from harmonia.app.train import Trainer
@@ -49,12 +47,15 @@ def run_balance_benchmark(
     unknown = [v for v in variants if v not in ALL_VARIANTS]
     if unknown:
         raise ConfigError(f"unknown variants {unknown}; choose from {', '.join(ALL_VARIANTS)}")
-    out = Path(out_dir) / "balance"
-    forced = [f"out_dir={out / 'runs'}", "train.probe=true"]
-    runs: dict[str, list[dict[str, Any]]] = {}
-    for variant in tqdm(variants, desc="balance benchmark", disable=not progress, unit="variant"):
-        cfg = load_config(None, [*overrides, *_variant_overrides(variant), *forced])
-        runs[variant] = run_variant(cfg, list(range(seeds)), progress)
+    bench = BenchReport("balance", out_dir)
+    forced = [f"out_dir={bench.runs_dir}", "train.probe=true"]
+    runs = sweep(
+        "balance benchmark",
+        variants,
+        lambda variant: load_config(None, [*overrides, *_variant_overrides(variant), *forced]),
+        seeds,
+        progress,
+    )
     speed = measure_step_times(overrides, speed_steps, speed_rounds, progress)
     summary = {
         "seeds": list(range(seeds)),
@@ -64,15 +65,18 @@ def run_balance_benchmark(
         "speed_steps": speed_steps,
         "speed_rounds": speed_rounds,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "balance.json").write_text(json.dumps(summary, indent=1))
-    command = " ".join(["harmonia bench balance", *overrides, f"--seeds {seeds}", f"--out {out_dir}"])
-    if tuple(variants) != ALL_VARIANTS:
-        command += " --variants " + " ".join(variants)
-    report = format_report(summary, command)
-    (out / "balance.md").write_text(report)
-    _plot(summary, out)
-    print(report)
+    command = bench_command(
+        "balance",
+        overrides,
+        f"--seeds {seeds}",
+        f"--out {out_dir}",
+        *unless_default("--variants", variants, ALL_VARIANTS),
+    )
+    bench.write(
+        summary,
+        lambda s: format_report(s, command),
+        {"balance.png": _plot, "balance_curves.png": _plot_curves},
+    )
     return summary
 
 
@@ -117,15 +121,9 @@ def run_speed_benchmark(
 ) -> dict[str, dict[str, float]]:
     """Only the step-time comparison, written to ``balance/speed.{md,json}``."""
     speed = measure_step_times(overrides, steps, rounds, progress)
-    out = Path(out_dir) / "balance"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(json.dumps(speed, indent=1))
-    command = " ".join(
-        ["harmonia bench balance-speed", *overrides, f"--speed-steps {steps}", f"--speed-rounds {rounds}"]
-    )
+    command = bench_command("balance-speed", overrides, f"--speed-steps {steps}", f"--speed-rounds {rounds}")
     lines = [f"Measured with `{command}`:", "", *_speed_table(speed, steps, rounds)]
-    (out / "speed.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    BenchReport("balance", out_dir).write(speed, lambda _: "\n".join(lines) + "\n", stem="speed")
     return speed
 
 
@@ -164,38 +162,32 @@ def format_report(summary: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(summary: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _plot(summary: dict[str, Any], path: Path) -> None:
     variants = list(summary["runs"])
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(variants)), 3.8))
-    width = 0.27
-    for k, (label, get) in enumerate(
-        (
-            ("test accuracy", lambda r: r["test"]["accuracy"]),
-            ("audio probe", lambda r: r["probe"]["audio"]),
-            ("image probe", lambda r: r["probe"]["image"]),
-        )
-    ):
-        stats = [mean_std([get(r) for r in summary["runs"][v]]) for v in variants]
-        ax.bar(
-            [i + (k - 1) * width for i in range(len(variants))],
-            [m * 100 for m, _ in stats],
-            width,
-            yerr=[s * 100 for _, s in stats],
-            capsize=2,
-            label=label,
-        )
-    ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
-    ax.set_ylim(50, 100)
-    ax.set_ylabel("%")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, 1.15), ncol=3, frameon=False)
-    fig.tight_layout()
-    fig.savefig(out / "balance.png", dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(max(6, 0.9 * len(variants)), 3.8)) as (_, ax):
+        width = 0.27
+        for k, (label, get) in enumerate(
+            (
+                ("test accuracy", lambda r: r["test"]["accuracy"]),
+                ("audio probe", lambda r: r["probe"]["audio"]),
+                ("image probe", lambda r: r["probe"]["image"]),
+            )
+        ):
+            stats = [mean_std([get(r) for r in summary["runs"][v]]) for v in variants]
+            ax.bar(
+                [i + (k - 1) * width for i in range(len(variants))],
+                [m * 100 for m, _ in stats],
+                width,
+                yerr=[s * 100 for _, s in stats],
+                capsize=2,
+                label=label,
+            )
+        ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
+        ax.set_ylim(50, 100)
+        ax.set_ylabel("%")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, 1.15), ncol=3, frameon=False)
 
-    balanced = {v: summary["runs"][v][0]["run_dir"] for v in variants if not v.endswith("/none")}
-    plot_balance_curves(balanced, out / "balance_curves.png")
+
+def _plot_curves(summary: dict[str, Any], path: Path) -> None:
+    runs = summary["runs"]
+    plot_balance_curves({v: rs[0]["run_dir"] for v, rs in runs.items() if not v.endswith("/none")}, path)

@@ -8,7 +8,6 @@ first (training steps only, from ``train/epoch_seconds``); the speed-up is relat
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import subprocess
@@ -19,6 +18,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from harmonia.app.bench.pipeline import BenchReport, bench_command
 from harmonia.app.config import load_config
 from harmonia.app.logs import read_metrics
 from harmonia.app.train.distributed import free_port
@@ -36,7 +36,7 @@ def run_distributed_benchmark(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train ``config`` with each process count; write ``distributed.{md,json}``."""
-    out = Path(out_dir) / "distributed"
+    bench = BenchReport("distributed", out_dir)
     threads = os.cpu_count() or 1
     cfg = load_config(config, list(overrides))
     results: dict[str, dict[str, float]] = {}
@@ -45,7 +45,7 @@ def run_distributed_benchmark(
         command = [
             sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
             f"--master_port={free_port()}", "-m", "harmonia", "train", str(config), *overrides,
-            f"name={name}", f"out_dir={out / 'runs'}", f"train.epochs={epochs}", "train.probe=false",
+            f"name={name}", f"out_dir={bench.runs_dir}", f"train.epochs={epochs}", "train.probe=false",
             f"train.num_threads={max(1, threads // n)}", "--overwrite", "--quiet",
         ]  # fmt: skip
         done = subprocess.run(
@@ -53,7 +53,7 @@ def run_distributed_benchmark(
         )
         if done.returncode != 0:
             raise HarmoniaError(f"{n}-process run failed:\n{done.stderr[-3000:]}")
-        records = [r for r in read_metrics(out / "runs" / name / "metrics.jsonl") if r["kind"] == "epoch"]
+        records = [r for r in read_metrics(bench.runs_dir / name / "metrics.jsonl") if r["kind"] == "epoch"]
         seconds = statistics.median(r["train/epoch_seconds"] for r in records[1:] or records)
         results[str(n)] = {"epoch_seconds": seconds, "threads_per_process": max(1, threads // n)}
     samples = _train_samples(cfg)
@@ -64,15 +64,11 @@ def run_distributed_benchmark(
         r["speedup"] = r["samples_per_second"] / base
     summary = {"config": str(config), "overrides": list(overrides), "epochs": epochs, "cpus": threads,
                "train_samples": samples, "results": results}  # fmt: skip
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "distributed.json").write_text(json.dumps(summary, indent=1))
-    command_line = " ".join(
-        ["harmonia bench distributed", *overrides, f"--config {config}", "--nprocs", *map(str, nprocs),
-         f"--epochs {epochs}", f"--out {out_dir}"]
+    command_line = bench_command(
+        "distributed", overrides, f"--config {config}", "--nprocs", *map(str, nprocs), f"--epochs {epochs}",
+        f"--out {out_dir}",
     )  # fmt: skip
-    report = format_report(summary, command_line)
-    (out / "distributed.md").write_text(report)
-    print(report)
+    bench.write(summary, lambda s: format_report(s, command_line))
     return summary
 
 

@@ -18,7 +18,6 @@ training step (the growth of the resident set of a fresh process during the step
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import statistics
@@ -27,8 +26,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from harmonia.app.attention import frame_attention, plot_frame_attention
 from harmonia.app.bench.common import (
     equal_step_overrides,
@@ -36,10 +33,10 @@ from harmonia.app.bench.common import (
     mean_std,
     paired_step_times,
     plot_curves,
-    run_variant,
 )
+from harmonia.app.bench.pipeline import BenchReport, bench_command, figure, sweep, unless_default
 from harmonia.app.bench.pretrain import PRETRAIN_RECIPE
-from harmonia.app.config import load_config
+from harmonia.app.config import ExperimentConfig, load_config
 from harmonia.app.train import Callback, build_trainer
 from harmonia.data.trimodal import load_trimodal_avdigits
 
@@ -144,31 +141,45 @@ def run_finegrained_benchmark(
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    out = Path(out_dir) / "finegrained"
+    bench = BenchReport("finegrained", out_dir)
     base = load_config(None, _overrides(variants[0], batch_sizes[0], overrides, video_tokens))
     train_size = len(
         load_trimodal_avdigits(base.data.trimodal, base.data.avdigits, progress=False).split("train")
     )
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    speed: dict[str, dict[str, Any]] = {}
-    jobs = [(b, v) for b in batch_sizes for v in variants]
-    for batch_size, variant in tqdm(jobs, desc="finegrained benchmark", disable=not progress, unit="variant"):
-        cfg = load_config(
+
+    def configure(job: tuple[int, str]) -> ExperimentConfig:
+        batch_size, variant = job
+        return load_config(
             None,
             [
                 *_overrides(variant, batch_size, overrides, video_tokens),
                 *equal_step_overrides(steps, train_size, batch_size, evaluations),
                 f"name={variant}_b{batch_size}",
-                f"out_dir={out / 'runs'}",
+                f"out_dir={bench.runs_dir}",
             ],
         )
-        results = run_variant(cfg, list(range(seeds)), progress, _attention_callbacks(cfg, out, variant))
+
+    def add_attention(job: tuple[int, str], results: list[dict[str, Any]]) -> None:
         for r in results:
             last = [c for c in r["curves"] if "attention/ratio" in c]
             r["attention"] = (
                 {k: last[-1][f"attention/{k}"] for k in ("relevant", "irrelevant", "ratio")} if last else {}
             )
+
+    jobs = [(b, v) for b in batch_sizes for v in variants]
+    swept = sweep(
+        "finegrained benchmark",
+        jobs,
+        configure,
+        seeds,
+        progress,
+        callbacks=lambda job, cfg: _attention_callbacks(cfg, bench.folder, job[1]),
+        after=add_attention,
+    )
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for (batch_size, variant), results in swept.items():
         runs.setdefault(str(batch_size), {})[variant] = results
+    speed: dict[str, dict[str, Any]] = {}
     if speed_steps > 0:
         for batch_size in batch_sizes:
             speed[str(batch_size)] = measure_speed(
@@ -184,26 +195,17 @@ def run_finegrained_benchmark(
         "runs": runs,
         "speed": speed,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "finegrained.json").write_text(json.dumps(summary, indent=1))
-    command = " ".join(
-        [
-            "harmonia bench finegrained",
-            *overrides,
-            f"--seeds {seeds} --steps {steps} --evaluations {evaluations} --video-tokens {video_tokens}",
-            f"--speed-steps {speed_steps} --speed-rounds {speed_rounds}",
-            f"--out {out_dir}",
-        ]
+    command = bench_command(
+        "finegrained",
+        overrides,
+        f"--seeds {seeds} --steps {steps} --evaluations {evaluations} --video-tokens {video_tokens}",
+        f"--speed-steps {speed_steps} --speed-rounds {speed_rounds}",
+        f"--out {out_dir}",
+        *unless_default("--variants", variants, DEFAULT_VARIANTS),
+        *unless_default("--batch-sizes", batch_sizes, BATCH_SIZES),
     )
-    if tuple(variants) != DEFAULT_VARIANTS:
-        command += " --variants " + " ".join(variants)
-    if tuple(batch_sizes) != BATCH_SIZES:
-        command += " --batch-sizes " + " ".join(map(str, batch_sizes))
-    report = format_report(summary, command)
-    (out / "finegrained.md").write_text(report)
-    _plot(summary, out / "finegrained.png")
-    plot_finegrained_curves(summary, out / "finegrained_curves.png")
-    print(report)
+    plots = {"finegrained.png": _plot, "finegrained_curves.png": plot_finegrained_curves}
+    bench.write(summary, lambda s: format_report(s, command), plots)
     return summary
 
 
@@ -394,78 +396,64 @@ def format_report(summary: dict[str, Any], command: str) -> str:
 
 
 def _plot(summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     variants = summary["variants"]
     batches = list(summary["runs"])
     panels = 4 if summary["speed"] else 2
-    fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 3.6))
-    width = 0.8 / len(variants)
-    bars = (
-        ("video→text R@1 (%)", lambda r: r["test"]["video_to_text/R@1"] * 100),
-        ("video probe (%)", lambda r: r["probe"]["video"] * 100),
-    )
-    for ax, (label, value) in zip(axes[:2], bars, strict=True):
-        for j, v in enumerate(variants):
-            stats = [mean_std([value(r) for r in summary["runs"][b][v]]) for b in batches]
-            ax.bar(
-                [i + j * width for i in range(len(batches))],
-                [s[0] for s in stats],
-                width,
-                yerr=[s[1] for s in stats],
-                capsize=3,
-                label=v,
-            )
-        ax.set_xticks([i + width * (len(variants) - 1) / 2 for i in range(len(batches))], batches)
-        ax.set(xlabel="batch size (equal steps)", ylabel=label)
-        ax.legend(fontsize=8)
-    if summary["speed"]:
-        for ax, key, label in (
-            (axes[2], "seconds", "step time (ms)"),
-            (axes[3], "peak_mib", "peak step memory (MiB)"),
-        ):
-            for v in variants:
-                scale = 1000 if key == "seconds" else 1
-                ax.plot(
-                    [int(b) for b in summary["speed"]],
-                    [summary["speed"][b][v][key] * scale for b in summary["speed"]],
-                    marker="o",
+    with figure(path, 1, panels, figsize=(4 * panels, 3.6)) as (_, axes):
+        width = 0.8 / len(variants)
+        bars = (
+            ("video→text R@1 (%)", lambda r: r["test"]["video_to_text/R@1"] * 100),
+            ("video probe (%)", lambda r: r["probe"]["video"] * 100),
+        )
+        for ax, (label, value) in zip(axes[:2], bars, strict=True):
+            for j, v in enumerate(variants):
+                stats = [mean_std([value(r) for r in summary["runs"][b][v]]) for b in batches]
+                ax.bar(
+                    [i + j * width for i in range(len(batches))],
+                    [s[0] for s in stats],
+                    width,
+                    yerr=[s[1] for s in stats],
+                    capsize=3,
                     label=v,
                 )
-            ax.set(xlabel="batch size", ylabel=label, xscale="log")
-            ax.minorticks_off()
-            ax.set_xticks([int(b) for b in summary["speed"]], list(summary["speed"]))
+            ax.set_xticks([i + width * (len(variants) - 1) / 2 for i in range(len(batches))], batches)
+            ax.set(xlabel="batch size (equal steps)", ylabel=label)
             ax.legend(fontsize=8)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        if summary["speed"]:
+            for ax, key, label in (
+                (axes[2], "seconds", "step time (ms)"),
+                (axes[3], "peak_mib", "peak step memory (MiB)"),
+            ):
+                for v in variants:
+                    scale = 1000 if key == "seconds" else 1
+                    ax.plot(
+                        [int(b) for b in summary["speed"]],
+                        [summary["speed"][b][v][key] * scale for b in summary["speed"]],
+                        marker="o",
+                        label=v,
+                    )
+                ax.set(xlabel="batch size", ylabel=label, xscale="log")
+                ax.minorticks_off()
+                ax.set_xticks([int(b) for b in summary["speed"]], list(summary["speed"]))
+                ax.legend(fontsize=8)
+        for ax in axes:
+            ax.grid(alpha=0.3)
 
 
 def plot_finegrained_curves(summary: dict[str, Any], path: Path) -> None:
     """Per batch size (rows): validation video→text R@1 and the attention ratio (relevant / unrelated,
     training partial clips) against optimizer steps, mean ± std over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     batches = list(summary["runs"])
-    fig, axes = plt.subplots(len(batches), 2, figsize=(10, 3.2 * len(batches)), squeeze=False)
-    for row, b in enumerate(batches):
-        for v in summary["variants"]:
-            plot_curves(axes[row][0], summary["runs"][b][v], "val/video_to_text/R@1", v, 100)
-            plot_curves(axes[row][1], summary["runs"][b][v], "attention/ratio", v)
-        axes[row][0].set(xlabel="optimizer step", ylabel="val video→text R@1 (%)", title=f"batch {b}")
-        axes[row][1].set(xlabel="optimizer step", ylabel="attention relevant / unrelated", title=f"batch {b}")
-        axes[row][1].axhline(1.0, color="gray", lw=0.8, ls="--")
-        for ax in axes[row]:
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, len(batches), 2, figsize=(10, 3.2 * len(batches)), squeeze=False, dpi=110) as (_, axes):
+        for row, b in enumerate(batches):
+            for v in summary["variants"]:
+                plot_curves(axes[row][0], summary["runs"][b][v], "val/video_to_text/R@1", v, 100)
+                plot_curves(axes[row][1], summary["runs"][b][v], "attention/ratio", v)
+            axes[row][0].set(xlabel="optimizer step", ylabel="val video→text R@1 (%)", title=f"batch {b}")
+            axes[row][1].set(
+                xlabel="optimizer step", ylabel="attention relevant / unrelated", title=f"batch {b}"
+            )
+            axes[row][1].axhline(1.0, color="gray", lw=0.8, ls="--")
+            for ax in axes[row]:
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=8)

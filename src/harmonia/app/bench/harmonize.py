@@ -21,7 +21,6 @@ samples on one batch of the video branch.
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 import time
@@ -30,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from harmonia.app.audit import audit_conflicts
 from harmonia.app.bench.common import (
@@ -40,10 +38,10 @@ from harmonia.app.bench.common import (
     mean_std,
     paired_step_times,
     plot_curves,
-    run_variant,
 )
+from harmonia.app.bench.pipeline import BenchReport, bench_command, figure, sweep, unless_default
 from harmonia.app.bench.pretrain import PRETRAIN_RECIPE
-from harmonia.app.config import load_config
+from harmonia.app.config import ExperimentConfig, load_config
 from harmonia.app.train import build_trainer
 from harmonia.data.trimodal import load_trimodal_avdigits
 from harmonia.errors import ConfigError
@@ -104,17 +102,16 @@ def run_harmonize_benchmark(
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    out = Path(out_dir) / "harmonize"
+    bench = BenchReport("harmonize", out_dir)
     base = load_config(None, [*PRETRAIN_RECIPE, *NOISE, *overrides])
     train_size = len(
         load_trimodal_avdigits(base.data.trimodal, base.data.avdigits, progress=False).split("train")
     )
     budget = equal_step_overrides(steps, train_size, base.train.batch_size, evaluations or 10**6)
-    runs: dict[str, list[dict[str, Any]]] = {}
-    audits: dict[str, list[dict[str, float]]] = {}
-    grid = [(b, v) for b in backbones for v in variants]
-    for backbone, variant in tqdm(grid, desc="harmonize benchmark", disable=not progress, unit="variant"):
-        cfg = load_config(
+
+    def configure(job: tuple[str, str]) -> ExperimentConfig:
+        backbone, variant = job
+        return load_config(
             None,
             [
                 *PRETRAIN_RECIPE,
@@ -124,22 +121,30 @@ def run_harmonize_benchmark(
                 *budget,
                 f"pretrain.backbone={backbone}",
                 f"name={backbone}_{variant.replace('+', '_')}",
-                f"out_dir={out / 'runs'}",
+                f"out_dir={bench.runs_dir}",
             ],
         )
-        key = f"{backbone}/{variant}"
-        runs[key] = run_variant(cfg, list(range(seeds)), progress)
-        if variant == FLOOR:
-            audits[backbone] = []
-            for r in runs[key]:
-                run_cfg = load_config(Path(r["run_dir"]) / "config.yaml")
-                audit = audit_conflicts(
-                    run_cfg,
-                    Path(r["run_dir"]) / "checkpoints" / "last.pt",
-                    Path(r["run_dir"]) / "audit.csv",
-                    progress=False,
-                )
-                audits[backbone].append(audit.auroc)
+
+    audits: dict[str, list[dict[str, float]]] = {}
+
+    def audit_floor(job: tuple[str, str], results: list[dict[str, Any]]) -> None:
+        backbone, variant = job
+        if variant != FLOOR:
+            return
+        audits[backbone] = []
+        for r in results:
+            run_cfg = load_config(Path(r["run_dir"]) / "config.yaml")
+            audit = audit_conflicts(
+                run_cfg,
+                Path(r["run_dir"]) / "checkpoints" / "last.pt",
+                Path(r["run_dir"]) / "audit.csv",
+                progress=False,
+            )
+            audits[backbone].append(audit.auroc)
+
+    grid = [(b, v) for b in backbones for v in variants]
+    swept = sweep("harmonize benchmark", grid, configure, seeds, progress, after=audit_floor)
+    runs = {f"{backbone}/{variant}": results for (backbone, variant), results in swept.items()}
     speed = measure_speed(overrides, speed_steps, speed_rounds, progress) if speed_steps > 0 else {}
     summary = {
         "seeds": list(range(seeds)),
@@ -150,27 +155,18 @@ def run_harmonize_benchmark(
         "audit": audits,
         "speed": speed,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "harmonize.json").write_text(json.dumps(summary, indent=1))
-    command = " ".join(
-        [
-            "harmonia bench harmonize",
-            *overrides,
-            f"--seeds {seeds} --steps {steps}",
-            *([f"--evaluations {evaluations}"] if evaluations else []),
-            f"--speed-steps {speed_steps} --speed-rounds {speed_rounds}",
-            f"--out {out_dir}",
-        ]
+    command = bench_command(
+        "harmonize",
+        overrides,
+        f"--seeds {seeds} --steps {steps}",
+        *([f"--evaluations {evaluations}"] if evaluations else []),
+        f"--speed-steps {speed_steps} --speed-rounds {speed_rounds}",
+        f"--out {out_dir}",
+        *unless_default("--variants", variants, tuple(VARIANTS)),
+        *unless_default("--backbones", backbones, BACKBONES),
     )
-    if tuple(variants) != tuple(VARIANTS):
-        command += " --variants " + " ".join(variants)
-    if tuple(backbones) != BACKBONES:
-        command += " --backbones " + " ".join(backbones)
-    report = format_report(summary, command)
-    (out / "harmonize.md").write_text(report)
-    _plot(summary, out / "harmonize.png")
-    plot_harmonize_curves(summary, out / "harmonize_curves.png")
-    print(report)
+    plots = {"harmonize.png": _plot, "harmonize_curves.png": plot_harmonize_curves}
+    bench.write(summary, lambda s: format_report(s, command), plots)
     return summary
 
 
@@ -392,33 +388,27 @@ def format_report(summary: dict[str, Any], command: str) -> str:
 
 
 def _plot(summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     keys = list(summary["runs"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for ax, (metric, label) in zip(
-        axes,
-        ((("test", "video_to_text/R@1"), "video→text R@1 (%)"), (("probe", "video"), "video probe (%)")),
-        strict=True,
-    ):
-        stats = [mean_std([r[metric[0]][metric[1]] for r in summary["runs"][k]]) for k in keys]
-        ax.bar(
-            range(len(keys)),
-            [s[0] * 100 for s in stats],
-            yerr=[s[1] * 100 for s in stats],
-            capsize=3,
-            color=["C0" if k.startswith("shared") else "C1" for k in keys],
+    with figure(path, 1, 2, figsize=(11, 3.8)) as (fig, axes):
+        for ax, (metric, label) in zip(
+            axes,
+            ((("test", "video_to_text/R@1"), "video→text R@1 (%)"), (("probe", "video"), "video probe (%)")),
+            strict=True,
+        ):
+            stats = [mean_std([r[metric[0]][metric[1]] for r in summary["runs"][k]]) for k in keys]
+            ax.bar(
+                range(len(keys)),
+                [s[0] * 100 for s in stats],
+                yerr=[s[1] * 100 for s in stats],
+                capsize=3,
+                color=["C0" if k.startswith("shared") else "C1" for k in keys],
+            )
+            ax.set_xticks(range(len(keys)), [k.replace("/", "\n") for k in keys], fontsize=7)
+            ax.set_ylabel(label)
+            ax.grid(axis="y", alpha=0.3)
+        fig.suptitle(
+            "30 % misaligned captions (blue: shared backbone, orange: modality-specific)", fontsize=10
         )
-        ax.set_xticks(range(len(keys)), [k.replace("/", "\n") for k in keys], fontsize=7)
-        ax.set_ylabel(label)
-        ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("30 % misaligned captions (blue: shared backbone, orange: modality-specific)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_harmonize_curves(summary: dict[str, Any], path: Path) -> None:
@@ -426,11 +416,6 @@ def plot_harmonize_curves(summary: dict[str, Any], path: Path) -> None:
     misaligned training triplets (dashed: the per-sample L_vt detector of the baseline), the curriculum's
     drop precision, the gate's validation conflict AUROC on synthetic swaps and validation video→text R@1;
     dotted vertical line: the mean step at which the gate first passed (baseline)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = summary["runs"]
     backbones = list(dict.fromkeys(k.split("/")[0] for k in runs))
     panels = (
@@ -439,29 +424,28 @@ def plot_harmonize_curves(summary: dict[str, Any], path: Path) -> None:
         ("gate/val_conflict_auroc", "gate: val conflict AUROC (swaps)", 1.0),
         ("val/video_to_text/R@1", "val video→text R@1 (%)", 100.0),
     )
-    fig, axes = plt.subplots(len(backbones), len(panels), figsize=(18, 3.4 * len(backbones)), squeeze=False)
-    for row, backbone in enumerate(backbones):
-        keys = [k for k in runs if k.startswith(f"{backbone}/")]
-        for col, (metric, label, scale) in enumerate(panels):
-            ax = axes[row][col]
-            for k in keys:
-                plot_curves(ax, runs[k], metric, k.split("/")[1], scale)
-            if metric == "train/conflict_auroc" and f"{backbone}/{FLOOR}" in runs:
-                steps, means, _ = curve(runs[f"{backbone}/{FLOOR}"], "train/loss_vt_auroc")
-                if steps:
-                    ax.plot(steps, means, ls="--", color="gray", label="baseline: loss_vt detector")
-            floor = runs.get(f"{backbone}/{FLOOR}", [])
-            gate_steps = [
-                next(c["step"] for c in r["curves"] if c.get("gate/passed") == 1.0)
-                for r in floor
-                if any(c.get("gate/passed") == 1.0 for c in r["curves"])
-            ]
-            if gate_steps:
-                ax.axvline(statistics.fmean(gate_steps), color="black", ls=":", lw=1)
-            ax.set(xlabel="optimizer step", ylabel=label, title=f"{backbone} backbone")
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(
+        path, len(backbones), len(panels), figsize=(18, 3.4 * len(backbones)), squeeze=False, dpi=110
+    ) as (_, axes):
+        for row, backbone in enumerate(backbones):
+            keys = [k for k in runs if k.startswith(f"{backbone}/")]
+            for col, (metric, label, scale) in enumerate(panels):
+                ax = axes[row][col]
+                for k in keys:
+                    plot_curves(ax, runs[k], metric, k.split("/")[1], scale)
+                if metric == "train/conflict_auroc" and f"{backbone}/{FLOOR}" in runs:
+                    steps, means, _ = curve(runs[f"{backbone}/{FLOOR}"], "train/loss_vt_auroc")
+                    if steps:
+                        ax.plot(steps, means, ls="--", color="gray", label="baseline: loss_vt detector")
+                floor = runs.get(f"{backbone}/{FLOOR}", [])
+                gate_steps = [
+                    next(c["step"] for c in r["curves"] if c.get("gate/passed") == 1.0)
+                    for r in floor
+                    if any(c.get("gate/passed") == 1.0 for c in r["curves"])
+                ]
+                if gate_steps:
+                    ax.axvline(statistics.fmean(gate_steps), color="black", ls=":", lw=1)
+                ax.set(xlabel="optimizer step", ylabel=label, title=f"{backbone} backbone")
+                ax.grid(alpha=0.3)
+                if ax.get_legend_handles_labels()[0]:
+                    ax.legend(fontsize=7)

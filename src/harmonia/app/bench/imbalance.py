@@ -8,14 +8,12 @@ the balancing methods (OGM, OPM) exist to remove.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
-from harmonia.app.bench.common import fmt, mean_std, run_variant
+from harmonia.app.bench.common import fmt, mean_std
+from harmonia.app.bench.pipeline import BenchReport, bench_command, figure, sweep
 from harmonia.app.config import load_config
 from harmonia.errors import ConfigError
 
@@ -28,9 +26,9 @@ def run_imbalance_benchmark(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train joint and unimodal models for ``seeds`` seeds; write ``imbalance.md``, ``.json`` and ``.png``."""
-    out = Path(out_dir) / "imbalance"
+    bench = BenchReport("imbalance", out_dir)
     # without a config: the defaults, which are configs/avdigits_concat.yaml (a test checks they agree)
-    forced = [f"out_dir={out / 'runs'}", "train.probe=true"]
+    forced = [f"out_dir={bench.runs_dir}", "train.probe=true"]
     base = load_config(config, [*([] if config else ["name=avdigits_concat"]), *overrides, *forced])
     modalities = list(base.data.modalities)
     if len(modalities) < 2:
@@ -50,12 +48,7 @@ def run_imbalance_benchmark(
                 f"name={base.name}_{m}_only",
             ],
         )
-    seed_list = list(range(seeds))
-    runs: dict[str, list[dict[str, Any]]] = {}
-    bar = tqdm(variants.items(), desc="imbalance benchmark", disable=not progress, unit="variant")
-    for key, cfg in bar:
-        bar.set_postfix(variant=key)
-        runs[key] = run_variant(cfg, seed_list, progress)
+    runs = sweep("imbalance benchmark", list(variants), variants.__getitem__, seeds, progress)
 
     rows = []
     for m in modalities:
@@ -66,27 +59,16 @@ def run_imbalance_benchmark(
     summary = {
         "config": str(config) if config else "the defaults (= configs/avdigits_concat.yaml)",
         "overrides": list(overrides),
-        "seeds": seed_list,
+        "seeds": list(range(seeds)),
         "rows": rows,
         "joint_test_accuracy": [r["test"]["accuracy"] for r in runs["joint"]],
         "unimodal_test_accuracy": {m: [r["test"]["accuracy"] for r in runs[m]] for m in modalities},
         "runs": runs,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "imbalance.json").write_text(json.dumps(summary, indent=1))
-    report = format_report(summary, command=_command(config, seeds, out_dir, overrides))
-    (out / "imbalance.md").write_text(report)
-    _plot(summary, out / "imbalance.png")
-    print(report)
+    config_flag = [f"--config {config}"] if config else []
+    command = bench_command("imbalance", overrides, *config_flag, f"--seeds {seeds}", f"--out {out_dir}")
+    bench.write(summary, lambda s: format_report(s, command), {"imbalance.png": _plot})
     return summary
-
-
-def _command(config: str | Path | None, seeds: int, out_dir: str | Path, overrides: Sequence[str]) -> str:
-    parts = ["harmonia bench imbalance", *overrides]
-    if config:
-        parts.append(f"--config {config}")
-    parts += [f"--seeds {seeds}", f"--out {out_dir}"]
-    return " ".join(parts)
 
 
 def format_report(summary: dict[str, Any], command: str) -> str:
@@ -127,25 +109,22 @@ def format_report(summary: dict[str, Any], command: str) -> str:
 
 
 def _plot(summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = summary["rows"]
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    width = 0.38
-    for k, (key, label) in enumerate((("alone", "trained alone"), ("joint", "inside joint model"))):
-        means = [mean_std(r[key])[0] * 100 for r in rows]
-        stds = [mean_std(r[key])[1] * 100 for r in rows]
-        ax.bar(
-            [i + (k - 0.5) * width for i in range(len(rows))], means, width, yerr=stds, capsize=3, label=label
-        )
-    ax.set_xticks(range(len(rows)), [r["modality"] for r in rows])
-    ax.set_ylabel("linear-probe test accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
-    ax.set_title("Per-modality encoder quality on AV-Digits")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(5, 3.6)) as (_, ax):
+        width = 0.38
+        for k, (key, label) in enumerate((("alone", "trained alone"), ("joint", "inside joint model"))):
+            means = [mean_std(r[key])[0] * 100 for r in rows]
+            stds = [mean_std(r[key])[1] * 100 for r in rows]
+            ax.bar(
+                [i + (k - 0.5) * width for i in range(len(rows))],
+                means,
+                width,
+                yerr=stds,
+                capsize=3,
+                label=label,
+            )
+        ax.set_xticks(range(len(rows)), [r["modality"] for r in rows])
+        ax.set_ylabel("linear-probe test accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
+        ax.set_title("Per-modality encoder quality on AV-Digits")

@@ -10,16 +10,14 @@ misalignment rate.
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
-from harmonia.app.bench.common import fmt, mean_std, run_variant
-from harmonia.app.config import load_config
+from harmonia.app.bench.common import fmt, mean_std
+from harmonia.app.bench.pipeline import BenchReport, bench_command, figure, sweep, unless_default
+from harmonia.app.config import ExperimentConfig, load_config
 from harmonia.app.logs import read_metrics
 from harmonia.data.trimodal import load_trimodal_avdigits
 
@@ -63,25 +61,31 @@ def run_pretrain_benchmark(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Pre-train at each misalignment rate for ``seeds`` seeds; write ``pretrain.{md,json,png}``."""
-    out = Path(out_dir) / "pretrain"
-    runs: dict[str, list[dict[str, Any]]] = {}
-    for rate in tqdm(rates, desc="pretrain benchmark", disable=not progress, unit="rate"):
-        cfg = load_config(
+    bench = BenchReport("pretrain", out_dir)
+
+    def configure(rate: float) -> ExperimentConfig:
+        return load_config(
             None,
             [
                 *PRETRAIN_RECIPE,
                 *overrides,
                 f"data.trimodal.misalign_rate={rate}",
                 f"name=misalign{round(rate * 100):02d}",
-                f"out_dir={out / 'runs'}",
+                f"out_dir={bench.runs_dir}",
                 "train.probe=true",
             ],
         )
-        results = run_variant(cfg, list(range(seeds)), progress)
+
+    def add_epoch_seconds(rate: float, results: list[dict[str, Any]]) -> None:
         for r in results:
             epochs = [m for m in read_metrics(Path(r["run_dir"]) / "metrics.jsonl") if m["kind"] == "epoch"]
             r["epoch_seconds"] = statistics.median(m["train/epoch_seconds"] for m in epochs)
-        runs[str(rate)] = results
+
+    swept = sweep(
+        "pretrain benchmark", rates, configure, seeds, progress, unit="rate", after=add_epoch_seconds
+    )
+    runs = {str(rate): results for rate, results in swept.items()}
+    cfg = configure(rates[-1])
     test_size = len(
         load_trimodal_avdigits(cfg.data.trimodal, cfg.data.avdigits, progress=False).split("test")
     )
@@ -91,15 +95,14 @@ def run_pretrain_benchmark(
         "test_size": test_size,
         "runs": runs,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "pretrain.json").write_text(json.dumps(summary, indent=1))
-    command = " ".join(["harmonia bench pretrain", *overrides, f"--seeds {seeds}", f"--out {out_dir}"])
-    if tuple(rates) != RATES:
-        command += " --rates " + " ".join(map(str, rates))
-    report = format_report(summary, command)
-    (out / "pretrain.md").write_text(report)
-    _plot(summary, out / "pretrain.png")
-    print(report)
+    command = bench_command(
+        "pretrain",
+        overrides,
+        f"--seeds {seeds}",
+        f"--out {out_dir}",
+        *unless_default("--rates", rates, RATES),
+    )
+    bench.write(summary, lambda s: format_report(s, command), {"pretrain.png": _plot})
     return summary
 
 
@@ -145,38 +148,35 @@ def format_report(summary: dict[str, Any], command: str) -> str:
 
 
 def _plot(summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = summary["runs"]
     rates = [float(r) * 100 for r in runs]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for m in ("video", "audio", "text"):
-        stats = [mean_std([r["probe"][m] for r in results]) for results in runs.values()]
-        axes[0].errorbar(
-            rates, [s[0] * 100 for s in stats], [s[1] * 100 for s in stats], marker="o", capsize=3, label=m
+    with figure(path, 1, 2, figsize=(10, 3.8)) as (_, axes):
+        for m in ("video", "audio", "text"):
+            stats = [mean_std([r["probe"][m] for r in results]) for results in runs.values()]
+            axes[0].errorbar(
+                rates,
+                [s[0] * 100 for s in stats],
+                [s[1] * 100 for s in stats],
+                marker="o",
+                capsize=3,
+                label=m,
+            )
+        axes[0].set(
+            xlabel="misaligned training triplets (%)", ylabel="probe accuracy (%)", title="digit linear probe"
         )
-    axes[0].set(
-        xlabel="misaligned training triplets (%)", ylabel="probe accuracy (%)", title="digit linear probe"
-    )
-    for d in RETRIEVAL:
-        stats = [mean_std([r["test"][f"{d}/R@1"] for r in results]) for results in runs.values()]
-        axes[1].errorbar(
-            rates,
-            [s[0] * 100 for s in stats],
-            [s[1] * 100 for s in stats],
-            marker="o",
-            capsize=3,
-            label=d.replace("_to_", "→"),
+        for d in RETRIEVAL:
+            stats = [mean_std([r["test"][f"{d}/R@1"] for r in results]) for results in runs.values()]
+            axes[1].errorbar(
+                rates,
+                [s[0] * 100 for s in stats],
+                [s[1] * 100 for s in stats],
+                marker="o",
+                capsize=3,
+                label=d.replace("_to_", "→"),
+            )
+        axes[1].set(
+            xlabel="misaligned training triplets (%)", ylabel="R@1 (%)", title="zero-shot retrieval (test)"
         )
-    axes[1].set(
-        xlabel="misaligned training triplets (%)", ylabel="R@1 (%)", title="zero-shot retrieval (test)"
-    )
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
