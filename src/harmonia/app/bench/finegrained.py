@@ -147,7 +147,9 @@ def run_finegrained_benchmark(
     out = Path(out_dir) / "finegrained"
     base = load_config(None, _overrides(variants[0], batch_sizes[0], overrides, video_tokens))
     train_size = len(
-        load_trimodal_avdigits(base.data.trimodal, base.data.avdigits, progress=False).split("train")
+        load_trimodal_avdigits(
+            base.data.trimodal_recipe(), base.data.avdigits_recipe(), progress=False
+        ).split("train")
     )
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     speed: dict[str, dict[str, Any]] = {}

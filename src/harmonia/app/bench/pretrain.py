@@ -82,9 +82,8 @@ def run_pretrain_benchmark(
             epochs = [m for m in read_metrics(Path(r["run_dir"]) / "metrics.jsonl") if m["kind"] == "epoch"]
             r["epoch_seconds"] = statistics.median(m["train/epoch_seconds"] for m in epochs)
         runs[str(rate)] = results
-    test_size = len(
-        load_trimodal_avdigits(cfg.data.trimodal, cfg.data.avdigits, progress=False).split("test")
-    )
+    recipes = cfg.data.trimodal_recipe(), cfg.data.avdigits_recipe()
+    test_size = len(load_trimodal_avdigits(*recipes, progress=False).split("test"))
     summary = {
         "seeds": list(range(seeds)),
         "overrides": list(overrides),

@@ -125,7 +125,7 @@ class PretrainTrainer(BaseTrainer):
     def _setup_trimodal(self, dataset: TriModalAVDigits | None) -> None:
         cfg = self.cfg
         self.dataset = dataset or load_trimodal_avdigits(
-            cfg.data.trimodal, cfg.data.avdigits, progress=self.progress
+            cfg.data.trimodal_recipe(), cfg.data.avdigits_recipe(), progress=self.progress
         )
         self.modalities = list(self.dataset.modalities)
         train = self.dataset.split("train")

@@ -78,7 +78,7 @@ class Trainer(BaseTrainer):
                 num_workers=cfg.num_workers,
                 seed=self.cfg.train.seed,
             )
-        avdigits = dataset or load_avdigits(cfg.avdigits, progress=self.progress)
+        avdigits = dataset or load_avdigits(cfg.avdigits_recipe(), progress=self.progress)
         check_modalities(cfg.modalities, avdigits.modalities)
         return InMemoryData(avdigits, list(cfg.modalities))
 
