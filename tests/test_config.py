@@ -1,20 +1,29 @@
 from __future__ import annotations
 
+import dataclasses
+import enum
 from pathlib import Path
 
 import pytest
 
 from harmonia.app.config import (
     ExperimentConfig,
+    OptimConfig,
     OptimizerKind,
+    TrainConfig,
     apply_overrides,
     dump_config,
     from_dict,
     load_config,
+    schema_of,
+    settings_from,
     to_dict,
 )
+from harmonia.data.avdigits import AVDigitsRecipe
+from harmonia.data.trimodal import TriModalRecipe
 from harmonia.errors import ConfigError
 from harmonia.models.fusion import FusionKind
+from harmonia.settings import setting
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,7 +111,7 @@ def test_to_dict_is_plain_data() -> None:
 
 
 def test_configs_built_in_python_get_enums_and_checks() -> None:
-    from harmonia.app.config import EncoderKind, ModelConfig, OptimConfig, ScheduleKind
+    from harmonia.app.config import EncoderKind, ModelConfig, ScheduleKind
 
     assert OptimConfig(name="sgd", schedule="cosine").name is OptimizerKind.SGD
     assert OptimConfig(schedule="cosine").schedule is ScheduleKind.COSINE
@@ -127,3 +136,102 @@ def test_benchmark_defaults_are_the_concat_config() -> None:
     assert load_config(REPO / "configs" / "avdigits_concat.yaml") == load_config(
         None, ["name=avdigits_concat"]
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# library settings dataclasses as schemas
+
+
+class _Shape(str, enum.Enum):
+    ROUND = "round"
+    SQUARE = "square"
+
+
+@dataclasses.dataclass
+class _Inner:
+    depth: int = setting(2, help="layers", ge=1)
+
+
+@dataclasses.dataclass
+class _Recipe:
+    """A small settings dataclass, as the library declares them."""
+
+    rate: float = setting(0.5, help="how often", ge=0, le=1)
+    count: int | None = setting(None, help="how many", ge=1)
+    sizes: list[int] = setting(default_factory=lambda: [1, 2], help="sizes")
+    shape: _Shape = setting(_Shape.ROUND, help="shape")
+    inner: _Inner = setting(default_factory=_Inner, help="nested settings")
+
+
+def test_settings_from_builds_the_dataclass() -> None:
+    recipe = settings_from(
+        _Recipe, {"rate": "1e-1", "shape": "square", "sizes": [3], "inner": {"depth": 4}}, "algo"
+    )
+    assert recipe == _Recipe(rate=0.1, sizes=[3], shape=_Shape.SQUARE, inner=_Inner(depth=4))
+    assert settings_from(_Recipe, {}, "algo") == _Recipe()
+    assert schema_of(_Recipe) is schema_of(_Recipe)
+    assert schema_of(_Recipe).model_fields["rate"].description == "how often"
+
+
+@pytest.mark.parametrize(
+    ("data", "pattern"),
+    [
+        (
+            {"rat": 0.1},
+            r"unknown config key 'algo\.rat'; did you mean 'algo\.rate'\? Valid keys here: algo\.rate",
+        ),
+        ({"rate": 2}, r"algo\.rate: must be <= 1, got 2\.0 \(how often\)"),
+        ({"inner": {"depth": 0}}, r"algo\.inner\.depth: must be >= 1, got 0 \(layers\)"),
+        ({"inner": {"dpth": 3}}, r"did you mean 'algo\.inner\.depth'"),
+        ({"count": True}, r"algo\.count: expected an integer, got True"),
+        ({"sizes": [1, 2.5]}, r"algo\.sizes\[1\]: expected an integer, got 2\.5"),
+        ({"shape": "rond"}, r"algo\.shape: 'rond' is not a valid choice \(did you mean 'round'\?\)"),
+        ({"inner": 3}, r"algo\.inner: expected a mapping of settings, got 3"),
+    ],
+)
+def test_settings_from_names_the_prefixed_key(data: dict[str, object], pattern: str) -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        settings_from(_Recipe, data, "algo")
+
+
+def test_recipe_sections_give_the_library_dataclasses() -> None:
+    cfg = load_config(None, ["data.avdigits.limit=40", "data.trimodal.frames=4"])
+    assert cfg.data.avdigits_recipe() == AVDigitsRecipe(limit=40)
+    assert cfg.data.trimodal_recipe() == TriModalRecipe(frames=4)
+    with pytest.raises(ConfigError, match=r"data\.avdigits\.limit: must be >= 30, got 3 \(use only"):
+        load_config(None, ["data.avdigits.limit=3"])
+
+
+def test_bool_is_not_an_int() -> None:
+    with pytest.raises(ConfigError, match=r"train\.epochs: expected an integer, got True"):
+        load_config(None, ["train.epochs=true"])
+    with pytest.raises(ConfigError, match=r"train\.epochs: expected an integer, got 'abc'"):
+        load_config(None, ["train.epochs=abc"])
+    with pytest.raises(ConfigError, match=r"train\.seed: expected an integer, got False"):
+        TrainConfig(seed=False)
+
+
+def test_configs_built_in_python_keep_working() -> None:
+    cfg = ExperimentConfig(train=TrainConfig(epochs=2))
+    assert cfg.train.epochs == 2 and TrainConfig(seed=1).seed == 1
+    cfg.train.epochs = 3
+    assert to_dict(cfg)["train"]["epochs"] == 3
+    with pytest.raises(ConfigError, match=r"optim\.lr: must be > 0, got -1\.0 \(learning rate\)"):
+        OptimConfig(lr=-1)
+    with pytest.raises(ConfigError, match=r"data: expected a mapping of settings, got 3"):
+        ExperimentConfig(data=3)
+
+
+def test_list_index_overrides() -> None:
+    data = {"balance": [{"method": "ogm", "alpha": 0.1}]}
+    apply_overrides(data, ["balance.0.alpha=0.5", "balance.1.method=opm", "balance.1.q_base=0.3"])
+    assert data == {"balance": [{"method": "ogm", "alpha": 0.5}, {"method": "opm", "q_base": 0.3}]}
+    data = {"model": {"encoder_widths": [8, 16]}}
+    apply_overrides(data, ["model.encoder_widths.1=32"])
+    assert data == {"model": {"encoder_widths": [8, 32]}}
+    with pytest.raises(ConfigError, match="not a list index"):
+        apply_overrides(data, ["model.encoder_widths.x=1"])
+    with pytest.raises(ConfigError, match="out of range"):
+        apply_overrides(data, ["model.encoder_widths.5=1"])
+    cfg = load_config(None, ["model.encoder_widths=[8, 16]", "model.encoder_widths.0=4"])
+    assert cfg.model.encoder_widths == [4, 16]

@@ -11,7 +11,6 @@ per-sample losses (the "small-loss" detector) as a reference.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +63,7 @@ def audit_conflicts(
     if not checkpoint.exists():
         raise CheckpointError(f"no checkpoint at {checkpoint}; train the config first (harmonia train ...)")
     with tempfile.TemporaryDirectory() as tmp:  # a throw-away run folder: the audited run is not touched
-        trainer = PretrainTrainer(dataclasses.replace(cfg, out_dir=tmp), progress=False)
+        trainer = PretrainTrainer(cfg.model_copy(update={"out_dir": tmp}), progress=False)
     state = load_checkpoint(checkpoint, required=("model",))
     try:
         trainer.model.load_state_dict(state["model"])

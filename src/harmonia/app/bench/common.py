@@ -3,7 +3,6 @@ mean ± std formatting and curve plots."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import statistics
 import time
@@ -39,8 +38,8 @@ def run_variant(
     ... values). ``callbacks`` makes fresh callbacks for each run."""
     results = []
     for seed in seeds:
-        run_cfg = dataclasses.replace(
-            cfg, name=f"{cfg.name}_seed{seed}", train=dataclasses.replace(cfg.train, seed=seed)
+        run_cfg = cfg.model_copy(
+            update={"name": f"{cfg.name}_seed{seed}", "train": cfg.train.model_copy(update={"seed": seed})}
         )
         trainer = build_trainer(
             run_cfg, list(callbacks()) if callbacks else (), overwrite=True, progress=False

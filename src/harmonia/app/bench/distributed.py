@@ -78,10 +78,16 @@ def _train_samples(cfg: Any) -> int:
     from harmonia.data.trimodal import load_trimodal_avdigits
 
     if cfg.data.name == "trimodal_avdigits":
-        n = len(load_trimodal_avdigits(cfg.data.trimodal, cfg.data.avdigits, progress=False).split("train"))
+        n = len(
+            load_trimodal_avdigits(
+                cfg.data.trimodal_recipe(), cfg.data.avdigits_recipe(), progress=False
+            ).split("train")
+        )
     else:
         n = len(
-            load_avdigits(cfg.data.avdigits, progress=False).split("train", list(cfg.data.modalities)).labels
+            load_avdigits(cfg.data.avdigits_recipe(), progress=False)
+            .split("train", list(cfg.data.modalities))
+            .labels
         )
     return n // cfg.train.batch_size * cfg.train.batch_size
 

@@ -144,7 +144,9 @@ def run_finegrained_benchmark(
     bench = BenchReport("finegrained", out_dir)
     base = load_config(None, _overrides(variants[0], batch_sizes[0], overrides, video_tokens))
     train_size = len(
-        load_trimodal_avdigits(base.data.trimodal, base.data.avdigits, progress=False).split("train")
+        load_trimodal_avdigits(
+            base.data.trimodal_recipe(), base.data.avdigits_recipe(), progress=False
+        ).split("train")
     )
 
     def configure(job: tuple[int, str]) -> ExperimentConfig:

@@ -105,7 +105,9 @@ def run_harmonize_benchmark(
     bench = BenchReport("harmonize", out_dir)
     base = load_config(None, [*PRETRAIN_RECIPE, *NOISE, *overrides])
     train_size = len(
-        load_trimodal_avdigits(base.data.trimodal, base.data.avdigits, progress=False).split("train")
+        load_trimodal_avdigits(
+            base.data.trimodal_recipe(), base.data.avdigits_recipe(), progress=False
+        ).split("train")
     )
     budget = equal_step_overrides(steps, train_size, base.train.batch_size, evaluations or 10**6)
 

@@ -86,9 +86,8 @@ def run_pretrain_benchmark(
     )
     runs = {str(rate): results for rate, results in swept.items()}
     cfg = configure(rates[-1])
-    test_size = len(
-        load_trimodal_avdigits(cfg.data.trimodal, cfg.data.avdigits, progress=False).split("test")
-    )
+    recipes = cfg.data.trimodal_recipe(), cfg.data.avdigits_recipe()
+    test_size = len(load_trimodal_avdigits(*recipes, progress=False).split("test"))
     summary = {
         "seeds": list(range(seeds)),
         "overrides": list(overrides),
