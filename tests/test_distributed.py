@@ -21,7 +21,7 @@ from harmonia.data.loader import BatchLoader
 
 STEPS = 2  # the tiny supervised data holds 2 full global batches of 32
 
-SUPERVISED = ("balance.method=ogm", "balance.ge=true", "balance.alpha=0.5", "optim.name=sgd")
+SUPERVISED = ("balance=[{name: ogm, ge: true, alpha: 0.5}]", "optim.name=sgd")
 PRETRAIN = {
     "feature+curriculum": (
         "harmonize.mode=feature",
@@ -41,9 +41,7 @@ def _configs(out_dir: Path) -> dict[str, object]:
     noisy = ("data.trimodal.misalign_rate=0.3", "train.batch_size=16", "optim.name=sgd", "optim.lr=0.1")
     return {
         "supervised": tiny_experiment(out_dir, "name=supervised", *SUPERVISED),
-        "opm": tiny_experiment(
-            out_dir, "name=opm", "balance.method=opm", "balance.p_exe=1.0", "optim.name=sgd"
-        ),
+        "opm": tiny_experiment(out_dir, "name=opm", "balance=[{name: opm, p_exe: 1.0}]", "optim.name=sgd"),
         **{
             name: tiny_pretrain(out_dir, f"name={name.replace('+', '_')}", *noisy, *extra)
             for name, extra in PRETRAIN.items()

@@ -80,7 +80,7 @@ def test_a_checkpoint_without_a_needed_key_names_it(tmp_path: Path) -> None:
 
 def test_a_real_checkpoint_loads_without_unpickling_objects(tmp_path: Path) -> None:
     """Everything the trainer saves (RNG states, optimizer, OGM/OPM state) is tensors and plain data."""
-    trainer = Trainer(tiny_experiment(tmp_path, "train.epochs=1", "balance.method=opm+ogm"), progress=False)
+    trainer = Trainer(tiny_experiment(tmp_path, "train.epochs=1", "balance=[ogm,opm]"), progress=False)
     trainer.fit()
     state = torch.load(trainer.checkpoint_path, weights_only=True)
     assert state["callbacks"]["BalancingCallback"]["0:ogm"]["num_steps"] > 0

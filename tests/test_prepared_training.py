@@ -12,7 +12,8 @@ import torch
 
 from avfixtures import RAW_LAYOUTS
 from harmonia.app.cli import main
-from harmonia.app.config import PREPARED_DATASETS, BalanceMethod, OptimizerKind, load_config
+from harmonia.app.config import OptimizerKind, load_config
+from harmonia.app.datasets import PREPARED_DATASETS
 from harmonia.data.raw_layouts import SCANNERS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -109,12 +110,13 @@ def test_paper_configs_follow_the_published_recipe() -> None:
         assert cfg.data.modalities == ["audio", "visual"] and cfg.model.encoder.value == "resnet18"
         assert cfg.optim.name is OptimizerKind.SGD and cfg.optim.lr == 1e-3 and cfg.optim.momentum == 0.9
         assert (cfg.optim.step_size, cfg.train.epochs, cfg.train.batch_size) == (70, 100, 64)
-        method = cfg.balance.method
-        suffix = {"none": "baseline", "ogm": "ogm_ge", "opm": "opm", "opm+ogm": "opm_ogm"}[method]
-        assert path.stem.endswith(suffix)
-        if method in (BalanceMethod.OGM, BalanceMethod.OPM_OGM):
-            assert cfg.balance.alpha == (0.1 if dataset == "vggsound" else 0.8) and cfg.balance.ge
-        if method in (BalanceMethod.OPM, BalanceMethod.OPM_OGM):
-            assert (cfg.balance.q_base, cfg.balance.lam, cfg.balance.p_exe) == (0.5, 0.5, 0.7)
+        methods = {entry.name: entry.settings for entry in cfg.balance}
+        suffix = {(): "baseline", ("ogm",): "ogm_ge", ("opm",): "opm", ("ogm", "opm"): "opm_ogm"}
+        assert path.stem.endswith(suffix[tuple(sorted(methods))])
+        if "ogm" in methods:
+            assert methods["ogm"].alpha == (0.1 if dataset == "vggsound" else 0.8) and methods["ogm"].ge
+        if "opm" in methods:
+            s = methods["opm"]
+            assert (s.q_base, s.lam, s.p_exe) == (0.5, 0.5, 0.7)
         header = path.read_text().split("\nname:")[0]
         assert "Target:" in header and f"harmonia prep {dataset}" in header

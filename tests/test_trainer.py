@@ -207,7 +207,7 @@ def test_resume_refuses_epochs_that_break_the_schedule(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("method", ["ogm", "opm", "opm+ogm"])
 def test_balanced_training_logs_rho_k_q_and_resumes_exactly(tmp_path: Path, method: str) -> None:
-    overrides = (f"balance.method={method}", "train.probe=false")
+    overrides = (f"balance=[{method.replace('+', ',')}]", "train.probe=false")
     full = Trainer(tiny_experiment(tmp_path / "a", *overrides), progress=False)
     full_result = full.fit()
     steps = [r for r in read_metrics(tmp_path / "a" / "tiny" / "metrics.jsonl") if r["kind"] == "step"]
@@ -228,13 +228,13 @@ def test_balanced_training_logs_rho_k_q_and_resumes_exactly(tmp_path: Path, meth
 
 def test_balance_needs_two_modalities(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="balances modalities"):
-        tiny_experiment(tmp_path, "balance.method=ogm", "data.modalities=[image]")
+        tiny_experiment(tmp_path, "balance=[ogm]", "data.modalities=[image]")
 
 
 @pytest.mark.parametrize("fusion", ["sum", "film", "gated"])
 def test_balancing_works_with_every_fusion_head(tmp_path: Path, fusion: str) -> None:
     result = Trainer(
-        tiny_experiment(tmp_path, "balance.method=opm+ogm", f"model.fusion={fusion}", "train.epochs=1"),
+        tiny_experiment(tmp_path, "balance=[opm,ogm]", f"model.fusion={fusion}", "train.epochs=1"),
         progress=False,
     ).fit()
     assert 0.0 <= result.test["accuracy"] <= 1.0

@@ -56,30 +56,3 @@ def build_scheduler(
     if cfg.schedule is ScheduleKind.NONE:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     raise ConfigError(f"optim.schedule: unknown schedule {cfg.schedule!r}")
-
-
-def balance_entries(cfg: Any) -> list[tuple[str, Any]]:
-    """``(name, settings)`` of every balancing method of ``cfg.balance``, in order."""
-    from harmonia.balance import OGMSettings, OPMSettings
-
-    b = cfg.balance
-    method = getattr(b.method, "value", b.method)
-    entries: list[tuple[str, Any]] = []
-    if method in ("ogm", "opm+ogm"):
-        entries.append(
-            (
-                "ogm",
-                OGMSettings(
-                    alpha=b.alpha,
-                    form=b.form,
-                    ge=b.ge,
-                    start_epoch=b.start_epoch,
-                    end_epoch=b.end_epoch,
-                    warmup_epochs=b.warmup_epochs,
-                    conv_only=b.conv_only,
-                ),
-            )
-        )
-    if method in ("opm", "opm+ogm"):
-        entries.append(("opm", OPMSettings(q_base=b.q_base, lam=b.lam, p_exe=b.p_exe, rescale=b.rescale)))
-    return entries

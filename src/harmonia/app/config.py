@@ -44,10 +44,11 @@ from pydantic import (
     Strict,
     ValidationError,
     create_model,
+    field_serializer,
     model_validator,
 )
 
-from harmonia.balance.ogm import OGMForm
+from harmonia.app.registry import BALANCING, DATASETS, MODELS, datasets_of
 from harmonia.data.avdigits import AVDigitsRecipe
 from harmonia.data.trimodal import TriModalRecipe
 from harmonia.errors import ConfigError
@@ -55,6 +56,7 @@ from harmonia.gradients.curriculum import CurriculumKeep, CurriculumShape
 from harmonia.gradients.realign import RealignRule
 from harmonia.losses.finegrained import PoolDirection
 from harmonia.losses.vatt import ContrastiveGrain
+from harmonia.models.encoders import EncoderKind
 from harmonia.models.fusion import FusionKind
 from harmonia.models.pretrain import BackboneKind, TextEncoderKind, VideoTokensKind, VTHeadKind
 from harmonia.reproducibility import Reproducibility
@@ -259,18 +261,9 @@ class ScheduleKind(str, enum.Enum):
     COSINE = "cosine"
 
 
-class EncoderKind(str, enum.Enum):
-    CONV = "conv"
-    RESNET18 = "resnet18"
-
-
 class TaskKind(str, enum.Enum):
     CLASSIFY = "classify"
     PRETRAIN = "pretrain"
-
-
-#: datasets read from a folder that ``harmonia prep`` wrote (data.root); classification, audio + visual
-PREPARED_DATASETS = ("cremad", "kinetics_sounds", "vggsound", "ave")
 
 
 class DataConfig(Section):
@@ -321,6 +314,11 @@ class DataConfig(Section):
 class ModelConfig(Section):
     section_key: ClassVar[str] = "model"
 
+    name: Str = param(
+        "classifier",
+        help="registered model (task: classify): classifier builds one encoder per "
+        "modality and the fusion head below",
+    )
     encoder: EncoderKind = param(EncoderKind.CONV, help="encoder architecture for every modality")
     feature_dim: Int = param(64, help="dimension of each encoder's output feature", ge=1)
     encoder_widths: list[Int] = param(
@@ -343,30 +341,68 @@ class OptimConfig(Section):
     grad_clip_norm: Float | None = param(None, help="clip the global gradient norm to this value", gt=0)
 
 
-class BalanceMethod(str, enum.Enum):
-    NONE = "none"
-    OGM = "ogm"
-    OPM = "opm"
-    OPM_OGM = "opm+ogm"
+@dataclasses.dataclass(frozen=True)
+class BalanceEntry:
+    """One balancing method of the ``balance`` list: its registered name and its validated settings."""
+
+    name: str
+    settings: Any
+
+    def to_data(self) -> dict[str, Any]:
+        return {"name": self.name, **to_plain(self.settings)}
 
 
-class BalanceConfig(Section):
-    """Modality balancing: OGM / OGM-GE after backward, OPM before fusion, or both."""
+def _legacy_balance_hint(data: Mapping[str, Any]) -> str:
+    """The list a pre-0.2 ``balance: {method: ..., alpha: ...}`` mapping means, written as YAML."""
+    method = str(data.get("method", "none"))
+    names = [] if method == "none" else method.split("+")
+    entries = []
+    for name in names:
+        fields = {}
+        if name in BALANCING:
+            own = {f.name for f in dataclasses.fields(BALANCING.get(name).Settings)}
+            fields = {k: v for k, v in data.items() if k in own}
+        entries.append("{" + ", ".join([f"name: {name}", *(f"{k}: {v}" for k, v in fields.items())]) + "}")
+    return f"balance: [{', '.join(entries)}]"
 
-    section_key: ClassVar[str] = "balance"
 
-    method: BalanceMethod = param(BalanceMethod.NONE, help="none, ogm, opm or opm+ogm")
-    alpha: Float = param(0.8, help="OGM modulation strength α (paper: 0.8 CREMA-D, 0.1 VGGSound)", ge=0)
-    form: OGMForm = param(OGMForm.TPAMI, help="OGM coefficient: tpami (Eq. 11) or cvpr (Eq. 10)")
-    ge: Bool = param(True, help="OGM-GE: add noise with the gradient's std (generalization enhancement)")
-    start_epoch: Int = param(0, help="first epoch in which OGM modulates", ge=0)
-    end_epoch: Int | None = param(None, help="OGM stops modulating at this epoch (null: never)", ge=1)
-    warmup_epochs: Int = param(0, help="epochs without OGM modulation at the start", ge=0)
-    conv_only: Bool = param(False, help="OGM modulates only conv kernels, as the official code does")
-    q_base: Float = param(0.5, help="OPM base drop probability", ge=0, le=1)
-    lam: Float = param(0.5, help="OPM λ: how fast q grows with ρ", ge=0)
-    p_exe: Float = param(0.7, help="OPM: probability that dropping is executed in a step", ge=0, le=1)
-    rescale: Bool = param(True, help="OPM: rescale kept features by 1/(1-q)")
+def parse_balance(value: Any) -> list[BalanceEntry]:
+    """The ``balance`` list: each item a method name (``ogm``) or a mapping ``{name: ogm, alpha: 0.8}``
+    whose other keys are validated against that method's own settings."""
+    if value is None:
+        return []
+    if isinstance(value, Mapping):
+        raise ConfigError(
+            "balance: is a list of balancing methods, each with its own settings; this mapping means "
+            f"`{_legacy_balance_hint(value)}` (override: balance=[ogm,opm] or "
+            "'balance=[{name: ogm, alpha: 0.5}]')"
+        )
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"balance: expected a list of balancing methods, e.g. [ogm, opm], got {value!r}")
+    entries: list[BalanceEntry] = []
+    for i, item in enumerate(value):
+        if isinstance(item, BalanceEntry):
+            entries.append(item)
+            continue
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, Mapping) or "name" not in item:
+            raise ConfigError(
+                f"balance[{i}]: expected a method name or a mapping with a 'name' (one of "
+                f"{', '.join(BALANCING.names())}) and its settings, got {item!r}"
+            )
+        name = str(item["name"])
+        try:
+            method = BALANCING.get(name)
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace("balance[].name", f"balance[{i}].name", 1)) from None
+        rest = {k: v for k, v in item.items() if k != "name"}
+        entries.append(BalanceEntry(name, settings_from(method.Settings, rest, prefix=f"balance[{i}]")))
+    names = [e.name for e in entries]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"balance: lists {', '.join(twice)} more than once; give each method once")
+    return entries
 
 
 class PretrainConfig(Section):
@@ -572,7 +608,11 @@ class ExperimentConfig(Section):
     data: DataConfig = param(default_factory=DataConfig, help="dataset")
     model: ModelConfig = param(default_factory=ModelConfig, help="model")
     optim: OptimConfig = param(default_factory=OptimConfig, help="optimizer and schedule")
-    balance: BalanceConfig = param(default_factory=BalanceConfig, help="modality balancing (OGM, OPM)")
+    balance: Annotated[list[Any], BeforeValidator(parse_balance)] = param(
+        default_factory=list,
+        help="modality balancing: a list of methods applied together, each a name or a mapping "
+        "{name: ..., <its settings>}, e.g. [{name: ogm, alpha: 0.8}, {name: opm}] (task: classify)",
+    )
     pretrain: PretrainConfig = param(
         default_factory=PretrainConfig, help="tri-modal contrastive pre-training (task: pretrain)"
     )
@@ -581,6 +621,10 @@ class ExperimentConfig(Section):
     )
     train: TrainConfig = param(default_factory=TrainConfig, help="training loop")
 
+    @field_serializer("balance")
+    def _dump_balance(self, balance: list[BalanceEntry]) -> list[dict[str, Any]]:
+        return [entry.to_data() for entry in balance]
+
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:
         if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]*", self.name) or self.name in (".", ".."):
@@ -588,27 +632,20 @@ class ExperimentConfig(Section):
                 f"name: {self.name!r} is not a plain folder name; use letters, digits and _ . = + - "
                 f"(the run folder is out_dir/name)"
             )
-        datasets = {
-            TaskKind.CLASSIFY: ("avdigits", *PREPARED_DATASETS),
-            TaskKind.PRETRAIN: ("trimodal_avdigits", "shards"),
-        }
-        known = [name for names in datasets.values() for name in names]
-        if self.data.name not in known:
-            close = difflib.get_close_matches(self.data.name, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+        spec = DATASETS.get(self.data.name)
+        if self.task is TaskKind.CLASSIFY:
+            MODELS.get(self.model.name)
+        if spec.task != self.task.value:
+            names = datasets_of(self.task.value)
             raise ConfigError(
-                f"data.name: unknown dataset {self.data.name!r}{hint}; available: {', '.join(known)}"
-            )
-        if self.data.name not in datasets[self.task]:
-            raise ConfigError(
-                f"task={self.task.value} trains on data.name={' or '.join(datasets[self.task])}, not "
+                f"task={self.task.value} trains on data.name={' or '.join(names)}, not "
                 f"{self.data.name}; see configs/ for an example of each task"
             )
         if self.data.name == "shards" and self.data.root is None:
             raise ConfigError(
                 "data.root: data.name=shards reads the folder harmonia prep shards wrote; set data.root=DIR"
             )
-        if self.data.name in PREPARED_DATASETS and self.data.root is None:
+        if spec.needs_root and self.data.root is None:
             raise ConfigError(
                 f"data.root: data.name={self.data.name} reads a prepared folder; run "
                 f"harmonia prep {self.data.name} --src RAW --dst DIR and set data.root=DIR"
@@ -629,18 +666,18 @@ class ExperimentConfig(Section):
                     f"data.modalities: pre-training uses video, audio and text, got {self.data.modalities}; "
                     f"set data.modalities=[video,audio,text]"
                 )
-            if self.balance.method is not BalanceMethod.NONE:
-                raise ConfigError("balance.method applies to task=classify; set balance.method=none")
+            if self.balance:
+                raise ConfigError("balance applies to task=classify; set balance=[]")
         elif self.harmonize.mode is not HarmonizeModeKind.NONE:
             raise ConfigError("harmonize.mode applies to task=pretrain; set harmonize.mode=none")
         if not self.data.modalities:
             raise ConfigError("data.modalities: give at least one modality, e.g. [audio, image]")
         if len(set(self.data.modalities)) != len(self.data.modalities):
             raise ConfigError(f"data.modalities: {self.data.modalities} lists a modality twice")
-        if self.balance.method is not BalanceMethod.NONE and len(self.data.modalities) < 2:
+        if self.balance and len(self.data.modalities) < 2:
             raise ConfigError(
-                f"balance.method={self.balance.method.value} balances modalities, but data.modalities is "
-                f"{self.data.modalities}; use at least 2 modalities or balance.method=none"
+                f"balance={[e.name for e in self.balance]} balances modalities, but data.modalities is "
+                f"{self.data.modalities}; use at least 2 modalities or balance=[]"
             )
         return self
 

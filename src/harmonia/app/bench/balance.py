@@ -31,7 +31,12 @@ ALL_VARIANTS = (
 
 def _variant_overrides(variant: str) -> list[str]:
     fusion, method = variant.split("/")
-    return [f"model.fusion={fusion}", f"balance.method={method}", f"name={fusion}_{method.replace('+', '_')}"]
+    return [f"model.fusion={fusion}", balance_override(method), f"name={fusion}_{method.replace('+', '_')}"]
+
+
+def balance_override(method: str) -> str:
+    """``balance=[...]`` of a variant's method name (``none``, ``ogm``, ``opm``, ``opm+ogm``)."""
+    return f"balance=[{','.join(m for m in method.split('+') if m != 'none')}]"
 
 
 def run_balance_benchmark(
@@ -101,7 +106,7 @@ def measure_step_times(
             Trainer(
                 load_config(
                     None,
-                    [*overrides, f"balance.method={n.split()[0]}", f"out_dir={tmp}", f"name=speed_{i}"],
+                    [*overrides, balance_override(n.split()[0]), f"out_dir={tmp}", f"name=speed_{i}"],
                 ),
                 progress=False,
             )

@@ -44,7 +44,7 @@ def run_imbalance_benchmark(
                 *overrides,
                 *forced,
                 f"data.modalities=[{m}]",
-                "balance.method=none",
+                "balance=[]",
                 f"name={base.name}_{m}_only",
             ],
         )

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from harmonia.app.build import balance_entries, build_balancing, build_model
+from harmonia.app.build import build_balancing, build_model
 from harmonia.app.registry import DATASETS
 from harmonia.app.train.base import BaseTrainer, TrainResult, seed_everything, to_device
 from harmonia.data.avdigits import AVDigits
@@ -65,7 +65,7 @@ class Trainer(BaseTrainer):
                 f"train.batch_size={cfg.train.batch_size} exceeds the {self.dataset.train_size} training "
                 "samples; lower train.batch_size"
             )
-        balance = build_balancing(balance_entries(cfg), self.model, cfg.train.seed)
+        balance = build_balancing([(e.name, e.settings) for e in cfg.balance], self.model, cfg.train.seed)
         if balance is not None:
             self.callbacks.insert(0, balance)
         self.train_loader = self.dataset.train_loader(
