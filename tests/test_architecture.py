@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -187,3 +189,54 @@ def test_the_checks_catch_a_cycle_and_a_heavy_import(tmp_path: Path) -> None:
     )
     assert import_cycles(import_graph(root)) == [["harmonia.a", "harmonia.b"]]
     assert heavy_library_imports(root) == ["harmonia.a imports matplotlib.pyplot at module level"]
+
+
+OPTIONAL = (
+    *("yaml", "pydantic", "tqdm", "scipy", "sklearn"),
+    *("av", "matplotlib", "tensorboard", "espeakng_loader"),
+)
+_BLOCK_OPTIONAL = f"""
+import importlib.abc, sys
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {OPTIONAL!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+sys.meta_path.insert(0, Missing())
+"""
+
+
+def _run_without_optional_packages(code: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    return subprocess.run(
+        [sys.executable, "-c", _BLOCK_OPTIONAL + code], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_the_library_works_with_torch_and_numpy_only() -> None:
+    """What ``pip install harmonia`` (no extras) gives: the public API imports and runs."""
+    done = _run_without_optional_packages(
+        "import torch\n"
+        "from harmonia.balance import OGM, OPM\n"
+        "from harmonia.losses import nce, mil_nce, FineGrainedNCE, VATTLoss\n"
+        "from harmonia.gradients.harmonizer import GradientHarmonizer\n"
+        "from harmonia.models import build_classifier\n"
+        "import harmonia.data.sources, harmonia.data.trimodal, harmonia.data.shards, harmonia.metrics\n"
+        "model = build_classifier(['a', 'b'], {'a': 1, 'b': 1}, 3, encoder_widths=[4], feature_dim=8)\n"
+        "out = model({'a': torch.randn(4, 1, 8, 8), 'b': torch.randn(4, 1, 8, 8)})\n"
+        "OGM(dict(model.encoders)).step(out.unimodal_logits, torch.tensor([0, 1, 2, 0]), epoch=0)\n"
+        "print(float(nce(torch.randn(4, 8), torch.randn(4, 8))) > 0)\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
+
+
+def test_a_missing_extra_is_named() -> None:
+    done = _run_without_optional_packages("import harmonia.app.train")
+    assert done.returncode != 0
+    assert "pip install 'harmonia[train]'" in done.stderr
+    done = _run_without_optional_packages(
+        "from harmonia.__main__ import main\nraise SystemExit(main(['--help']))"
+    )
+    assert done.returncode == 1
+    assert "harmonia[train]" in done.stderr and "Traceback" not in done.stderr

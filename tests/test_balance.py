@@ -307,7 +307,7 @@ def test_combined_methods_share_one_rho_and_match_a_hand_computation(
 def test_a_method_state_round_trips_through_state_dict() -> None:
     model = _tiny_classifier()
     ogm, opm = OGM.build(model), OPM.build(model)
-    ogm.apply({"audio": torch.tensor(2.0), "image": torch.tensor(0.5)}, epoch=0)
+    ogm.modulate({"audio": torch.tensor(2.0), "image": torch.tensor(0.5)}, epoch=0)
     opm.set_ratios({"audio": torch.tensor(2.0), "image": torch.tensor(0.5)})
     twin_ogm, twin_opm = OGM.build(model), OPM.build(model)
     twin_ogm.load_state_dict(ogm.state_dict())

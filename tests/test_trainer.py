@@ -238,3 +238,60 @@ def test_balancing_works_with_every_fusion_head(tmp_path: Path, fusion: str) -> 
         progress=False,
     ).fit()
     assert 0.0 <= result.test["accuracy"] <= 1.0
+
+
+def test_the_trainer_trains_the_users_own_model_on_the_users_own_tensors(tmp_path: Path) -> None:
+    """``Trainer(cfg, model=..., dataset=TensorData(...))``: a module that is not a MultimodalClassifier but
+    follows its output contract, balanced by OGM and OPM, learns a task its image modality carries."""
+    from torch import nn
+
+    from harmonia.app.config import load_config
+    from harmonia.data.sources import TensorData
+    from harmonia.models import MultimodalOutput
+
+    class Mine(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.modalities = ("audio", "image")
+            self.encoders = nn.ModuleDict(
+                {m: nn.Sequential(nn.Flatten(), nn.Linear(16, 8)) for m in self.modalities}
+            )
+            self.heads = nn.ModuleDict({m: nn.Linear(8, 2) for m in self.modalities})
+
+        def unimodal_logits(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {m: self.heads[m](features[m]) for m in self.modalities}
+
+        def forward(self, inputs: dict[str, torch.Tensor], transform=None) -> MultimodalOutput:
+            features = {m: self.encoders[m](inputs[m]) for m in self.modalities}
+            if transform is not None:
+                features = transform(features)
+            unimodal = self.unimodal_logits(features)
+            return MultimodalOutput(sum(unimodal.values()), features, unimodal)
+
+    g = torch.Generator().manual_seed(0)
+
+    def split(n: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        y = torch.randint(0, 2, (n,), generator=g)
+        image = torch.randn(n, 1, 4, 4, generator=g) + 1.5 * (2 * y.view(-1, 1, 1, 1) - 1)
+        return {"audio": torch.randn(n, 1, 4, 4, generator=g), "image": image}, y
+
+    cfg = load_config(
+        None,
+        [f"out_dir={tmp_path}", "train.epochs=3", "train.batch_size=16", "balance=[ogm,opm]", "optim.lr=0.1"],
+    )
+    trainer = Trainer(
+        cfg, model=Mine(), dataset=TensorData({"train": split(128), "test": split(64)}), progress=False
+    )
+    result = trainer.fit()
+    assert isinstance(trainer.model, Mine)
+    assert result.test["accuracy"] > 0.85  # chance 0.5; the image offset is 1.5 noise std
+    assert result.probe["image"] > 0.85 and set(result.probe) == {"audio", "image"}
+
+
+def test_a_users_model_without_encoders_needs_the_probe_off(tmp_path: Path) -> None:
+    from torch import nn
+
+    from harmonia.app.config import load_config
+
+    with pytest.raises(ConfigError, match=r"train\.probe=false"):
+        Trainer(load_config(None, [f"out_dir={tmp_path}"]), model=nn.Linear(2, 2), progress=False)

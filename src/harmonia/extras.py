@@ -52,11 +52,15 @@ def check_installed(modules: Iterable[str], purpose: str) -> None:
     """Raise the :func:`require` error for the first of ``modules`` that is not installed, without
     importing any of them."""
     for module in modules:
-        if importlib.util.find_spec(module) is None:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
             require(module, purpose)
 
 
-def progress_bar(iterable: Iterable[T] | None = None, **kwargs: Any) -> Iterator[T] | Any:
+def progress_bar(iterable: Iterable[Any] | None = None, **kwargs: Any) -> Any:
     """A tqdm progress bar when tqdm is installed, else the plain iterable (or a do-nothing bar)."""
     try:
         from tqdm.auto import tqdm

@@ -69,6 +69,12 @@ class BalancingMethod(nn.Module):
 
     Settings: ClassVar[type[Any]]
 
+    @classmethod
+    def build(cls, model: nn.Module, settings: Any = None, seed: int = 0) -> BalancingMethod:
+        """The method for ``model`` (its encoders, modalities, heads) with ``settings`` (an instance of
+        :attr:`Settings`, ``None``: the defaults); ``seed`` seeds any randomness it has."""
+        raise NotImplementedError(f"{cls.__name__} must define build(model, settings, seed)")
+
     def before_forward(self, step: BalanceStep) -> None:
         """Before the encoders run."""
 

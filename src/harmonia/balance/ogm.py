@@ -157,7 +157,7 @@ class OGM(BalancingMethod):
 
     def after_backward(self, step: BalanceStep, output: Any) -> None:
         """Modulate with the step's shared ρ; logs ``balance/k/<m>``."""
-        stats = self.apply(step.ratios(output.unimodal_logits), step.epoch)
+        stats = self.modulate(step.ratios(output.unimodal_logits), step.epoch)
         step.metrics.update({f"balance/k/{m}": k for m, k in stats.coefficients.items()})
 
     def coefficients(self, ratios: Mapping[str, Tensor | float]) -> dict[str, Tensor]:
@@ -174,10 +174,10 @@ class OGM(BalancingMethod):
         missing = set(self.params) - set(unimodal_logits)
         if missing:
             raise ConfigError(f"OGM.step: no unimodal logits for {sorted(missing)}")
-        return self.apply(discrepancy_ratio({m: unimodal_logits[m] for m in self.params}, labels), epoch)
+        return self.modulate(discrepancy_ratio({m: unimodal_logits[m] for m in self.params}, labels), epoch)
 
     @torch.no_grad()
-    def apply(self, ratios: Mapping[str, Tensor], epoch: int) -> OGMStats:
+    def modulate(self, ratios: Mapping[str, Tensor], epoch: int) -> OGMStats:
         """Modulate with ratios computed elsewhere (e.g. shared with OPM in the same step)."""
         coefficients = self.coefficients({m: ratios[m] for m in self.params})
         active = self.is_active(epoch)

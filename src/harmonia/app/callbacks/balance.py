@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from harmonia.app.callbacks.base import Callback, TrainerView
 from harmonia.app.plots import plot_balance_curves
@@ -24,7 +24,7 @@ class BalancingCallback(Callback):
     def __init__(self, methods: Sequence[BalancingMethod], names: Sequence[str] | None = None) -> None:
         if not methods:
             raise ValueError("BalancingCallback needs at least one balancing method")
-        self.methods = nn.ModuleList(methods)
+        self.methods = list(methods)
         self.names = list(names) if names is not None else [type(m).__name__.lower() for m in methods]
         self._step: BalanceStep | None = None
 

@@ -12,14 +12,29 @@ from torch import Tensor, nn
 class TrainerView(Protocol):
     """What a callback may read (and, for ``step_metrics``, write) of the trainer that calls it."""
 
-    cfg: Any
-    model: nn.Module
-    dataset: Any
-    epoch: int  # the epoch being trained, counted from 0
-    global_step: int  # optimizer steps taken so far
-    run_dir: Path
-    dist: Any  # .enabled, .rank, .world_size, .is_main
-    step_metrics: dict[str, float]  # per-step values to log; reset at the start of every step
+    @property
+    def cfg(self) -> Any: ...  # the experiment config
+
+    @property
+    def model(self) -> nn.Module: ...
+
+    @property
+    def dataset(self) -> Any: ...
+
+    @property
+    def epoch(self) -> int: ...  # the epoch being trained, counted from 0
+
+    @property
+    def global_step(self) -> int: ...  # optimizer steps taken so far
+
+    @property
+    def run_dir(self) -> Path: ...
+
+    @property
+    def dist(self) -> Any: ...  # .enabled, .rank, .world_size, .is_main
+
+    @property
+    def step_metrics(self) -> dict[str, float]: ...  # per-step values to log; reset every step
 
 
 class Callback:

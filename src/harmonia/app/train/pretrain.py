@@ -36,6 +36,7 @@ class PretrainTrainer(BaseTrainer):
     """
 
     model: TriModalPretrainModel
+    modalities: list[str]  # set by the dataset's builder
 
     @property
     def find_unused_parameters(self) -> bool:  # type: ignore[override]

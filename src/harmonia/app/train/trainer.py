@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from harmonia.app.build import build_balancing, build_model
-from harmonia.app.registry import DATASETS
+from harmonia.app.registry import BACKWARD, DATASETS
 from harmonia.app.train.base import BaseTrainer, TrainResult, seed_everything, to_device
 from harmonia.data.avdigits import AVDigits
 from harmonia.data.sources import ClassificationData
@@ -65,6 +65,7 @@ class Trainer(BaseTrainer):
                 f"train.batch_size={cfg.train.batch_size} exceeds the {self.dataset.train_size} training "
                 "samples; lower train.batch_size"
             )
+        self.backward_strategy = BACKWARD.get("plain")(self)
         balance = build_balancing([(e.name, e.settings) for e in cfg.balance], self.model, cfg.train.seed)
         if balance is not None:
             self.callbacks.insert(0, balance)
@@ -108,7 +109,7 @@ class Trainer(BaseTrainer):
         if not torch.isfinite(loss):
             self._raise_non_finite(loss, batch)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.backward_strategy.backward(self, batch, loss, output)
         for cb in self.callbacks:
             cb.after_backward(self, batch, output)
         self._finish_step()
