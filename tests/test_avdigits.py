@@ -28,6 +28,7 @@ def test_speech_errors() -> None:
         speech.synthesize("one", rate=10)
 
 
+@pytest.mark.integration
 def test_dataset_is_deterministic_for_a_seed(tiny_recipe: AVDigitsRecipe) -> None:
     a, voices_a = build_arrays(tiny_recipe, progress=False)
     b, voices_b = build_arrays(tiny_recipe, progress=False)
@@ -43,6 +44,7 @@ def test_dataset_is_deterministic_for_a_seed(tiny_recipe: AVDigitsRecipe) -> Non
     assert not np.array_equal(a["audio"], other["audio"])
 
 
+@pytest.mark.integration
 def test_splits_are_disjoint_by_voice_and_image(tiny_recipe: AVDigitsRecipe) -> None:
     ds = load_avdigits(tiny_recipe, progress=False)
     voices = {s: set(ds.splits[s].voices) for s in SPLITS}
@@ -55,6 +57,7 @@ def test_splits_are_disjoint_by_voice_and_image(tiny_recipe: AVDigitsRecipe) -> 
     assert not images["train"] & images["test"]
 
 
+@pytest.mark.integration
 def test_feature_shapes_and_dtypes(tiny_recipe: AVDigitsRecipe) -> None:
     ds = load_avdigits(tiny_recipe, progress=False)
     train = ds.splits["train"]
@@ -65,6 +68,7 @@ def test_feature_shapes_and_dtypes(tiny_recipe: AVDigitsRecipe) -> None:
     assert set(train.labels.tolist()) <= set(range(10))
 
 
+@pytest.mark.integration
 def test_cache_reloads_fast_and_rebuilds_when_corrupt(
     tiny_recipe: AVDigitsRecipe, capsys: pytest.CaptureFixture
 ) -> None:
@@ -92,6 +96,7 @@ def test_recipe_changes_change_the_cache_key(tiny_recipe: AVDigitsRecipe) -> Non
     assert recipe_key(changed) != recipe_key(tiny_recipe)
 
 
+@pytest.mark.integration
 def test_degradation_knobs_act_on_their_modality(tiny_recipe: AVDigitsRecipe) -> None:
     base, _ = build_arrays(tiny_recipe, progress=False)
     blurred, _ = build_arrays(
@@ -160,6 +165,7 @@ def test_too_few_voices_for_three_splits() -> None:
         )
 
 
+@pytest.mark.integration
 def test_fresh_training_noise_is_an_augmentation(tiny_recipe: AVDigitsRecipe) -> None:
     recipe = AVDigitsRecipe(**{**tiny_recipe.__dict__, "image_noise_std": 0.5})
     ds = load_avdigits(recipe, progress=False)

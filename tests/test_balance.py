@@ -223,6 +223,7 @@ def test_opm_is_reproducible_and_resumable() -> None:
     torch.testing.assert_close(b(feats)["audio"], next_a["audio"])
 
 
+@pytest.mark.integration
 def test_balance_curves_average_the_step_records_per_epoch(tmp_path) -> None:
     import json
 

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_RECIPE, tiny_experiment
 from harmonia.app.cli import main
 from harmonia.app.config import dump_config
 from harmonia.errors import ConfigError
+from helpers import TINY_RECIPE, tiny_experiment
 
 RECIPE_ARGS = [f"{k}={v!r}".replace("'", "") for k, v in TINY_RECIPE.items()]
 
@@ -19,6 +19,7 @@ def _tiny_yaml(tmp_path: Path, *overrides: str) -> Path:
     return path
 
 
+@pytest.mark.integration
 def test_data_command_prints_statistics(capsys: pytest.CaptureFixture) -> None:
     assert main(["data", "avdigits", *RECIPE_ARGS, "--quiet", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -28,6 +29,7 @@ def test_data_command_prints_statistics(capsys: pytest.CaptureFixture) -> None:
     assert "unimodal difficulty" in capsys.readouterr().out
 
 
+@pytest.mark.integration
 def test_train_command_prints_accuracy_and_probes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     config = _tiny_yaml(tmp_path)
     assert main(["train", str(config), "--quiet", "train.epochs=1"]) == 0  # overrides after flags work
@@ -53,6 +55,7 @@ def test_train_command_reports_config_errors(
     assert err.startswith("harmonia: error:") and message in err
 
 
+@pytest.mark.integration
 def test_bench_imbalance_writes_a_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     config = _tiny_yaml(tmp_path, "train.epochs=1")
     assert (
@@ -86,6 +89,7 @@ def test_bench_imbalance_needs_two_modalities(tmp_path: Path, capsys: pytest.Cap
     assert "only ['image']" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_bench_balance_writes_report_plots_and_speed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from harmonia.app.bench.balance import measure_step_times, run_balance_benchmark
 

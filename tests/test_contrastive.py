@@ -165,6 +165,7 @@ def _fine_losses(
     ]
 
 
+@pytest.mark.integration
 def test_gathered_negatives_match_one_process_on_the_whole_batch(tmp_path: Path) -> None:
     """2 gloo processes, 4 samples each (coarse and fine-grained losses): same per-sample losses as 1
     process on 8; and each rank's

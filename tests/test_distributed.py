@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_experiment, tiny_pretrain
 from harmonia.app.train import build_trainer
 from harmonia.app.train.checkpoint import load_checkpoint
 from harmonia.app.train.distributed import free_port
 from harmonia.data.loader import BatchLoader
+from helpers import tiny_experiment, tiny_pretrain
 
 STEPS = 2  # the tiny supervised data holds 2 full global batches of 32
 
@@ -78,6 +78,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.integration
 def test_two_processes_match_one_process_on_the_global_batch(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
@@ -122,6 +123,7 @@ def _torchrun(
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.integration
 def test_torchrun_trains_resumes_and_matches_one_process(tmp_path: Path) -> None:
     from harmonia.app.config import dump_config
 
@@ -179,6 +181,7 @@ def _dying_worker(rank: int, port: int, config: str, out_dir: str) -> None:
     Path(out_dir, "rank0.txt").write_text(f"{code}\n{time.perf_counter() - start:.1f}\n{err.getvalue()}")
 
 
+@pytest.mark.integration
 def test_a_dead_rank_makes_the_others_exit_with_a_message(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
@@ -200,6 +203,7 @@ def test_a_dead_rank_makes_the_others_exit_with_a_message(tmp_path: Path) -> Non
     assert "another rank has probably stopped" in message and "rank 0" in message
 
 
+@pytest.mark.integration
 def test_bench_distributed_reports_throughput_of_each_process_count(tmp_path: Path) -> None:
     from harmonia.app.bench.distributed import run_distributed_benchmark
     from harmonia.app.config import dump_config

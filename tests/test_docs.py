@@ -16,6 +16,7 @@ BLOCKS = [
 ]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("code", BLOCKS)
 def test_doc_example_runs(code: str) -> None:
     exec(compile(code, "<doc>", "exec"), {})

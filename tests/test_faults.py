@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from avfixtures import write_corrupt, write_video
-from conftest import tiny_experiment, tiny_pretrain
 from harmonia.app.cli import main
 from harmonia.app.config import AVDigitsRecipe, dump_config, load_config
 from harmonia.app.train import Callback, Trainer
@@ -27,6 +26,7 @@ from harmonia.data.prep import PrepSettings
 from harmonia.errors import CheckpointError, ConfigError, DataError, InputError, NonFiniteLossError
 from harmonia.losses import FineGrainedNCE, mil_nce, nce
 from harmonia.losses.finegrained import finegrained_nce
+from helpers import tiny_experiment, tiny_pretrain
 
 # --------------------------------------------------------------------------------------------------
 # checkpoints
@@ -47,6 +47,7 @@ def _plant(path: Path, marker: Path) -> None:
     torch.save({"format_version": CHECKPOINT_FORMAT_VERSION, "model": {"w": RunsCode(marker)}}, path)
 
 
+@pytest.mark.integration
 def test_a_malicious_checkpoint_does_not_run_on_resume(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     marker = tmp_path / "pwned"
     cfg = tiny_experiment(tmp_path)
@@ -61,6 +62,7 @@ def test_a_malicious_checkpoint_does_not_run_on_resume(tmp_path: Path, capsys: p
     assert not marker.exists()
 
 
+@pytest.mark.integration
 def test_a_malicious_checkpoint_does_not_run_in_audit(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     marker = tmp_path / "pwned"
     config = tmp_path / "pre.yaml"
@@ -78,6 +80,7 @@ def test_a_checkpoint_without_a_needed_key_names_it(tmp_path: Path) -> None:
         load_checkpoint(path, required=("model",))
 
 
+@pytest.mark.integration
 def test_a_real_checkpoint_loads_without_unpickling_objects(tmp_path: Path) -> None:
     """Everything the trainer saves (RNG states, optimizer, OGM/OPM state) is tensors and plain data."""
     trainer = Trainer(tiny_experiment(tmp_path, "train.epochs=1", "balance=[ogm,opm]"), progress=False)
@@ -86,6 +89,7 @@ def test_a_real_checkpoint_loads_without_unpickling_objects(tmp_path: Path) -> N
     assert state["callbacks"]["BalancingCallback"]["0:ogm"]["num_steps"] > 0
 
 
+@pytest.mark.integration
 def test_resume_and_fresh_start_remove_stale_temporary_checkpoints(tmp_path: Path) -> None:
     trainer = Trainer(tiny_experiment(tmp_path, "train.epochs=1", "train.probe=false"), progress=False)
     trainer.fit()
@@ -117,6 +121,7 @@ class PoisonWeightsAtEpochEnd(Callback):
                     p.grad.fill_(float("nan"))
 
 
+@pytest.mark.integration
 def test_weights_turning_nan_on_an_epochs_last_step_name_the_epoch(tmp_path: Path) -> None:
     trainer = Trainer(tiny_experiment(tmp_path), [PoisonWeightsAtEpochEnd()], progress=False)
     with pytest.raises(NonFiniteLossError, match=r"became NaN/inf during epoch 1.*optim.lr"):
@@ -124,6 +129,7 @@ def test_weights_turning_nan_on_an_epochs_last_step_name_the_epoch(tmp_path: Pat
     assert not trainer.checkpoint_path.exists()
 
 
+@pytest.mark.integration
 def test_disk_full_while_training_says_free_space_and_resume(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -171,6 +177,7 @@ def test_unknown_key_message_separates_its_sentences() -> None:
         load_config(None, ["optim.lrr=1"])
 
 
+@pytest.mark.integration
 def test_a_batch_larger_than_the_training_set_is_refused_in_both_tasks(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"train.batch_size=100000000 exceeds the \d+ training samples"):
         Trainer(tiny_experiment(tmp_path, "train.batch_size=100000000"), progress=False)
@@ -180,6 +187,7 @@ def test_a_batch_larger_than_the_training_set_is_refused_in_both_tasks(tmp_path:
         PretrainTrainer(tiny_pretrain(tmp_path, "train.batch_size=100000000"), progress=False)
 
 
+@pytest.mark.integration
 def test_a_model_too_large_for_memory_names_the_sizes(tmp_path: Path) -> None:
     if Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1":
         pytest.skip("the kernel promises any allocation (overcommit_memory=1): the OOM killer would answer")
@@ -191,6 +199,7 @@ def test_a_model_too_large_for_memory_names_the_sizes(tmp_path: Path) -> None:
 # AV-Digits cache
 
 
+@pytest.mark.integration
 def test_a_cache_meta_that_is_not_an_object_is_rebuilt(tiny_recipe: AVDigitsRecipe) -> None:
     first = avdigits.load_avdigits(tiny_recipe, progress=False)
     meta = avdigits.cache_root() / "avdigits" / avdigits.recipe_key(tiny_recipe) / "meta.json"
@@ -200,6 +209,7 @@ def test_a_cache_meta_that_is_not_an_object_is_rebuilt(tiny_recipe: AVDigitsReci
     assert isinstance(json.loads(meta.read_text()), dict)
 
 
+@pytest.mark.integration
 def test_a_read_only_cache_that_needs_a_build_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_recipe: AVDigitsRecipe
 ) -> None:
@@ -308,6 +318,7 @@ def test_prep_refuses_a_frame_rate_that_is_not_positive(
         PrepSettings(max_frames=0)
 
 
+@pytest.mark.integration
 def test_prep_fails_when_every_clip_fails_and_a_rerun_may_change_settings(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -328,6 +339,7 @@ def test_prep_output_that_is_a_file_is_refused(tmp_path: Path, capsys: pytest.Ca
     assert main(["prep", "cremad", "--src", str(tmp_path), "--dst", str(target), "--quiet"]) == 2
 
 
+@pytest.mark.integration
 def test_prep_shards_rewrites_a_truncated_shard(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     src, dst = tmp_path / "videos", tmp_path / "shards"
     for i in range(4):
@@ -375,6 +387,7 @@ def _alive(pid: int) -> bool:
     return "State:\tZ" not in status
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_prep_workers_die_when_the_main_process_is_killed(tmp_path: Path) -> None:
     script = tmp_path / "prep_under_kill.py"

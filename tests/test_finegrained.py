@@ -109,6 +109,7 @@ def test_chunked_equals_unchunked_in_value_and_gradient(chunk_size: int) -> None
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("direction", ["both", "over_a"])
 @pytest.mark.parametrize("bags", [False, True])
 def test_gradients_pass_gradcheck(direction: str, bags: bool) -> None:

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_pretrain, tiny_pretrain_overrides
 from harmonia.app.attention import frame_attention
 from harmonia.app.logs import read_metrics
 from harmonia.app.train import build_trainer
@@ -18,14 +17,23 @@ from harmonia.gradients.harmonizer import GradientHarmonizer
 from harmonia.losses import ContrastiveGrain, FineGrainedNCE, VATTLoss
 from harmonia.losses.finegrained import token_scores
 from harmonia.metrics.retrieval import retrieval_metrics, retrieval_metrics_from_scores
+from helpers import tiny_pretrain, tiny_pretrain_overrides
 
 
+@pytest.mark.integration
 def test_finegrained_pretraining_runs_scores_retrieval_finely_and_resumes(tmp_path: Path) -> None:
     overrides = ("pretrain.vt_loss=finegrained", "pretrain.va_loss=finegrained", "pretrain.chunk_size=4")
     full = build_trainer(tiny_pretrain(tmp_path, *overrides, "train.epochs=2"), progress=False)
     assert isinstance(full, PretrainTrainer) and full.loss.needs_tokens
     result = full.fit()
-    assert all(0 <= v <= 1 for v in result.test.values()) and set(result.probe) == {"video", "audio", "text"}
+    assert set(result.probe) == {"video", "audio", "text"}
+    # Two tiny epochs leave retrieval at chance (observed R@10 0.33-0.43 on 30 test clips, chance 10/30),
+    # so assert what can fail instead: recall grows with K in every direction, and the training loss fell
+    # (observed 6.74 -> 6.36, the video-text term 3.96 -> 3.59).
+    for pair in ("video_to_text", "text_to_video", "video_to_audio", "audio_to_video"):
+        assert result.test[f"{pair}/R@1"] <= result.test[f"{pair}/R@5"] <= result.test[f"{pair}/R@10"]
+    epochs = [r for r in read_metrics(full.run_dir / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert len(epochs) == 2 and epochs[1]["train/loss"] < epochs[0]["train/loss"]
 
     # retrieval ranks by the fine-grained score: recompute it independently for video -> text
     split = full.dataset.split("test")
@@ -53,6 +61,7 @@ def test_finegrained_pretraining_runs_scores_retrieval_finely_and_resumes(tmp_pa
     assert resumed.test == result.test
 
 
+@pytest.mark.integration
 def test_finegrained_losses_train_modality_specific_backbones(tmp_path: Path) -> None:
     cfg = tiny_pretrain(
         tmp_path,
@@ -69,6 +78,7 @@ def test_finegrained_losses_train_modality_specific_backbones(tmp_path: Path) ->
     assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
+@pytest.mark.integration
 def test_eval_every_skips_epochs_but_always_evaluates_the_last(tmp_path: Path) -> None:
     result = build_trainer(
         tiny_pretrain(tmp_path, "train.epochs=3", "train.eval_every=2", "train.probe=false"), progress=False
@@ -89,6 +99,7 @@ def test_retrieval_from_scores_equals_retrieval_from_embeddings() -> None:
     )
 
 
+@pytest.mark.integration
 def test_harmonizer_on_token_anchors_with_a_finegrained_loss(tmp_path: Path) -> None:
     """rule none equals a plain backward, and pcgrad realigns the flattened token rows."""
     trainer = build_trainer(tiny_pretrain(tmp_path, "pretrain.vt_loss=finegrained"), progress=False)
@@ -119,6 +130,7 @@ def test_harmonizer_on_token_anchors_with_a_finegrained_loss(tmp_path: Path) -> 
     torch.testing.assert_close(stats.cosine, F.cosine_similarity(*rows, dim=1))
 
 
+@pytest.mark.integration
 def test_trainer_harmonizes_finegrained_losses_through_token_anchors(tmp_path: Path) -> None:
     for mode in ("feature", "parameter"):
         cfg = tiny_pretrain(
@@ -136,6 +148,7 @@ def test_trainer_harmonizes_finegrained_losses_through_token_anchors(tmp_path: P
         assert (trainer.run_dir / "conflicts" / "epoch_000.npz").exists()
 
 
+@pytest.mark.integration
 def test_vatt_loss_needs_tokens_for_finegrained_terms(tmp_path: Path) -> None:
     loss = VATTLoss(vt=ContrastiveGrain.FINEGRAINED, finegrained=FineGrainedNCE(tau_att=0.2))
     assert loss.needs_tokens and loss.finegrained.tau == loss.temperature
@@ -146,6 +159,7 @@ def test_vatt_loss_needs_tokens_for_finegrained_terms(tmp_path: Path) -> None:
         loss.from_output(out)
 
 
+@pytest.mark.integration
 def test_frame_attention_sums_to_one_and_labels_time_slots(tmp_path: Path) -> None:
     cfg = tiny_pretrain(tmp_path, "data.trimodal.partial_rate=0.5", "data.trimodal.partial_fraction=0.5")
     trainer = build_trainer(cfg, progress=False)
@@ -163,6 +177,7 @@ def test_frame_attention_sums_to_one_and_labels_time_slots(tmp_path: Path) -> No
     assert stats["relevant"] > 0 and stats["irrelevant"] > 0
 
 
+@pytest.mark.integration
 def test_bench_finegrained_writes_report_plots_and_memory(tmp_path: Path) -> None:
     from harmonia.app.bench.finegrained import run_finegrained_benchmark
 
@@ -193,6 +208,7 @@ def test_bench_finegrained_writes_report_plots_and_memory(tmp_path: Path) -> Non
     assert summary["runs"]["16"]["coarse-clean"][0]["attention"] == {}  # no partial clips: no attention
 
 
+@pytest.mark.integration
 def test_bench_finegrained_gives_every_batch_size_the_same_steps(tmp_path: Path) -> None:
     """Batch 8 and 64 both take exactly ``steps`` optimizer steps (ceil(steps / steps per epoch) epochs,
     the last one cut short), so the comparison is at equal optimizer steps."""

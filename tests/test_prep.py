@@ -70,6 +70,7 @@ def _index(dst: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.integration
 def test_prep_cremad_reports_bad_clips_and_is_idempotent_and_resumable(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -100,6 +101,7 @@ def test_prep_cremad_reports_bad_clips_and_is_idempotent_and_resumable(
     assert "other settings (fps: 1.0 -> 2.0)" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_prep_reads_the_kinetics_sounds_ave_and_vggsound_layouts(tmp_path: Path) -> None:
     ks = tmp_path / "ks"
     write_video(ks / "train" / "playing_drums" / "abc.mp4", tone_hz=300)
@@ -141,6 +143,7 @@ def _prepared_cremad(tmp_path: Path) -> Path:
     return dst
 
 
+@pytest.mark.integration
 def test_prepared_dataset_items_follow_the_recipe(tmp_path: Path) -> None:
     import torch
 

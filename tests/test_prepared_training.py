@@ -47,6 +47,7 @@ def _prepare(dataset: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> Pat
     return dst
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("dataset", sorted(TRAINED_WITH))
 def test_each_dataset_goes_from_its_raw_layout_to_training(
     dataset: str, tmp_path: Path, capsys: pytest.CaptureFixture
@@ -57,7 +58,10 @@ def test_each_dataset_goes_from_its_raw_layout_to_training(
     assert main(["train", str(CONFIGS / f"{name}.yaml"), "--quiet", *overrides]) == 0
     run = tmp_path / "runs" / name
     results = json.loads((run / "results.json").read_text())
-    assert 0.0 <= results["test"]["accuracy"] <= 1.0
+    # two test clips (one per class) after one epoch on four: no accuracy level is guaranteed, but it is a
+    # count over exactly those two clips (a dropped or repeated clip, or a mean of batch means that weighs
+    # them unequally, gives another value)
+    assert results["test"]["accuracy"] in (0.0, 0.5, 1.0)
     assert set(results["probe"]) == {"audio", "visual"}
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
     assert state["global_step"] == 2  # 4 training clips in batches of 2
@@ -67,6 +71,7 @@ def test_each_dataset_goes_from_its_raw_layout_to_training(
     assert ("val/accuracy" in epoch) == (dataset in ("kinetics_sounds", "ave"))  # splits the dataset has
 
 
+@pytest.mark.integration
 def test_prepared_training_resumes_exactly_with_worker_processes(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -87,6 +92,7 @@ def test_prepared_training_resumes_exactly_with_worker_processes(
         torch.testing.assert_close(split[key], value, msg=key)
 
 
+@pytest.mark.integration
 def test_a_prepared_folder_of_another_dataset_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

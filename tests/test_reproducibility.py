@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # every test here trains or spawns processes
+
 ROOT = Path(__file__).resolve().parents[1]
 FILM = [
     str(ROOT / "configs" / "avdigits_film.yaml"),

@@ -35,6 +35,7 @@ def _prep(src: Path, dst: Path, *extra: str) -> list[str]:
     return ["prep", "shards", "--src", str(src), "--dst", str(dst), "--quiet", *sizes, *extra]
 
 
+@pytest.mark.integration
 def test_prep_shards_writes_resumable_shards_and_reports_bad_clips(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -66,6 +67,7 @@ def test_prep_shards_writes_resumable_shards_and_reports_bad_clips(
     assert "other settings (frames: 4 -> 2)" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_word_tokenizer_pads_bags_and_marks_unknown_words() -> None:
     tokenize = WordTokenizer(["<pad>", "<unk>", "a", "dog"], captions=3, length=2)
     ids, mask = tokenize([["a dog barks"], ["Dog", "zebra a", "x", "y"]])
@@ -73,6 +75,7 @@ def test_word_tokenizer_pads_bags_and_marks_unknown_words() -> None:
     torch.testing.assert_close(mask, ids != 0)
 
 
+@pytest.mark.integration
 def test_shard_stream_gives_disjoint_shards_to_ranks_and_workers_and_equal_steps(tmp_path: Path) -> None:
     src, dst = tmp_path / "videos", tmp_path / "shards"
     _videos(src, n=16)
@@ -102,6 +105,7 @@ def test_shard_stream_gives_disjoint_shards_to_ranks_and_workers_and_equal_steps
         ShardLoader(ShardStream(corpus, 1, 1, world_size=n_train), num_workers=2)
 
 
+@pytest.mark.integration
 def test_pretraining_reads_shards_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     src, dst = tmp_path / "videos", tmp_path / "shards"
     _videos(src)
