@@ -213,6 +213,7 @@ def _run_without_optional_packages(code: str) -> subprocess.CompletedProcess[str
     )
 
 
+@pytest.mark.integration  # a subprocess
 def test_the_library_works_with_torch_and_numpy_only() -> None:
     """What ``pip install harmonia`` (no extras) gives: the public API imports and runs."""
     done = _run_without_optional_packages(
@@ -231,6 +232,7 @@ def test_the_library_works_with_torch_and_numpy_only() -> None:
     assert done.stdout.strip() == "True"
 
 
+@pytest.mark.integration  # subprocesses
 def test_a_missing_extra_is_named() -> None:
     done = _run_without_optional_packages("import harmonia.app.train")
     assert done.returncode != 0
