@@ -127,3 +127,13 @@ def _tiny_overrides() -> list[str]:
         return items
 
     return flat(to_dict(tiny_experiment(Path("unused"))))
+
+
+@pytest.mark.parametrize("kind", ["methods", "datasets", "models"])
+def test_list_prints_every_registered_name(kind: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from harmonia.app.cli import main
+    from harmonia.app.registry import BALANCING, DATASETS, MODELS
+
+    assert main(["list", kind]) == 0
+    registry = {"methods": BALANCING, "datasets": DATASETS, "models": MODELS}[kind]
+    assert capsys.readouterr().out.split() == registry.names()

@@ -274,6 +274,19 @@ BENCHMARKS: dict[str, BenchSpec] = {
 }
 
 
+def _cmd_list(args: argparse.Namespace) -> int:
+    """Print the registered names of one kind, one per line (with the first line of each docstring)."""
+    from harmonia.app.registry import BALANCING, DATASETS, MODELS
+
+    registry = {"methods": BALANCING, "datasets": DATASETS, "models": MODELS}[args.kind]
+    for name in registry.names():
+        entry = registry.get(name)
+        target = entry.build if args.kind == "datasets" else entry  # type: ignore[attr-defined]
+        doc = (getattr(target, "__doc__", None) or "").strip().splitlines()
+        print(f"{name:<20} {doc[0]}" if args.verbose and doc else name)
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     spec = BENCHMARKS.get(args.benchmark)
     if spec is None:
@@ -335,6 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     shards.add_argument("--test-fraction", type=float, default=0.05, help="share of clips held out for test")
     p.set_defaults(func=_cmd_prep)
+
+    p = sub.add_parser("list", help="print the registered balancing methods, datasets or models")
+    p.add_argument("kind", choices=["methods", "datasets", "models"])
+    p.add_argument("-v", "--verbose", action="store_true", help="add each entry's one-line description")
+    p.set_defaults(func=_cmd_list)
 
     p = sub.add_parser("bench", help="run a benchmark and write a Markdown report")
     *others, last = BENCHMARKS

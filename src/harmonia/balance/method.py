@@ -6,9 +6,10 @@ application validates a config entry ``{name: ogm, alpha: 0.8}`` against it), ke
 a resume in buffers or ``get_extra_state``, and overrides only the hooks it needs. One training step
 calls, in this order::
 
-    step = BalanceStep(labels, epoch)
+    step = BalanceStep(labels, epoch, inputs=inputs)
     method.before_forward(step)                        # every method
     features -> method.transform_features(step, f)     # between the encoders and the fusion head
+    loss = method.adjust_loss(step, output, loss)      # objective-level methods add their terms
     loss.backward()
     method.after_backward(step, output)                # gradients are in .grad
     optimizer.step()
@@ -37,11 +38,13 @@ class BalanceStep:
         labels: class indices of the (local) batch.
         epoch: the epoch being trained, counted from 0.
         metrics: per-step values to log (``balance/<statistic>/<modality>``); the trainer logs them.
+        inputs: the batch's inputs ``{modality: tensor}`` (for methods that run extra forward passes).
     """
 
     labels: Tensor
     epoch: int
     metrics: dict[str, float] = field(default_factory=dict)
+    inputs: Mapping[str, Tensor] | None = None
     _ratios: dict[str, Tensor] | None = None
 
     @property
@@ -81,6 +84,11 @@ class BalancingMethod(nn.Module):
     def transform_features(self, step: BalanceStep, features: dict[str, Tensor]) -> dict[str, Tensor]:
         """Between the encoders and the fusion head; return the (possibly edited) features."""
         return features
+
+    def adjust_loss(self, step: BalanceStep, output: Any, loss: Tensor) -> Tensor:
+        """Before ``loss.backward()``: return the loss to minimise (objective-level methods add their
+        terms; ``output`` is the model's output for the batch)."""
+        return loss
 
     def after_backward(self, step: BalanceStep, output: Any) -> None:
         """After ``loss.backward()``; ``output`` has ``logits`` and ``unimodal_logits`` (a

@@ -29,7 +29,7 @@ class BalancingCallback(Callback):
         self._step: BalanceStep | None = None
 
     def before_forward(self, trainer: TrainerView, batch: Mapping[str, Any]) -> None:
-        self._step = BalanceStep(batch["labels"], trainer.epoch, trainer.step_metrics)
+        self._step = BalanceStep(batch["labels"], trainer.epoch, trainer.step_metrics, inputs=batch["inputs"])
         for method in self.methods:
             method.before_forward(self._step)
 
@@ -38,6 +38,14 @@ class BalancingCallback(Callback):
         for method in self.methods:
             features = method.transform_features(self._step, features)
         return features
+
+    def adjust_loss(
+        self, trainer: TrainerView, batch: Mapping[str, Any], output: Any, loss: Tensor
+    ) -> Tensor:
+        assert self._step is not None, "adjust_loss before before_forward"
+        for method in self.methods:
+            loss = method.adjust_loss(self._step, output, loss)
+        return loss
 
     def after_backward(self, trainer: TrainerView, batch: Mapping[str, Any], output: Any) -> None:
         assert self._step is not None, "after_backward before before_forward"

@@ -42,7 +42,7 @@ class Callback:
 
     Order within a training step::
 
-        before_forward -> encode -> transform_features -> fuse -> loss
+        before_forward -> encode -> transform_features -> fuse -> loss -> adjust_loss
         -> backward -> after_backward -> (grad clipping) -> before_optimizer_step -> optimizer.step()
 
     A callback that keeps state across steps returns it from :meth:`state_dict` so that ``--resume``
@@ -58,6 +58,13 @@ class Callback:
     def transform_features(self, trainer: TrainerView, features: dict[str, Tensor]) -> dict[str, Tensor]:
         """Between encoders and fusion head (e.g. to drop a modality's features); return the features."""
         return features
+
+    def adjust_loss(
+        self, trainer: TrainerView, batch: Mapping[str, Any], output: Any, loss: Tensor
+    ) -> Tensor:
+        """Before the backward pass (supervised training): return the loss to minimise; objective-level
+        methods add their terms here."""
+        return loss
 
     def after_backward(self, trainer: TrainerView, batch: Mapping[str, Any], output: Any) -> None:
         """After the backward pass: gradients are in ``.grad``; ``output`` is the model's output (a

@@ -106,6 +106,8 @@ class Trainer(BaseTrainer):
 
         output = self.parallel_model(batch["inputs"], transform=transform)
         loss = F.cross_entropy(output.logits, batch["labels"])
+        for cb in self.callbacks:
+            loss = cb.adjust_loss(self, batch, output, loss)
         if not torch.isfinite(loss):
             self._raise_non_finite(loss, batch)
         self.optimizer.zero_grad(set_to_none=True)
