@@ -316,3 +316,64 @@ def test_a_method_state_round_trips_through_state_dict() -> None:
     assert int(twin_ogm.num_steps) == 1
     torch.testing.assert_close(twin_opm.q, opm.q)
     assert float(twin_opm.q[0]) > 0 and float(twin_opm.q[1]) == 0
+
+
+def test_opm_mean_q_rescales_every_kept_feature_by_the_size_weighted_mean_q() -> None:
+    """The official code's rescaling: kept features / (1 - θ), θ = Σ_m d_m q^m / Σ_m d_m."""
+    opm = OPM(["a", "b"], p_exe=1.0, rescale_with="mean_q").train()
+    opm.q.copy_(torch.tensor([0.5, 0.2]))
+    out = opm({"a": torch.ones(64, 4), "b": torch.ones(64, 2)})
+    theta = (4 * 0.5 + 2 * 0.2) / 6  # = 0.4
+    kept = torch.cat([out["a"].flatten(), out["b"].flatten()])
+    kept = kept[kept != 0]
+    torch.testing.assert_close(kept, torch.full_like(kept, 1 / (1 - theta)))
+    own = OPM(["a", "b"], p_exe=1.0).train()
+    own.q.copy_(torch.tensor([0.5, 0.2]))
+    out = own({"a": torch.ones(64, 4), "b": torch.ones(64, 2)})
+    assert set(out["a"][out["a"] != 0].tolist()) == {2.0} and set(out["b"][out["b"] != 0].tolist()) == {1.25}
+
+
+@pytest.mark.parametrize("q_from", ["previous", "current"])
+def test_opm_q_from_the_previous_or_the_current_batch(q_from: str) -> None:
+    from harmonia.balance import BalanceStep, OPMSettings, discrepancy_ratio
+
+    model = _tiny_classifier()
+    opm = OPM.build(model, OPMSettings(p_exe=1.0, q_from=q_from)).train()
+    features = {"audio": torch.randn(6, 8), "image": torch.randn(6, 8)}
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    step = BalanceStep(labels, epoch=0)
+    opm.transform_features(step, features)
+    with torch.no_grad():
+        rho = discrepancy_ratio(model.fusion.unimodal_logits(features), labels)
+    this_batch = opm_drop_probability(torch.stack([rho["audio"], rho["image"]]), 0.5, 0.5)
+    logged = torch.tensor([step.metrics["balance/q/audio"], step.metrics["balance/q/image"]])
+    expected = this_batch if q_from == "current" else torch.zeros(2)  # previous: the initial q is 0
+    torch.testing.assert_close(logged, expected)
+    assert float(this_batch.max()) > 0  # the batch has a dominant modality, so the two cases differ
+
+
+def test_opm_does_not_drop_during_its_warmup_epochs() -> None:
+    from harmonia.balance import BalanceStep, OPMSettings
+
+    model = _tiny_classifier()
+    opm = OPM.build(model, OPMSettings(p_exe=1.0, q_from="current", q_base=1.0, warmup_epochs=2)).train()
+    features = {"audio": torch.randn(32, 8) + 3, "image": torch.randn(32, 8)}
+    labels = torch.arange(32) % 3
+    for epoch, drops in ((1, False), (2, True)):
+        out = opm.transform_features(BalanceStep(labels, epoch=epoch), dict(features))
+        changed = any(not torch.equal(out[m], features[m]) for m in features)
+        assert changed is drops, epoch
+
+
+def test_the_official_opm_options_load_from_config() -> None:
+    from harmonia.app.config import load_config
+
+    cfg = load_config(
+        None, ["balance=[{name: opm, rescale_with: mean_q, q_from: current, warmup_epochs: 6}]"]
+    )
+    settings = cfg.balance[0].settings
+    assert (settings.rescale_with.value, settings.q_from.value, settings.warmup_epochs) == (
+        "mean_q",
+        "current",
+        6,
+    )

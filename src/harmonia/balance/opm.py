@@ -12,10 +12,22 @@ never loses all its modalities (the modality with the lowest q is kept). In eval
 As a :class:`~harmonia.balance.method.BalancingMethod`, OPM drops in ``transform_features`` and computes
 the step's shared ρ there, on the features before any is dropped (so OGM, when combined, sees an unbiased
 ρ); its settings are :class:`OPMSettings` (config: ``balance: [{name: opm, q_base: 0.5}]``).
+
+The official code (``GeWu-Lab/BML_TPAMI2024``, ``code/models/Classifier.py`` and ``code/main.py``) differs
+from the defaults here in three ways, each available as a setting:
+
+* it rescales every kept feature by ``1/(1 - θ)`` with ``θ = Σ_m d_m q^m / Σ_m d_m`` (``d_m`` the feature
+  size of modality m), not modality m's by ``1/(1 - q^m)`` (``rescale_with: mean_q``);
+* it computes q from the current batch, before dropping, not from the previous step (``q_from: current``);
+* it does not drop during the first 6 epochs (``warmup_epochs: 6``).
+
+A fourth difference is not offered: the official code removes from the batch the samples that lost every
+modality, where OPM here keeps the modality with the lowest q for them.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -27,7 +39,7 @@ from harmonia.balance.method import BalanceStep, BalancingMethod, unimodal_heads
 from harmonia.balance.scores import discrepancy_ratio
 from harmonia.distributed import rank_and_world
 from harmonia.errors import ConfigError, InputError
-from harmonia.settings import setting
+from harmonia.settings import coerce_enums, setting
 
 UnimodalHeads = Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]]
 
@@ -39,14 +51,40 @@ def opm_drop_probability(ratio: Tensor, q_base: float = 0.5, lam: float = 0.5) -
     return torch.where(ratio > 1, q, torch.zeros_like(ratio))
 
 
+class RescaleWith(str, enum.Enum):
+    """How kept features are rescaled: by their own modality's q, or by the size-weighted mean q θ."""
+
+    OWN_Q = "own_q"
+    MEAN_Q = "mean_q"
+
+
+class QFrom(str, enum.Enum):
+    """Which batch the drop probabilities of a step come from."""
+
+    PREVIOUS = "previous"
+    CURRENT = "current"
+
+
 @dataclass
 class OPMSettings:
-    """OPM hyper-parameters (defaults: TPAMI 2025 and its official code)."""
+    """OPM hyper-parameters (defaults: TPAMI 2025 Eq. 8 / Alg. 1; the official code's choices as options)."""
 
     q_base: float = setting(0.5, help="base drop probability", ge=0, le=1)
     lam: float = setting(0.5, help="λ: how fast q grows with ρ", ge=0)
     p_exe: float = setting(0.7, help="probability that dropping is executed in a step", ge=0, le=1)
-    rescale: bool = setting(True, help="rescale kept features by 1/(1-q)")
+    rescale: bool = setting(True, help="rescale kept features (inverted dropout)")
+    rescale_with: RescaleWith = setting(
+        RescaleWith.OWN_Q,
+        help="own_q: modality m's features by 1/(1-q^m); mean_q: all by 1/(1-θ), θ = Σ d_m q^m / Σ d_m "
+        "(the official code)",
+    )
+    q_from: QFrom = setting(
+        QFrom.PREVIOUS, help="previous: q of the previous step (Alg. 1); current: of this batch (the code)"
+    )
+    warmup_epochs: int = setting(0, help="epochs without dropping at the start (the code: 6)", ge=0)
+
+    def __post_init__(self) -> None:
+        coerce_enums(self)
 
 
 class OPM(BalancingMethod):
@@ -76,6 +114,9 @@ class OPM(BalancingMethod):
         rescale: bool = True,
         seed: int = 0,
         unimodal_logits: UnimodalHeads | None = None,
+        rescale_with: RescaleWith | str = RescaleWith.OWN_Q,
+        q_from: QFrom | str = QFrom.PREVIOUS,
+        warmup_epochs: int = 0,
     ) -> None:
         super().__init__()
         if len(modalities) < 2:
@@ -90,6 +131,10 @@ class OPM(BalancingMethod):
         self.register_buffer("q", torch.zeros(len(self.modalities)))
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
         self.unimodal_logits = unimodal_logits
+        self.rescale_with, self.q_from = RescaleWith(rescale_with), QFrom(q_from)
+        if warmup_epochs < 0:
+            raise ConfigError(f"OPM warmup_epochs must be >= 0, got {warmup_epochs}")
+        self.warmup_epochs = warmup_epochs
 
     @classmethod
     def build(cls, model: nn.Module, settings: OPMSettings | None = None, seed: int = 0) -> OPM:
@@ -103,12 +148,16 @@ class OPM(BalancingMethod):
             rescale=s.rescale,
             seed=seed,
             unimodal_logits=unimodal_heads(model),
+            rescale_with=s.rescale_with,
+            q_from=s.q_from,
+            warmup_epochs=s.warmup_epochs,
         )
         return opm.to(next(model.parameters()).device)
 
     def transform_features(self, step: BalanceStep, features: dict[str, Tensor]) -> dict[str, Tensor]:
         """Drop with the previous step's q, then set q from this step's ρ (computed here, on the features
-        before dropping, unless another method computed it already). Logs ``balance/q/<m>``."""
+        before dropping, unless another method computed it already); with ``q_from=current``, set q from
+        this step's ρ first. No dropping in the first ``warmup_epochs`` epochs. Logs ``balance/q/<m>``."""
         if not step.has_ratios:
             if self.unimodal_logits is None:
                 raise ConfigError(
@@ -118,6 +167,12 @@ class OPM(BalancingMethod):
             with torch.no_grad():
                 step.ratios(self.unimodal_logits({m: f.detach() for m, f in features.items()}))
         ratios = step.ratios({})
+        if self.q_from is QFrom.CURRENT:
+            self.set_ratios(ratios)
+        if step.epoch < self.warmup_epochs:
+            step.metrics.update({f"balance/q/{m}": 0.0 for m in self.modalities})
+            self.set_ratios(ratios)
+            return features
         step.metrics.update({f"balance/q/{m}": q for m, q in self.drop_probabilities().items()})
         dropped = self(features)
         self.set_ratios(ratios)
@@ -166,9 +221,14 @@ class OPM(BalancingMethod):
         keep = draws[rank * batch : (rank + 1) * batch] >= q
         lost_all = ~keep.any(dim=1)
         keep[lost_all, int(q.argmin())] = True
+        scales = [1.0 / (1.0 - float(qm)) if float(qm) < 1.0 else 1.0 for qm in q]
+        if self.rescale_with is RescaleWith.MEAN_Q:
+            sizes = torch.tensor([float(features[m][0].numel()) for m in self.modalities])
+            theta = float((sizes * q).sum() / sizes.sum())
+            scales = [1.0 / (1.0 - theta) if theta < 1.0 else 1.0] * len(self.modalities)
         out = {}
         for j, m in enumerate(self.modalities):
             mask = keep[:, j].to(features[m].device, features[m].dtype)
-            scale = 1.0 / (1.0 - float(q[j])) if self.rescale and float(q[j]) < 1.0 else 1.0
+            scale = scales[j] if self.rescale else 1.0
             out[m] = features[m] * mask.view(-1, *([1] * (features[m].dim() - 1))) * scale
         return out
