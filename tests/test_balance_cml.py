@@ -157,7 +157,12 @@ def test_a_model_without_fusion_head_uses_summed_unimodal_logits() -> None:
         kept = model.modalities[1 - int(orders[i, 0])]
         torch.testing.assert_close(reduced[i], uni[kept][i])
     output = MultimodalOutput(logits, features, uni)
-    assert float(cml.adjust_loss(BalanceStep(torch.zeros(4, dtype=torch.long), 0), output, logits.sum())) != 0
+    assert (
+        float(
+            cml.adjust_loss(BalanceStep(torch.zeros(4, dtype=torch.long), 0), output, logits.sum()).detach()
+        )
+        != 0
+    )
 
 
 def test_inactive_epochs_leave_the_loss_alone_and_one_modality_is_refused() -> None:
