@@ -1,4 +1,5 @@
-"""Modality balancing: unimodal scores, discrepancy ratio, OGM / OGM-GE and OPM (TPAMI 2025, CVPR 2022).
+"""Modality balancing: unimodal scores, discrepancy ratio, OGM / OGM-GE and OPM (TPAMI 2025, CVPR 2022),
+MMPareto (ICML 2024).
 
 Each method is one :class:`BalancingMethod` (an ``nn.Module``) with its own settings dataclass; it works in
 a plain training loop through its own methods (``OGM.step``, ``OPM.forward`` / ``OPM.update``) and in any
@@ -6,6 +7,7 @@ trainer through the hooks of :class:`BalancingMethod`.
 """
 
 from harmonia.balance.method import BalanceStep, BalancingMethod, unimodal_heads
+from harmonia.balance.mmpareto import MMPareto, MMParetoSettings
 from harmonia.balance.ogm import OGM, OGMForm, OGMSettings, OGMStats, conv_weights_only, ogm_coefficient
 from harmonia.balance.opm import OPM, OPMSettings, opm_drop_probability
 from harmonia.balance.scores import discrepancy_ratio, ratios_from_scores, unimodal_scores
@@ -15,6 +17,8 @@ __all__ = [
     "OPM",
     "BalanceStep",
     "BalancingMethod",
+    "MMPareto",
+    "MMParetoSettings",
     "OGMForm",
     "OGMSettings",
     "OGMStats",
