@@ -1,6 +1,7 @@
 """Data-parallel training with 2 real gloo processes on CPU: the same parameters as one process on the same
-global batch (supervised with OGM-GE and with OPM; pre-training with the harmonizer in each mode and with a
-fine-grained loss), torchrun end to end, resume under DDP, and a clear exit when a rank dies."""
+global batch (supervised with OGM-GE, with OPM and with MMPareto; pre-training with the harmonizer in each
+mode and with a fine-grained loss), torchrun end to end, resume under DDP, and a clear exit when a rank
+dies."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ def _configs(out_dir: Path) -> dict[str, object]:
     return {
         "supervised": tiny_experiment(out_dir, "name=supervised", *SUPERVISED),
         "opm": tiny_experiment(out_dir, "name=opm", "balance=[{name: opm, p_exe: 1.0}]", "optim.name=sgd"),
+        "mmpareto": tiny_experiment(out_dir, "name=mmpareto", "balance=[mmpareto]", "optim.name=sgd"),
         **{
             name: tiny_pretrain(out_dir, f"name={name.replace('+', '_')}", *noisy, *extra)
             for name, extra in PRETRAIN.items()

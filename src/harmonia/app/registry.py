@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from harmonia.app import backward, datasets, pretrain_data
-from harmonia.balance import CML, OGM, OPM, BalancingMethod
+from harmonia.balance import CML, OGM, OPM, BalancingMethod, MMPareto
 from harmonia.errors import ConfigError
 from harmonia.models.build import build_classifier
 from harmonia.models.encoders import EncoderKind
@@ -101,6 +101,7 @@ BALANCING: Registry[type[BalancingMethod]] = Registry("balancing method", "balan
 BALANCING.register("ogm", OGM)
 BALANCING.register("opm", OPM)
 BALANCING.register("cml", CML)
+BALANCING.register("mmpareto", MMPareto)
 
 BACKWARD: Registry[Callable[[Any], Any]] = Registry("backward strategy", "backward")
 BACKWARD.register("plain", backward.plain)

@@ -1,5 +1,5 @@
 """Modality balancing: unimodal scores, discrepancy ratio, OGM / OGM-GE and OPM (TPAMI 2025, CVPR 2022),
-CML (ICML 2023).
+CML (ICML 2023) and MMPareto (ICML 2024).
 
 Each method is one :class:`BalancingMethod` (an ``nn.Module``) with its own settings dataclass; it works in
 a plain training loop through its own methods (``OGM.step``, ``OPM.forward`` / ``OPM.update``) and in any
@@ -8,6 +8,7 @@ trainer through the hooks of :class:`BalancingMethod`.
 
 from harmonia.balance.cml import CML, CMLReduction, CMLSettings, cml_regularizer
 from harmonia.balance.method import BalanceStep, BalancingMethod, unimodal_heads
+from harmonia.balance.mmpareto import MMPareto, MMParetoSettings
 from harmonia.balance.ogm import OGM, OGMForm, OGMSettings, OGMStats, conv_weights_only, ogm_coefficient
 from harmonia.balance.opm import OPM, OPMSettings, opm_drop_probability
 from harmonia.balance.scores import discrepancy_ratio, ratios_from_scores, unimodal_scores
@@ -20,6 +21,8 @@ __all__ = [
     "BalancingMethod",
     "CMLReduction",
     "CMLSettings",
+    "MMPareto",
+    "MMParetoSettings",
     "OGMForm",
     "OGMSettings",
     "OGMStats",
