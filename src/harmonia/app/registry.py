@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from harmonia.app import backward, datasets, pretrain_data
-from harmonia.balance import OGM, OPM, BalancingMethod
+from harmonia.balance import AGM, OGM, OPM, BalancingMethod
 from harmonia.errors import ConfigError
 from harmonia.models.build import build_classifier
 from harmonia.models.encoders import EncoderKind
@@ -100,6 +100,7 @@ MODELS.register("classifier", classifier)
 BALANCING: Registry[type[BalancingMethod]] = Registry("balancing method", "balance[].name")
 BALANCING.register("ogm", OGM)
 BALANCING.register("opm", OPM)
+BALANCING.register("agm", AGM)
 
 BACKWARD: Registry[Callable[[Any], Any]] = Registry("backward strategy", "backward")
 BACKWARD.register("plain", backward.plain)
