@@ -1,5 +1,5 @@
 """Modality balancing: unimodal scores, discrepancy ratio, OGM / OGM-GE and OPM (TPAMI 2025, CVPR 2022),
-CML (ICML 2023), AGM (ICCV 2023) and MMPareto (ICML 2024).
+CML (ICML 2023), AGM (ICCV 2023), MMPareto (ICML 2024) and LFM (NeurIPS 2024).
 
 Each method is one :class:`BalancingMethod` (an ``nn.Module``) with its own settings dataclass; it works in
 a plain training loop through its own methods (``OGM.step``, ``OPM.forward`` / ``OPM.update``) and in any
@@ -8,6 +8,7 @@ trainer through the hooks of :class:`BalancingMethod`.
 
 from harmonia.balance.agm import AGM, AGMSettings, agm_coefficients, mono_modal_responses, response_scores
 from harmonia.balance.cml import CML, CMLReduction, CMLSettings, cml_regularizer
+from harmonia.balance.lfm import LFM, LFMSchedule, LFMSettings, js_divergence, lfm_cls_weight, matching_loss
 from harmonia.balance.method import BalanceStep, BalancingMethod, unimodal_heads
 from harmonia.balance.mmpareto import MMPareto, MMParetoSettings
 from harmonia.balance.ogm import OGM, OGMForm, OGMSettings, OGMStats, conv_weights_only, ogm_coefficient
@@ -17,6 +18,7 @@ from harmonia.balance.scores import discrepancy_ratio, ratios_from_scores, unimo
 __all__ = [
     "AGM",
     "CML",
+    "LFM",
     "OGM",
     "OPM",
     "AGMSettings",
@@ -24,6 +26,8 @@ __all__ = [
     "BalancingMethod",
     "CMLReduction",
     "CMLSettings",
+    "LFMSchedule",
+    "LFMSettings",
     "MMPareto",
     "MMParetoSettings",
     "OGMForm",
@@ -34,6 +38,9 @@ __all__ = [
     "cml_regularizer",
     "conv_weights_only",
     "discrepancy_ratio",
+    "js_divergence",
+    "lfm_cls_weight",
+    "matching_loss",
     "mono_modal_responses",
     "ogm_coefficient",
     "opm_drop_probability",
