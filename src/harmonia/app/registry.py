@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from harmonia.app import backward, datasets, pretrain_data
-from harmonia.balance import AGM, CML, LFM, OGM, OPM, BalancingMethod, MMPareto
+from harmonia.balance import AGM, CML, LFM, OGM, OPM, AMCo, BalancingMethod, MMPareto
 from harmonia.errors import ConfigError
 from harmonia.models.build import build_classifier
 from harmonia.models.encoders import EncoderKind
@@ -104,6 +104,7 @@ BALANCING.register("cml", CML)
 BALANCING.register("mmpareto", MMPareto)
 BALANCING.register("agm", AGM)
 BALANCING.register("lfm", LFM)
+BALANCING.register("amco", AMCo)
 
 BACKWARD: Registry[Callable[[Any], Any]] = Registry("backward strategy", "backward")
 BACKWARD.register("plain", backward.plain)

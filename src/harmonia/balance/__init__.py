@@ -1,5 +1,5 @@
 """Modality balancing: unimodal scores, discrepancy ratio, OGM / OGM-GE and OPM (TPAMI 2025, CVPR 2022),
-CML (ICML 2023), AGM (ICCV 2023), MMPareto (ICML 2024) and LFM (NeurIPS 2024).
+CML (ICML 2023), AGM (ICCV 2023), AMCo (ICASSP 2023), MMPareto (ICML 2024) and LFM (NeurIPS 2024).
 
 Each method is one :class:`BalancingMethod` (an ``nn.Module``) with its own settings dataclass; it works in
 a plain training loop through its own methods (``OGM.step``, ``OPM.forward`` / ``OPM.update``) and in any
@@ -7,6 +7,7 @@ trainer through the hooks of :class:`BalancingMethod`.
 """
 
 from harmonia.balance.agm import AGM, AGMSettings, agm_coefficients, mono_modal_responses, response_scores
+from harmonia.balance.amco import AMCo, AMCoSettings, AMCoTarget, amco_mask_ratio, dependence_shares
 from harmonia.balance.cml import CML, CMLReduction, CMLSettings, cml_regularizer
 from harmonia.balance.lfm import LFM, LFMSchedule, LFMSettings, js_divergence, lfm_cls_weight, matching_loss
 from harmonia.balance.method import BalanceStep, BalancingMethod, unimodal_heads
@@ -22,6 +23,9 @@ __all__ = [
     "OGM",
     "OPM",
     "AGMSettings",
+    "AMCo",
+    "AMCoSettings",
+    "AMCoTarget",
     "BalanceStep",
     "BalancingMethod",
     "CMLReduction",
@@ -35,8 +39,10 @@ __all__ = [
     "OGMStats",
     "OPMSettings",
     "agm_coefficients",
+    "amco_mask_ratio",
     "cml_regularizer",
     "conv_weights_only",
+    "dependence_shares",
     "discrepancy_ratio",
     "js_divergence",
     "lfm_cls_weight",
