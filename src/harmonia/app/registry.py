@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from harmonia.app import backward, datasets, pretrain_data
-from harmonia.balance import AGM, CML, LFM, OGM, OPM, AMCo, BalancingMethod, MMPareto
+from harmonia.balance import AGM, CML, LFM, OGM, OPM, PMR, AMCo, BalancingMethod, MMPareto
 from harmonia.errors import ConfigError
 from harmonia.models.build import build_classifier
 from harmonia.models.encoders import EncoderKind
@@ -105,6 +105,7 @@ BALANCING.register("mmpareto", MMPareto)
 BALANCING.register("agm", AGM)
 BALANCING.register("lfm", LFM)
 BALANCING.register("amco", AMCo)
+BALANCING.register("pmr", PMR)
 
 BACKWARD: Registry[Callable[[Any], Any]] = Registry("backward strategy", "backward")
 BACKWARD.register("plain", backward.plain)

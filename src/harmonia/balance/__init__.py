@@ -1,5 +1,6 @@
 """Modality balancing: unimodal scores, discrepancy ratio, OGM / OGM-GE and OPM (TPAMI 2025, CVPR 2022),
-CML (ICML 2023), AGM (ICCV 2023), AMCo (ICASSP 2023), MMPareto (ICML 2024) and LFM (NeurIPS 2024).
+CML (ICML 2023), PMR (CVPR 2023), AGM (ICCV 2023), AMCo (ICASSP 2023), MMPareto (ICML 2024) and LFM
+(NeurIPS 2024).
 
 Each method is one :class:`BalancingMethod` (an ``nn.Module``) with its own settings dataclass; it works in
 a plain training loop through its own methods (``OGM.step``, ``OPM.forward`` / ``OPM.update``) and in any
@@ -14,6 +15,7 @@ from harmonia.balance.method import BalanceStep, BalancingMethod, unimodal_heads
 from harmonia.balance.mmpareto import MMPareto, MMParetoSettings
 from harmonia.balance.ogm import OGM, OGMForm, OGMSettings, OGMStats, conv_weights_only, ogm_coefficient
 from harmonia.balance.opm import OPM, OPMSettings, opm_drop_probability
+from harmonia.balance.pmr import PMR, PMRSettings, pmr_coefficients, prototype_logits
 from harmonia.balance.scores import discrepancy_ratio, ratios_from_scores, unimodal_scores
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     "LFM",
     "OGM",
     "OPM",
+    "PMR",
     "AGMSettings",
     "AMCo",
     "AMCoSettings",
@@ -38,6 +41,7 @@ __all__ = [
     "OGMSettings",
     "OGMStats",
     "OPMSettings",
+    "PMRSettings",
     "agm_coefficients",
     "amco_mask_ratio",
     "cml_regularizer",
@@ -50,6 +54,8 @@ __all__ = [
     "mono_modal_responses",
     "ogm_coefficient",
     "opm_drop_probability",
+    "pmr_coefficients",
+    "prototype_logits",
     "ratios_from_scores",
     "response_scores",
     "unimodal_heads",
