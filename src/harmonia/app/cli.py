@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from harmonia.errors import HarmoniaError
 
@@ -276,9 +277,10 @@ BENCHMARKS: dict[str, BenchSpec] = {
 
 def _cmd_list(args: argparse.Namespace) -> int:
     """Print the registered names of one kind, one per line (with the first line of each docstring)."""
-    from harmonia.app.registry import BALANCING, DATASETS, MODELS
+    from harmonia.app.registry import BALANCING, DATASETS, MODELS, Registry
 
-    registry = {"methods": BALANCING, "datasets": DATASETS, "models": MODELS}[args.kind]
+    registries: dict[str, Registry[Any]] = {"methods": BALANCING, "datasets": DATASETS, "models": MODELS}
+    registry = registries[args.kind]
     for name in registry.names():
         entry = registry.get(name)
         target = entry.build if args.kind == "datasets" else entry  # type: ignore[attr-defined]
