@@ -1,6 +1,6 @@
 """Modality balancing: unimodal scores, discrepancy ratio, OGM / OGM-GE and OPM (TPAMI 2025, CVPR 2022),
 CML (ICML 2023), PMR (CVPR 2023), AGM (ICCV 2023), AMCo (ICASSP 2023), MMPareto (ICML 2024) and LFM
-(NeurIPS 2024).
+(NeurIPS 2024) and Diagnosing & Re-learning (ECCV 2024).
 
 Each method is one :class:`BalancingMethod` (an ``nn.Module``) with its own settings dataclass; it works in
 a plain training loop through its own methods (``OGM.step``, ``OPM.forward`` / ``OPM.update``) and in any
@@ -16,6 +16,7 @@ from harmonia.balance.mmpareto import MMPareto, MMParetoSettings
 from harmonia.balance.ogm import OGM, OGMForm, OGMSettings, OGMStats, conv_weights_only, ogm_coefficient
 from harmonia.balance.opm import OPM, OPMSettings, opm_drop_probability
 from harmonia.balance.pmr import PMR, PMRSettings, pmr_coefficients, prototype_logits
+from harmonia.balance.relearn import Relearn, RelearnSettings, kmeans, purity, relearn_alpha, soft_reinit
 from harmonia.balance.scores import discrepancy_ratio, ratios_from_scores, unimodal_scores
 
 __all__ = [
@@ -42,6 +43,8 @@ __all__ = [
     "OGMStats",
     "OPMSettings",
     "PMRSettings",
+    "Relearn",
+    "RelearnSettings",
     "agm_coefficients",
     "amco_mask_ratio",
     "cml_regularizer",
@@ -49,6 +52,7 @@ __all__ = [
     "dependence_shares",
     "discrepancy_ratio",
     "js_divergence",
+    "kmeans",
     "lfm_cls_weight",
     "matching_loss",
     "mono_modal_responses",
@@ -56,8 +60,11 @@ __all__ = [
     "opm_drop_probability",
     "pmr_coefficients",
     "prototype_logits",
+    "purity",
     "ratios_from_scores",
+    "relearn_alpha",
     "response_scores",
+    "soft_reinit",
     "unimodal_heads",
     "unimodal_scores",
 ]

@@ -14,6 +14,10 @@ calls, in this order::
     method.after_backward(step, output)                # gradients are in .grad
     optimizer.step()
 
+and once per epoch, after the epoch's evaluation and before its checkpoint,
+``method.on_epoch_end(epoch, features, metrics)``, where ``features(split)`` gives every encoder's
+eval-mode features over a whole split (methods that diagnose the encoders on the data, e.g. Relearn).
+
 Methods that need the discrepancy ratio ρ (OGM, OPM, ...) ask :meth:`BalanceStep.ratios` for it: the first
 call computes it (one all-reduce under ``torch.distributed``), every later call in the step gets the same
 tensors, so combined methods see one ρ, computed once.
@@ -21,13 +25,17 @@ tensors, so combined methods see one ρ, computed once.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
 from harmonia.balance.scores import discrepancy_ratio
+
+SplitFeatures = Callable[[str], tuple[dict[str, Tensor], Tensor]]
+"""``features(split) -> ({modality: [N, d] features}, [N] labels)``: each encoder's features over a
+whole split of the data (eval mode, no augmentation, a fixed order; the same on every rank)."""
 
 
 @dataclass
@@ -93,6 +101,11 @@ class BalancingMethod(nn.Module):
     def after_backward(self, step: BalanceStep, output: Any) -> None:
         """After ``loss.backward()``; ``output`` has ``logits`` and ``unimodal_logits`` (a
         :class:`~harmonia.models.MultimodalOutput`)."""
+
+    def on_epoch_end(self, epoch: int, features: SplitFeatures, metrics: dict[str, float]) -> None:
+        """After training and evaluating ``epoch`` (counted from 0), before its checkpoint. ``features``
+        gives the encoders' features over a split (``"train"``, ``"val"``, ...); values put in ``metrics``
+        are logged with the epoch's."""
 
 
 def unimodal_heads(model: nn.Module) -> Any:

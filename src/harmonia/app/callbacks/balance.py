@@ -52,6 +52,20 @@ class BalancingCallback(Callback):
         for method in self.methods:
             method.after_backward(self._step, output)
 
+    def on_epoch_end(self, trainer: TrainerView, epoch: int, metrics: dict[str, float]) -> None:
+        extract = getattr(trainer, "encoder_features", None)
+
+        def features(split: str) -> tuple[dict[str, Tensor], Tensor]:
+            if extract is None:
+                raise TypeError(
+                    f"{type(trainer).__name__} cannot give encoder features over a split (no "
+                    "encoder_features method), which this balancing method needs"
+                )
+            return extract(split)  # type: ignore[no-any-return]
+
+        for method in self.methods:
+            method.on_epoch_end(epoch, features, metrics)
+
     def on_train_end(self, trainer: TrainerView) -> None:
         if trainer.dist.is_main:
             plot_balance_curves({"": trainer.run_dir}, trainer.run_dir / "balance_curves.png")
