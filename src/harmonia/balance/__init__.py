@@ -1,5 +1,5 @@
 """Modality balancing: unimodal scores, discrepancy ratio, OGM / OGM-GE and OPM (TPAMI 2025, CVPR 2022),
-CML (ICML 2023), PMR (CVPR 2023), AGM (ICCV 2023), AMCo (ICASSP 2023), MMPareto (ICML 2024) and LFM
+CML (ICML 2023), PMR (CVPR 2023), AGM (ICCV 2023), AMCo (ICASSP 2023), MMPareto (ICML 2024), LFM
 (NeurIPS 2024) and Diagnosing & Re-learning (ECCV 2024).
 
 Each method is one :class:`BalancingMethod` (an ``nn.Module``) with its own settings dataclass; it works in
