@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from harmonia.app import backward, datasets, pretrain_data
-from harmonia.balance import AGM, CML, LFM, OGM, OPM, PMR, AMCo, BalancingMethod, MMPareto
+from harmonia.balance import AGM, CML, LFM, OGM, OPM, PMR, UME, UMT, AMCo, BalancingMethod, MMPareto
 from harmonia.errors import ConfigError
 from harmonia.models.build import build_classifier
 from harmonia.models.encoders import EncoderKind
@@ -106,6 +106,8 @@ BALANCING.register("agm", AGM)
 BALANCING.register("lfm", LFM)
 BALANCING.register("amco", AMCo)
 BALANCING.register("pmr", PMR)
+BALANCING.register("ume", UME)
+BALANCING.register("umt", UMT)
 
 BACKWARD: Registry[Callable[[Any], Any]] = Registry("backward strategy", "backward")
 BACKWARD.register("plain", backward.plain)
