@@ -23,7 +23,20 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from harmonia.app import backward, datasets, pretrain_data
-from harmonia.balance import AGM, CML, LFM, OGM, OPM, PMR, AMCo, BalancingMethod, MMPareto, Relearn
+from harmonia.balance import (
+    AGM,
+    CML,
+    LFM,
+    OGM,
+    OPM,
+    PMR,
+    UME,
+    UMT,
+    AMCo,
+    BalancingMethod,
+    MMPareto,
+    Relearn,
+)
 from harmonia.errors import ConfigError
 from harmonia.models.build import build_classifier
 from harmonia.models.encoders import EncoderKind
@@ -107,6 +120,8 @@ BALANCING.register("lfm", LFM)
 BALANCING.register("amco", AMCo)
 BALANCING.register("pmr", PMR)
 BALANCING.register("relearn", Relearn)
+BALANCING.register("ume", UME)
+BALANCING.register("umt", UMT)
 
 BACKWARD: Registry[Callable[[Any], Any]] = Registry("backward strategy", "backward")
 BACKWARD.register("plain", backward.plain)

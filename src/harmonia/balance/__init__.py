@@ -1,6 +1,6 @@
 """Modality balancing: unimodal scores, discrepancy ratio, OGM / OGM-GE and OPM (TPAMI 2025, CVPR 2022),
 CML (ICML 2023), PMR (CVPR 2023), AGM (ICCV 2023), AMCo (ICASSP 2023), MMPareto (ICML 2024), LFM
-(NeurIPS 2024) and Diagnosing & Re-learning (ECCV 2024).
+(NeurIPS 2024), UME / UMT (ICML 2023) and Diagnosing & Re-learning (ECCV 2024).
 
 Each method is one :class:`BalancingMethod` (an ``nn.Module``) with its own settings dataclass; it works in
 a plain training loop through its own methods (``OGM.step``, ``OPM.forward`` / ``OPM.update``) and in any
@@ -18,6 +18,8 @@ from harmonia.balance.opm import OPM, OPMSettings, opm_drop_probability
 from harmonia.balance.pmr import PMR, PMRSettings, pmr_coefficients, prototype_logits
 from harmonia.balance.relearn import Relearn, RelearnSettings, kmeans, purity, relearn_alpha, soft_reinit
 from harmonia.balance.scores import discrepancy_ratio, ratios_from_scores, unimodal_scores
+from harmonia.balance.ume import UME, UMEReduction, UMESettings, check_additive_fusion, ume_loss
+from harmonia.balance.umt import UMT, UMTSettings, load_teacher, state_fingerprint, teacher_state
 
 __all__ = [
     "AGM",
@@ -26,6 +28,8 @@ __all__ = [
     "OGM",
     "OPM",
     "PMR",
+    "UME",
+    "UMT",
     "AGMSettings",
     "AMCo",
     "AMCoSettings",
@@ -45,8 +49,12 @@ __all__ = [
     "PMRSettings",
     "Relearn",
     "RelearnSettings",
+    "UMEReduction",
+    "UMESettings",
+    "UMTSettings",
     "agm_coefficients",
     "amco_mask_ratio",
+    "check_additive_fusion",
     "cml_regularizer",
     "conv_weights_only",
     "dependence_shares",
@@ -54,6 +62,7 @@ __all__ = [
     "js_divergence",
     "kmeans",
     "lfm_cls_weight",
+    "load_teacher",
     "matching_loss",
     "mono_modal_responses",
     "ogm_coefficient",
@@ -65,6 +74,9 @@ __all__ = [
     "relearn_alpha",
     "response_scores",
     "soft_reinit",
+    "state_fingerprint",
+    "teacher_state",
+    "ume_loss",
     "unimodal_heads",
     "unimodal_scores",
 ]
