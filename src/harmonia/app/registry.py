@@ -34,6 +34,7 @@ from harmonia.balance import (
     UMT,
     AMCo,
     BalancingMethod,
+    GBlending,
     MMPareto,
     Relearn,
 )
@@ -122,6 +123,7 @@ BALANCING.register("pmr", PMR)
 BALANCING.register("relearn", Relearn)
 BALANCING.register("ume", UME)
 BALANCING.register("umt", UMT)
+BALANCING.register("gblending", GBlending)
 
 BACKWARD: Registry[Callable[[Any], Any]] = Registry("backward strategy", "backward")
 BACKWARD.register("plain", backward.plain)

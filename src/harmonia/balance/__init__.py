@@ -1,6 +1,7 @@
 """Modality balancing: unimodal scores, discrepancy ratio, OGM / OGM-GE and OPM (TPAMI 2025, CVPR 2022),
 CML (ICML 2023), PMR (CVPR 2023), AGM (ICCV 2023), AMCo (ICASSP 2023), MMPareto (ICML 2024), LFM
-(NeurIPS 2024), UME / UMT (ICML 2023) and Diagnosing & Re-learning (ECCV 2024).
+(NeurIPS 2024), UME / UMT (ICML 2023), Diagnosing & Re-learning (ECCV 2024) and Gradient-Blending (CVPR
+2020).
 
 Each method is one :class:`BalancingMethod` (an ``nn.Module``) with its own settings dataclass; it works in
 a plain training loop through its own methods (``OGM.step``, ``OPM.forward`` / ``OPM.update``) and in any
@@ -10,6 +11,14 @@ trainer through the hooks of :class:`BalancingMethod`.
 from harmonia.balance.agm import AGM, AGMSettings, agm_coefficients, mono_modal_responses, response_scores
 from harmonia.balance.amco import AMCo, AMCoSettings, AMCoTarget, amco_mask_ratio, dependence_shares
 from harmonia.balance.cml import CML, CMLReduction, CMLSettings, cml_regularizer
+from harmonia.balance.gblending import (
+    GBlending,
+    GBlendingGain,
+    GBlendingSettings,
+    blended_loss,
+    gblending_weights,
+    ogr_terms,
+)
 from harmonia.balance.lfm import LFM, LFMSchedule, LFMSettings, js_divergence, lfm_cls_weight, matching_loss
 from harmonia.balance.method import BalanceStep, BalancingMethod, unimodal_heads
 from harmonia.balance.mmpareto import MMPareto, MMParetoSettings
@@ -38,6 +47,9 @@ __all__ = [
     "BalancingMethod",
     "CMLReduction",
     "CMLSettings",
+    "GBlending",
+    "GBlendingGain",
+    "GBlendingSettings",
     "LFMSchedule",
     "LFMSettings",
     "MMPareto",
@@ -54,11 +66,13 @@ __all__ = [
     "UMTSettings",
     "agm_coefficients",
     "amco_mask_ratio",
+    "blended_loss",
     "check_additive_fusion",
     "cml_regularizer",
     "conv_weights_only",
     "dependence_shares",
     "discrepancy_ratio",
+    "gblending_weights",
     "js_divergence",
     "kmeans",
     "lfm_cls_weight",
@@ -66,6 +80,7 @@ __all__ = [
     "matching_loss",
     "mono_modal_responses",
     "ogm_coefficient",
+    "ogr_terms",
     "opm_drop_probability",
     "pmr_coefficients",
     "prototype_logits",
