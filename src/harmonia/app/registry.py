@@ -27,6 +27,7 @@ from harmonia.balance import (
     AGM,
     CML,
     LFM,
+    MLA,
     OGM,
     OPM,
     PMR,
@@ -122,6 +123,7 @@ BALANCING.register("pmr", PMR)
 BALANCING.register("relearn", Relearn)
 BALANCING.register("ume", UME)
 BALANCING.register("umt", UMT)
+BALANCING.register("mla", MLA)
 
 BACKWARD: Registry[Callable[[Any], Any]] = Registry("backward strategy", "backward")
 BACKWARD.register("plain", backward.plain)

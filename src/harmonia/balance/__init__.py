@@ -1,6 +1,6 @@
 """Modality balancing: unimodal scores, discrepancy ratio, OGM / OGM-GE and OPM (TPAMI 2025, CVPR 2022),
 CML (ICML 2023), PMR (CVPR 2023), AGM (ICCV 2023), AMCo (ICASSP 2023), MMPareto (ICML 2024), LFM
-(NeurIPS 2024), UME / UMT (ICML 2023) and Diagnosing & Re-learning (ECCV 2024).
+(NeurIPS 2024), UME / UMT (ICML 2023), MLA (CVPR 2024) and Diagnosing & Re-learning (ECCV 2024).
 
 Each method is one :class:`BalancingMethod` (an ``nn.Module``) with its own settings dataclass; it works in
 a plain training loop through its own methods (``OGM.step``, ``OPM.forward`` / ``OPM.update``) and in any
@@ -12,6 +12,16 @@ from harmonia.balance.amco import AMCo, AMCoSettings, AMCoTarget, amco_mask_rati
 from harmonia.balance.cml import CML, CMLReduction, CMLSettings, cml_regularizer
 from harmonia.balance.lfm import LFM, LFMSchedule, LFMSettings, js_divergence, lfm_cls_weight, matching_loss
 from harmonia.balance.method import BalanceStep, BalancingMethod, unimodal_heads
+from harmonia.balance.mla import (
+    MLA,
+    MLAFusionMode,
+    MLASchedule,
+    MLASettings,
+    mla_fuse,
+    mla_weights,
+    owm_update,
+    tie_sum_fusion,
+)
 from harmonia.balance.mmpareto import MMPareto, MMParetoSettings
 from harmonia.balance.ogm import OGM, OGMForm, OGMSettings, OGMStats, conv_weights_only, ogm_coefficient
 from harmonia.balance.opm import OPM, OPMSettings, opm_drop_probability
@@ -25,6 +35,7 @@ __all__ = [
     "AGM",
     "CML",
     "LFM",
+    "MLA",
     "OGM",
     "OPM",
     "PMR",
@@ -40,6 +51,9 @@ __all__ = [
     "CMLSettings",
     "LFMSchedule",
     "LFMSettings",
+    "MLAFusionMode",
+    "MLASchedule",
+    "MLASettings",
     "MMPareto",
     "MMParetoSettings",
     "OGMForm",
@@ -64,9 +78,12 @@ __all__ = [
     "lfm_cls_weight",
     "load_teacher",
     "matching_loss",
+    "mla_fuse",
+    "mla_weights",
     "mono_modal_responses",
     "ogm_coefficient",
     "opm_drop_probability",
+    "owm_update",
     "pmr_coefficients",
     "prototype_logits",
     "purity",
@@ -76,6 +93,7 @@ __all__ = [
     "soft_reinit",
     "state_fingerprint",
     "teacher_state",
+    "tie_sum_fusion",
     "ume_loss",
     "unimodal_heads",
     "unimodal_scores",
