@@ -47,6 +47,7 @@ def _configs(out_dir: Path) -> dict[str, object]:
         "agm": tiny_experiment(out_dir, "name=agm", "balance=[agm]", "optim.name=sgd"),
         "amco": tiny_experiment(out_dir, "name=amco", "balance=[amco]", "optim.name=sgd"),
         "pmr": tiny_experiment(out_dir, "name=pmr", "balance=[pmr]", "optim.name=sgd"),
+        "mla": tiny_experiment(out_dir, "name=mla", "balance=[mla]", "model.fusion=sum", "optim.name=sgd"),
         **{
             name: tiny_pretrain(out_dir, f"name={name.replace('+', '_')}", *noisy, *extra)
             for name, extra in PRETRAIN.items()

@@ -27,6 +27,7 @@ from harmonia.balance import (
     AGM,
     CML,
     LFM,
+    MLA,
     OGM,
     OPM,
     PMR,
@@ -124,6 +125,7 @@ BALANCING.register("relearn", Relearn)
 BALANCING.register("ume", UME)
 BALANCING.register("umt", UMT)
 BALANCING.register("gblending", GBlending)
+BALANCING.register("mla", MLA)
 
 BACKWARD: Registry[Callable[[Any], Any]] = Registry("backward strategy", "backward")
 BACKWARD.register("plain", backward.plain)

@@ -1,7 +1,7 @@
 """Modality balancing: unimodal scores, discrepancy ratio, OGM / OGM-GE and OPM (TPAMI 2025, CVPR 2022),
 CML (ICML 2023), PMR (CVPR 2023), AGM (ICCV 2023), AMCo (ICASSP 2023), MMPareto (ICML 2024), LFM
-(NeurIPS 2024), UME / UMT (ICML 2023), Diagnosing & Re-learning (ECCV 2024) and Gradient-Blending (CVPR
-2020).
+(NeurIPS 2024), UME / UMT (ICML 2023), MLA (CVPR 2024), Diagnosing & Re-learning (ECCV 2024) and
+Gradient-Blending (CVPR 2020).
 
 Each method is one :class:`BalancingMethod` (an ``nn.Module``) with its own settings dataclass; it works in
 a plain training loop through its own methods (``OGM.step``, ``OPM.forward`` / ``OPM.update``) and in any
@@ -21,6 +21,16 @@ from harmonia.balance.gblending import (
 )
 from harmonia.balance.lfm import LFM, LFMSchedule, LFMSettings, js_divergence, lfm_cls_weight, matching_loss
 from harmonia.balance.method import BalanceStep, BalancingMethod, unimodal_heads
+from harmonia.balance.mla import (
+    MLA,
+    MLAFusionMode,
+    MLASchedule,
+    MLASettings,
+    mla_fuse,
+    mla_weights,
+    owm_update,
+    tie_sum_fusion,
+)
 from harmonia.balance.mmpareto import MMPareto, MMParetoSettings
 from harmonia.balance.ogm import OGM, OGMForm, OGMSettings, OGMStats, conv_weights_only, ogm_coefficient
 from harmonia.balance.opm import OPM, OPMSettings, opm_drop_probability
@@ -34,6 +44,7 @@ __all__ = [
     "AGM",
     "CML",
     "LFM",
+    "MLA",
     "OGM",
     "OPM",
     "PMR",
@@ -52,6 +63,9 @@ __all__ = [
     "GBlendingSettings",
     "LFMSchedule",
     "LFMSettings",
+    "MLAFusionMode",
+    "MLASchedule",
+    "MLASettings",
     "MMPareto",
     "MMParetoSettings",
     "OGMForm",
@@ -78,10 +92,13 @@ __all__ = [
     "lfm_cls_weight",
     "load_teacher",
     "matching_loss",
+    "mla_fuse",
+    "mla_weights",
     "mono_modal_responses",
     "ogm_coefficient",
     "ogr_terms",
     "opm_drop_probability",
+    "owm_update",
     "pmr_coefficients",
     "prototype_logits",
     "purity",
@@ -91,6 +108,7 @@ __all__ = [
     "soft_reinit",
     "state_fingerprint",
     "teacher_state",
+    "tie_sum_fusion",
     "ume_loss",
     "unimodal_heads",
     "unimodal_scores",
