@@ -180,6 +180,11 @@ class GBlending(BalancingMethod):
             :class:`GBlendingSettings`.
     """
 
+    weights: Tensor
+    ref_train: Tensor
+    ref_val: Tensor
+    ref_epoch: Tensor
+
     Settings: ClassVar[type[Any]] = GBlendingSettings
 
     def __init__(

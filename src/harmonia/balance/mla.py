@@ -69,6 +69,7 @@ per-sample dynamic-fusion weights λ^m of the training batch).
 from __future__ import annotations
 
 import enum
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -180,7 +181,7 @@ def tie_sum_fusion(model: nn.Module) -> nn.Linear:
         head = fusion.heads[m]
         head.weight = first.weight
         head.bias = first.bias
-    return first  # type: ignore[no-any-return]
+    return typing.cast(nn.Linear, first)
 
 
 class MLA(BalancingMethod):
@@ -192,6 +193,10 @@ class MLA(BalancingMethod):
         head: the shared linear head ``h(φ) = W φ + b`` (``W``: ``[C, d]``).
         alpha, schedule, normalize: see :class:`MLASettings`.
     """
+
+    projector: Tensor
+    updates: Tensor
+    steps: Tensor
 
     Settings: ClassVar[type[Any]] = MLASettings
 
