@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from harmonia.app.config import AVDigitsRecipe
-from helpers import TINY_RECIPE
+pytest.register_assert_rewrite("helpers")  # the shared sequences in helpers.py assert too
+
+from harmonia.app.config import AVDigitsRecipe  # noqa: E402
+from helpers import TINY_RECIPE  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

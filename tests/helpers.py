@@ -5,9 +5,14 @@ Tests import these with ``from helpers import ...``; ``conftest.py`` keeps only 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from harmonia.app.config import ExperimentConfig, load_config
+from harmonia.app.logs import read_metrics
+from harmonia.app.train import Callback, Trainer, TrainResult
 
 TINY_RECIPE = {
     "limit": 150,
@@ -75,3 +80,44 @@ def tiny_pretrain(out_dir: Path, *overrides: str) -> ExperimentConfig:
             *overrides,
         ],
     )
+
+
+class Interrupt(Callback):
+    """Simulates a kill: raises KeyboardInterrupt before the forward pass of global step ``at_step``."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def before_forward(self, trainer: Trainer, batch: dict) -> None:
+        if trainer.global_step == self.at_step:
+            raise KeyboardInterrupt
+
+
+@dataclass
+class ResumeRun:
+    """What :func:`train_interrupted_and_resumed` leaves for the test's own checks."""
+
+    full: Trainer  # the uninterrupted run, after fit
+    full_result: TrainResult
+    steps: list[dict]  # the step records of the uninterrupted run's metrics.jsonl
+    resumed: TrainResult  # the interrupted and resumed run
+
+
+def train_interrupted_and_resumed(
+    tmp_path: Path, *overrides: str, at_epoch: int = 1, into_epoch: int = 1
+) -> ResumeRun:
+    """Trains the tiny experiment fully in ``tmp_path/a``, then in ``tmp_path/b`` with a kill at global step
+    ``at_epoch * steps_per_epoch + into_epoch`` and a resume; asserts that every step of the full run is
+    logged and that the resumed run ends with the same test metrics."""
+    full = Trainer(tiny_experiment(tmp_path / "a", *overrides), progress=False)
+    full_result = full.fit()
+    steps = [r for r in read_metrics(tmp_path / "a" / "tiny" / "metrics.jsonl") if r["kind"] == "step"]
+    assert len(steps) == full.global_step
+
+    cfg = tiny_experiment(tmp_path / "b", *overrides)
+    at_step = at_epoch * len(full.train_loader) + into_epoch
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, [Interrupt(at_step=at_step)], progress=False).fit()
+    resumed = Trainer(cfg, resume=True, progress=False).fit()
+    assert resumed.test == full_result.test
+    return ResumeRun(full, full_result, steps, resumed)

@@ -13,7 +13,7 @@ from torch import nn
 
 from harmonia.balance import AGM, AGMSettings, BalanceStep, agm_coefficients, mono_modal_responses
 from harmonia.errors import ConfigError
-from helpers import tiny_experiment
+from helpers import tiny_experiment, train_interrupted_and_resumed
 
 # --------------------------------------------------------------------------------------------------
 # independent reference: the official code's formulas written out with Python floats, per sample
@@ -266,29 +266,8 @@ def _no_head_model() -> nn.Module:
 
 @pytest.mark.integration
 def test_agm_training_logs_scores_and_coefficients_and_resumes_exactly(tmp_path: Path) -> None:
-    from harmonia.app.logs import read_metrics
-    from harmonia.app.train import Callback, Trainer
-
-    class Interrupt(Callback):
-        def __init__(self, at_step: int) -> None:
-            self.at_step = at_step
-
-        def before_forward(self, trainer: Trainer, batch: dict) -> None:
-            if trainer.global_step == self.at_step:
-                raise KeyboardInterrupt
-
-    overrides = ("balance=[agm]", "train.probe=false")
-    full = Trainer(tiny_experiment(tmp_path / "a", *overrides), progress=False)
-    full_result = full.fit()
-    steps = [r for r in read_metrics(tmp_path / "a" / "tiny" / "metrics.jsonl") if r["kind"] == "step"]
-    assert len(steps) == full.global_step
+    steps = train_interrupted_and_resumed(tmp_path, "balance=[agm]", "train.probe=false").steps
     for m in ("audio", "image"):
         assert {f"balance/agm/score/{m}", f"balance/agm/coef/{m}"} <= set(steps[-1])
         assert all(math.isfinite(r[f"balance/agm/coef/{m}"]) for r in steps)
     assert any(r["balance/agm/coef/audio"] != 1.0 for r in steps)
-
-    cfg = tiny_experiment(tmp_path / "b", *overrides)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, [Interrupt(at_step=len(full.train_loader) + 1)], progress=False).fit()
-    resumed = Trainer(cfg, resume=True, progress=False).fit()
-    assert resumed.test == full_result.test

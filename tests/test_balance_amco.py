@@ -16,7 +16,7 @@ from harmonia.balance.amco import amco_mask
 from harmonia.errors import ConfigError
 from harmonia.models import MultimodalClassifier
 from harmonia.models.fusion import build_fusion
-from helpers import tiny_experiment
+from helpers import tiny_experiment, train_interrupted_and_resumed
 
 
 def test_mask_ratio_follows_the_sine_ramp_of_balancemm() -> None:
@@ -160,29 +160,9 @@ def test_config_names_the_bad_setting(tmp_path: Path) -> None:
 @pytest.mark.integration
 @pytest.mark.parametrize("balance", ["amco", "{name: amco, target: features}"])
 def test_training_logs_amco_and_resumes_exactly(tmp_path: Path, balance: str) -> None:
-    from harmonia.app.logs import read_metrics
-    from harmonia.app.train import Callback, Trainer
-
-    class Interrupt(Callback):
-        def __init__(self, at_step: int) -> None:
-            self.at_step = at_step
-
-        def before_forward(self, trainer: Trainer, batch: dict) -> None:
-            if trainer.global_step == self.at_step:
-                raise KeyboardInterrupt
-
-    overrides = (f"balance=[{balance}]", "train.probe=false")
-    full = Trainer(tiny_experiment(tmp_path / "a", *overrides), progress=False)
-    full_result = full.fit()
-    steps = [r for r in read_metrics(tmp_path / "a" / "tiny" / "metrics.jsonl") if r["kind"] == "step"]
-    assert len(steps) == full.global_step
+    run = train_interrupted_and_resumed(tmp_path, f"balance=[{balance}]", "train.probe=false", into_epoch=2)
+    steps = run.steps
     keys = {"balance/amco/ratio", "balance/amco/share/audio", "balance/amco/dependent/image"}
     assert keys <= set(steps[-1])
     assert any(r["balance/amco/ratio"] > 0 for r in steps)
     assert any(r["balance/amco/dependent/audio"] + r["balance/amco/dependent/image"] > 0 for r in steps)
-
-    cfg = tiny_experiment(tmp_path / "b", *overrides)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, [Interrupt(at_step=len(full.train_loader) + 2)], progress=False).fit()
-    resumed = Trainer(cfg, resume=True, progress=False).fit()
-    assert resumed.test == full_result.test

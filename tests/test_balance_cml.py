@@ -14,7 +14,7 @@ from harmonia.balance import CML, BalanceStep, cml_regularizer
 from harmonia.errors import ConfigError
 from harmonia.models import MultimodalClassifier, MultimodalOutput
 from harmonia.models.fusion import build_fusion
-from helpers import tiny_experiment
+from helpers import tiny_experiment, train_interrupted_and_resumed
 
 
 def reference_cml(chain: list[list[list[float]]], labels: list[int], exempt: bool) -> float:
@@ -191,29 +191,8 @@ def test_config_names_the_bad_setting(tmp_path: Path) -> None:
 @pytest.mark.integration
 @pytest.mark.parametrize("methods", ["cml", "cml,opm"])
 def test_training_logs_cml_and_resumes_exactly(tmp_path: Path, methods: str) -> None:
-    from harmonia.app.logs import read_metrics
-    from harmonia.app.train import Callback, Trainer
-
-    class Interrupt(Callback):
-        def __init__(self, at_step: int) -> None:
-            self.at_step = at_step
-
-        def before_forward(self, trainer: Trainer, batch: dict) -> None:
-            if trainer.global_step == self.at_step:
-                raise KeyboardInterrupt
-
-    overrides = (f"balance=[{methods}]", "train.probe=false")
-    full = Trainer(tiny_experiment(tmp_path / "a", *overrides), progress=False)
-    full_result = full.fit()
-    steps = [r for r in read_metrics(tmp_path / "a" / "tiny" / "metrics.jsonl") if r["kind"] == "step"]
-    assert len(steps) == full.global_step
+    steps = train_interrupted_and_resumed(tmp_path, f"balance=[{methods}]", "train.probe=false").steps
     assert {"balance/cml/loss", "balance/cml/violated"} <= set(steps[-1])
     assert any(r["balance/cml/loss"] > 0 for r in steps)
     if "opm" in methods:
         assert {"balance/q/audio", "balance/q/image"} <= set(steps[-1])
-
-    cfg = tiny_experiment(tmp_path / "b", *overrides)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, [Interrupt(at_step=len(full.train_loader) + 1)], progress=False).fit()
-    resumed = Trainer(cfg, resume=True, progress=False).fit()
-    assert resumed.test == full_result.test

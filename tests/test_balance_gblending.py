@@ -12,7 +12,7 @@ import torch
 
 from harmonia.balance import GBlending, GBlendingSettings, blended_loss, gblending_weights, ogr_terms
 from harmonia.errors import ConfigError
-from helpers import tiny_experiment
+from helpers import tiny_experiment, train_interrupted_and_resumed
 
 # --------------------------------------------------------------------------------------------------
 # maths
@@ -205,15 +205,6 @@ def test_gblending_settings_are_validated(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_gblending_training_logs_weights_and_ogr_and_resumes_exactly(tmp_path: Path) -> None:
     from harmonia.app.logs import read_metrics
-    from harmonia.app.train import Callback, Trainer
-
-    class Interrupt(Callback):
-        def __init__(self, at_step: int) -> None:
-            self.at_step = at_step
-
-        def before_forward(self, trainer: Trainer, batch: dict) -> None:
-            if trainer.global_step == self.at_step:
-                raise KeyboardInterrupt
 
     overrides = (
         "balance=[{name: gblending, first_super_epoch: 2, super_epoch: 1}]",
@@ -222,13 +213,12 @@ def test_gblending_training_logs_weights_and_ogr_and_resumes_exactly(tmp_path: P
         "optim.name=adamw",  # learns within the first epochs of the tiny run (SGD stays at chance)
         "optim.lr=0.003",
     )
-    full = Trainer(tiny_experiment(tmp_path / "a", *overrides), progress=False)
+    # interrupted in epoch 2, after the estimate at the end of epoch 1
+    run = train_interrupted_and_resumed(tmp_path, *overrides, at_epoch=2)
+    full, steps = run.full, run.steps
     method = full.callbacks[0].methods[0]  # type: ignore[attr-defined]
-    full_result = full.fit()
-    records = read_metrics(tmp_path / "a" / "tiny" / "metrics.jsonl")
-    steps = [r for r in records if r["kind"] == "step"]
-    epochs = [r for r in records if r["kind"] == "epoch"]
-    assert len(steps) == full.global_step and len(epochs) == 3
+    epochs = [r for r in read_metrics(tmp_path / "a" / "tiny" / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert len(epochs) == 3
     heads = ("audio", "image", "fused")
     for record in steps:
         assert sum(record[f"balance/gblending/weight/{k}"] for k in heads) == pytest.approx(1.0)
@@ -251,9 +241,3 @@ def test_gblending_training_logs_weights_and_ogr_and_resumes_exactly(tmp_path: P
     assert [float(w) for w in method.weights] == pytest.approx(
         [epochs[2][f"balance/gblending/weight/{k}"] for k in heads]
     )
-
-    cfg = tiny_experiment(tmp_path / "b", *overrides)
-    with pytest.raises(KeyboardInterrupt):  # in epoch 2, after the estimate at the end of epoch 1
-        Trainer(cfg, [Interrupt(at_step=2 * per_epoch + 1)], progress=False).fit()
-    resumed = Trainer(cfg, resume=True, progress=False).fit()
-    assert resumed.test == full_result.test

@@ -12,11 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harmonia.app.logs import read_metrics
-from harmonia.app.train import Callback, Trainer
 from harmonia.balance import LFM, BalanceStep, LFMSettings, js_divergence, lfm_cls_weight, matching_loss
 from harmonia.errors import ConfigError
-from helpers import tiny_experiment
+from helpers import tiny_experiment, train_interrupted_and_resumed
 
 # the official Crema_epoch.py's polynomial (classification weight), highest power last
 OFFICIAL = [2.04623704e-01, 3.35472727e-03, 1.22989557e-04, -2.92947416e-06, 2.23835486e-08, -5.39717505e-11]
@@ -137,30 +135,12 @@ def test_config_names_the_bad_setting(tmp_path: Path) -> None:
     assert (settings.schedule.value, settings.decay) == ("heuristic", 0.5)
 
 
-class Interrupt(Callback):
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def before_forward(self, trainer: Trainer, batch: dict) -> None:
-        if trainer.global_step == self.at_step:
-            raise KeyboardInterrupt
-
-
 @pytest.mark.integration
 def test_lfm_trains_logs_and_resumes_exactly(tmp_path: Path) -> None:
     overrides = ("balance=[{name: lfm, epoch_scale: 50}]", "train.probe=false")
-    full = Trainer(tiny_experiment(tmp_path / "a", *overrides), progress=False)
-    full_result = full.fit()
-    steps = [r for r in read_metrics(tmp_path / "a" / "tiny" / "metrics.jsonl") if r["kind"] == "step"]
-    assert len(steps) == full.global_step
+    steps = train_interrupted_and_resumed(tmp_path, *overrides).steps
     assert {"balance/lfm/cls_weight", "balance/lfm/match_weight", "balance/lfm/match_loss"} <= set(steps[-1])
     weights = sorted({round(r["balance/lfm/cls_weight"], 9) for r in steps})
     poly = np.polynomial.polynomial.polyval
     assert weights == pytest.approx(sorted(poly(50.0 * e, OFFICIAL) for e in range(3)))  # one per epoch
     assert any(r["balance/lfm/match_loss"] > 0 for r in steps)
-
-    cfg = tiny_experiment(tmp_path / "b", *overrides)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, [Interrupt(at_step=len(full.train_loader) + 1)], progress=False).fit()
-    resumed = Trainer(cfg, resume=True, progress=False).fit()
-    assert resumed.test == full_result.test

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from harmonia.balance import MLA, BalanceStep, MLASettings, mla_fuse, mla_weights, owm_update, tie_sum_fusion
 from harmonia.errors import ConfigError
 from harmonia.models.fusion import ConcatFusion, SumFusion
-from helpers import tiny_experiment
+from helpers import tiny_experiment, train_interrupted_and_resumed
 
 # --------------------------------------------------------------------------------------------------
 # independent references with Python floats
@@ -215,22 +215,10 @@ def test_mla_needs_two_modalities_and_valid_settings(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_mla_training_logs_losses_and_weights_and_resumes_exactly(tmp_path: Path) -> None:
-    from harmonia.app.logs import read_metrics
-    from harmonia.app.train import Callback, Trainer
+    from harmonia.app.train import Trainer
 
-    class Interrupt(Callback):
-        def __init__(self, at_step: int) -> None:
-            self.at_step = at_step
-
-        def before_forward(self, trainer: Trainer, batch: dict) -> None:
-            if trainer.global_step == self.at_step:
-                raise KeyboardInterrupt
-
-    overrides = ("balance=[mla]", "model.fusion=sum", "train.probe=false")
-    full = Trainer(tiny_experiment(tmp_path / "a", *overrides), progress=False)
-    full_result = full.fit()
-    steps = [r for r in read_metrics(tmp_path / "a" / "tiny" / "metrics.jsonl") if r["kind"] == "step"]
-    assert len(steps) == full.global_step
+    run = train_interrupted_and_resumed(tmp_path, "balance=[mla]", "model.fusion=sum", "train.probe=false")
+    full, steps = run.full, run.steps
     for m in ("audio", "image"):
         assert {f"balance/mla/loss/{m}", f"balance/mla/weight/{m}"} <= set(steps[-1])
         assert all(math.isfinite(r[f"balance/mla/loss/{m}"]) for r in steps)
@@ -238,13 +226,7 @@ def test_mla_training_logs_losses_and_weights_and_resumes_exactly(tmp_path: Path
     assert int(mla.updates) == 2 * full.global_step
     heads = full.model.fusion.heads
     assert heads["audio"].weight is heads["image"].weight
-    assert {"accuracy", "unimodal_accuracy/audio", "unimodal_accuracy/image"} <= set(full_result.test)
+    assert {"accuracy", "unimodal_accuracy/audio", "unimodal_accuracy/image"} <= set(run.full_result.test)
 
     with pytest.raises(ConfigError, match=r"model\.fusion=sum"):
         Trainer(tiny_experiment(tmp_path / "c", "balance=[mla]"), progress=False)
-
-    cfg = tiny_experiment(tmp_path / "b", *overrides)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, [Interrupt(at_step=len(full.train_loader) + 1)], progress=False).fit()
-    resumed = Trainer(cfg, resume=True, progress=False).fit()
-    assert resumed.test == full_result.test

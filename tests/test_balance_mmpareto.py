@@ -9,12 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harmonia.app.logs import read_metrics
-from harmonia.app.train import Callback, Trainer
 from harmonia.balance import BalanceStep, MMPareto, MMParetoSettings
 from harmonia.balance.mmpareto import integrate, pareto_weights
 from harmonia.errors import ConfigError
-from helpers import tiny_experiment
+from helpers import tiny_experiment, train_interrupted_and_resumed
 
 
 def min_norm_weight(g1: torch.Tensor, g2: torch.Tensor) -> float:
@@ -121,23 +119,9 @@ def test_mmpareto_needs_two_encoders() -> None:
         MMPareto({"audio": torch.nn.Linear(2, 2)})
 
 
-class Interrupt(Callback):
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def before_forward(self, trainer: Trainer, batch: dict) -> None:
-        if trainer.global_step == self.at_step:
-            raise KeyboardInterrupt
-
-
 @pytest.mark.integration
 def test_mmpareto_trains_logs_and_resumes_exactly(tmp_path: Path) -> None:
-    overrides = ("balance=[mmpareto]", "train.probe=false")
-    full = Trainer(tiny_experiment(tmp_path / "a", *overrides), progress=False)
-    full_result = full.fit()
-    steps = [r for r in read_metrics(tmp_path / "a" / "tiny" / "metrics.jsonl") if r["kind"] == "step"]
-    assert len(steps) == full.global_step
-    keys = set(steps[-1])
+    keys = set(train_interrupted_and_resumed(tmp_path, "balance=[mmpareto]", "train.probe=false").steps[-1])
     for m in ("audio", "image"):
         assert {
             f"balance/mmpareto/cos/{m}",
@@ -145,12 +129,6 @@ def test_mmpareto_trains_logs_and_resumes_exactly(tmp_path: Path) -> None:
             f"balance/mmpareto/w_uni/{m}",
             f"balance/mmpareto/uni_loss/{m}",
         } <= keys
-
-    cfg = tiny_experiment(tmp_path / "b", *overrides)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, [Interrupt(at_step=len(full.train_loader) + 1)], progress=False).fit()
-    resumed = Trainer(cfg, resume=True, progress=False).fit()
-    assert resumed.test == full_result.test
 
 
 def test_mmpareto_config_names_the_bad_key(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import torch
 from harmonia.balance import PMR, BalanceStep, PMRSettings, pmr_coefficients, prototype_logits
 from harmonia.balance.pmr import prototype_terms
 from harmonia.errors import ConfigError
-from helpers import tiny_experiment
+from helpers import tiny_experiment, train_interrupted_and_resumed
 
 # --------------------------------------------------------------------------------------------------
 # independent reference: the paper's equations with Python floats, per sample
@@ -244,22 +244,8 @@ def test_pmr_needs_two_modalities_and_valid_settings(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_pmr_training_logs_rho_beta_and_loss_and_resumes_exactly(tmp_path: Path) -> None:
-    from harmonia.app.logs import read_metrics
-    from harmonia.app.train import Callback, Trainer
-
-    class Interrupt(Callback):
-        def __init__(self, at_step: int) -> None:
-            self.at_step = at_step
-
-        def before_forward(self, trainer: Trainer, batch: dict) -> None:
-            if trainer.global_step == self.at_step:
-                raise KeyboardInterrupt
-
-    overrides = ("balance=[pmr]", "train.probe=false")
-    full = Trainer(tiny_experiment(tmp_path / "a", *overrides), progress=False)
-    full_result = full.fit()
-    steps = [r for r in read_metrics(tmp_path / "a" / "tiny" / "metrics.jsonl") if r["kind"] == "step"]
-    assert len(steps) == full.global_step
+    run = train_interrupted_and_resumed(tmp_path, "balance=[pmr]", "train.probe=false")
+    full, steps = run.full, run.steps
     for m in ("audio", "image"):
         keys = {f"balance/pmr/{k}/{m}" for k in ("rho", "beta", "eta", "pce", "entropy")}
         assert keys | {"balance/pmr/loss"} <= set(steps[-1])
@@ -267,9 +253,3 @@ def test_pmr_training_logs_rho_beta_and_loss_and_resumes_exactly(tmp_path: Path)
     assert any(r["balance/pmr/loss"] != 0.0 for r in steps)
     pmr = full.callbacks[0].methods[0]  # type: ignore[attr-defined]
     assert int(pmr.accumulating_epoch) == 2 and bool(pmr.has_prototype.all())
-
-    cfg = tiny_experiment(tmp_path / "b", *overrides)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, [Interrupt(at_step=len(full.train_loader) + 1)], progress=False).fit()
-    resumed = Trainer(cfg, resume=True, progress=False).fit()
-    assert resumed.test == full_result.test

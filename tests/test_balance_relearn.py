@@ -15,7 +15,7 @@ from torch import nn
 from harmonia.balance import Relearn, RelearnSettings, kmeans, purity, relearn_alpha, soft_reinit
 from harmonia.balance.relearn import minmax_scale
 from harmonia.errors import ConfigError
-from helpers import tiny_experiment
+from helpers import Interrupt, tiny_experiment
 
 # --------------------------------------------------------------------------------------------------
 # maths
@@ -205,15 +205,7 @@ def test_relearn_settings_are_validated(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_relearn_training_logs_purity_and_alpha_and_resumes_exactly(tmp_path: Path) -> None:
     from harmonia.app.logs import read_metrics
-    from harmonia.app.train import Callback, Trainer
-
-    class Interrupt(Callback):
-        def __init__(self, at_step: int) -> None:
-            self.at_step = at_step
-
-        def before_forward(self, trainer: Trainer, batch: dict) -> None:
-            if trainer.global_step == self.at_step:
-                raise KeyboardInterrupt
+    from harmonia.app.train import Trainer
 
     overrides = ("balance=[{name: relearn, interval: 1, n_init: 2}]", "train.epochs=3", "train.probe=false")
     full = Trainer(tiny_experiment(tmp_path / "a", *overrides), progress=False)

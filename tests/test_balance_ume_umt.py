@@ -13,13 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harmonia.app.logs import read_metrics
-from harmonia.app.train import Callback, Trainer
+from harmonia.app.train import Trainer
 from harmonia.balance import UME, UMT, BalanceStep, UMESettings, UMTSettings, load_teacher, ume_loss
 from harmonia.errors import CheckpointError, ConfigError
 from harmonia.models import MultimodalClassifier, build_classifier
 from harmonia.models.fusion import ConcatFusion, SumFusion
-from helpers import tiny_experiment
+from helpers import tiny_experiment, train_interrupted_and_resumed
 
 
 def linear_model(fusion: str = "sum") -> MultimodalClassifier:
@@ -277,34 +276,10 @@ def test_ume_config_refuses_a_non_additive_head_at_build(tmp_path: Path) -> None
 # end to end
 
 
-class Interrupt(Callback):
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def before_forward(self, trainer: Trainer, batch: dict) -> None:
-        if trainer.global_step == self.at_step:
-            raise KeyboardInterrupt
-
-
-def _trains_logs_and_resumes(tmp_path: Path, balance: str, keys: set[str]) -> list[dict]:
-    overrides = (f"balance=[{balance}]", "train.probe=false")
-    full = Trainer(tiny_experiment(tmp_path / "a", *overrides), progress=False)
-    full_result = full.fit()
-    steps = [r for r in read_metrics(tmp_path / "a" / "tiny" / "metrics.jsonl") if r["kind"] == "step"]
-    assert len(steps) == full.global_step
-    assert keys <= set(steps[-1])
-
-    cfg = tiny_experiment(tmp_path / "b", *overrides)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, [Interrupt(at_step=len(full.train_loader) + 1)], progress=False).fit()
-    resumed = Trainer(cfg, resume=True, progress=False).fit()
-    assert resumed.test == full_result.test
-    return steps
-
-
 @pytest.mark.integration
 def test_ume_trains_logs_and_resumes_exactly(tmp_path: Path) -> None:
-    steps = _trains_logs_and_resumes(tmp_path, "ume", {"balance/ume/loss/audio", "balance/ume/loss/image"})
+    steps = train_interrupted_and_resumed(tmp_path, "balance=[ume]", "train.probe=false").steps
+    assert {"balance/ume/loss/audio", "balance/ume/loss/image"} <= set(steps[-1])
     assert all(r["balance/ume/loss/audio"] > 0 and r["balance/ume/loss/image"] > 0 for r in steps)
     # the logged training loss is the UME objective, the sum of the unimodal losses
     for r in steps:
@@ -316,7 +291,8 @@ def test_ume_trains_logs_and_resumes_exactly(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_umt_trains_logs_and_resumes_exactly(tmp_path: Path, audio_teacher: Path) -> None:
     balance = f"{{name: umt, teachers: {{audio: {audio_teacher}}}, end_epoch: 1}}"
-    steps = _trains_logs_and_resumes(tmp_path, balance, {"balance/umt/weight"})
+    steps = train_interrupted_and_resumed(tmp_path, f"balance=[{balance}]", "train.probe=false").steps
+    assert {"balance/umt/weight"} <= set(steps[-1])
     assert {r["epoch"] for r in steps} == {0, 1, 2}
     for r in steps:  # distillation in epochs 0 and 1 (end_epoch: 1, inclusive), not in epoch 2
         if r["epoch"] <= 1:

@@ -15,20 +15,9 @@ from harmonia.app.logs import read_metrics
 from harmonia.app.train import Callback, Trainer, TrainResult
 from harmonia.app.train.checkpoint import load_checkpoint
 from harmonia.errors import CheckpointError, ConfigError, InputError, NonFiniteLossError, RunFolderExistsError
-from helpers import tiny_experiment
+from helpers import Interrupt, tiny_experiment, train_interrupted_and_resumed
 
 pytestmark = pytest.mark.integration  # every test here trains or spawns processes
-
-
-class Interrupt(Callback):
-    """Simulates a kill: raises in the middle of a given epoch."""
-
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def before_forward(self, trainer: Trainer, batch: dict) -> None:
-        if trainer.global_step == self.at_step:
-            raise KeyboardInterrupt
 
 
 def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -225,22 +214,13 @@ def test_resume_refuses_epochs_that_break_the_schedule(tmp_path: Path) -> None:
 @pytest.mark.parametrize("method", ["ogm", "opm", "opm+ogm"])
 def test_balanced_training_logs_rho_k_q_and_resumes_exactly(tmp_path: Path, method: str) -> None:
     overrides = (f"balance=[{method.replace('+', ',')}]", "train.probe=false")
-    full = Trainer(tiny_experiment(tmp_path / "a", *overrides), progress=False)
-    full_result = full.fit()
-    steps = [r for r in read_metrics(tmp_path / "a" / "tiny" / "metrics.jsonl") if r["kind"] == "step"]
-    assert len(steps) == full.global_step  # every step is logged when balancing
-    keys = set(steps[-1])
+    # asserts that every step is logged when balancing
+    keys = set(train_interrupted_and_resumed(tmp_path, *overrides).steps[-1])
     if "ogm" in method:
         assert {"balance/rho/audio", "balance/k/audio", "balance/k/image"} <= keys
     if "opm" in method:
         assert {"balance/q/audio", "balance/q/image"} <= keys
     assert (tmp_path / "a" / "tiny" / "balance_curves.png").stat().st_size > 1000
-
-    cfg = tiny_experiment(tmp_path / "b", *overrides)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, [Interrupt(at_step=len(full.train_loader) + 1)], progress=False).fit()
-    resumed = Trainer(cfg, resume=True, progress=False).fit()
-    assert resumed.test == full_result.test
 
 
 def test_balance_needs_two_modalities(tmp_path: Path) -> None:

@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harmonia.balance.method import BalanceStep, BalancingMethod
+from harmonia.balance.method import BalanceStep, BalancingMethod, in_epoch_window
 from harmonia.distributed import all_reduce_sum
 from harmonia.errors import ConfigError, InputError
 from harmonia.settings import setting
@@ -217,7 +217,7 @@ class AGM(BalancingMethod):
         return agm.to(next(model.parameters()).device)
 
     def is_active(self, epoch: int) -> bool:
-        return epoch >= self.start_epoch and (self.end_epoch is None or epoch < self.end_epoch)
+        return in_epoch_window(epoch, self.start_epoch, self.end_epoch)
 
     @torch.no_grad()
     def update(self, responses: Mapping[str, Tensor], labels: Tensor) -> tuple[dict[str, float], Tensor]:

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harmonia.balance.method import BalanceStep, BalancingMethod
+from harmonia.balance.method import BalanceStep, BalancingMethod, in_epoch_window
 from harmonia.distributed import all_reduce_sum
 from harmonia.errors import ConfigError, InputError
 from harmonia.settings import coerce_enums, setting
@@ -182,7 +182,7 @@ class AMCo(BalancingMethod):
         return amco.to(next(model.parameters()).device)
 
     def active(self, epoch: int) -> bool:
-        return epoch >= self.start_epoch and (self.end_epoch is None or epoch < self.end_epoch)
+        return in_epoch_window(epoch, self.start_epoch, self.end_epoch)
 
     def dependent_modalities(self) -> list[str]:
         return [m for m, d in zip(self.modalities, self.dependent.tolist(), strict=True) if d]

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harmonia.balance.method import BalanceStep, BalancingMethod, unimodal_heads
+from harmonia.balance.method import BalanceStep, BalancingMethod, in_epoch_window, unimodal_heads
 from harmonia.distributed import rank_and_world
 from harmonia.errors import ConfigError, InputError
 from harmonia.settings import setting
@@ -191,7 +191,7 @@ class CML(BalancingMethod):
         return cml.to(next(model.parameters()).device)
 
     def active(self, epoch: int) -> bool:
-        return epoch >= self.start_epoch and (self.end_epoch is None or epoch < self.end_epoch)
+        return in_epoch_window(epoch, self.start_epoch, self.end_epoch)
 
     def removal_orders(self, batch: int) -> Tensor:
         """``[batch, M]``: each local sample's random order of removing the modalities, for this step."""

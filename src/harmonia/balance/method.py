@@ -108,6 +108,11 @@ class BalancingMethod(nn.Module):
         are logged with the epoch's."""
 
 
+def in_epoch_window(epoch: int, start: int, end: int | None) -> bool:
+    """Whether ``epoch`` lies in the window ``start <= epoch < end`` (``end`` None: no end)."""
+    return epoch >= start and (end is None or epoch < end)
+
+
 def unimodal_heads(model: nn.Module) -> Any:
     """The function ``features -> unimodal logits`` of a model: its ``unimodal_logits`` method, or its
     fusion head's (:class:`~harmonia.models.MultimodalClassifier`)."""

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from harmonia.balance.method import BalanceStep, BalancingMethod
+from harmonia.balance.method import BalanceStep, BalancingMethod, in_epoch_window
 from harmonia.balance.scores import discrepancy_ratio
 from harmonia.errors import ConfigError
 from harmonia.settings import setting
@@ -164,9 +164,7 @@ class OGM(BalancingMethod):
         return {m: ogm_coefficient(torch.as_tensor(r), self.alpha, self.form) for m, r in ratios.items()}
 
     def is_active(self, epoch: int) -> bool:
-        if epoch < max(self.start_epoch, self.warmup_epochs):
-            return False
-        return self.end_epoch is None or epoch < self.end_epoch
+        return in_epoch_window(epoch, max(self.start_epoch, self.warmup_epochs), self.end_epoch)
 
     @torch.no_grad()
     def step(self, unimodal_logits: Mapping[str, Tensor], labels: Tensor, epoch: int) -> OGMStats:

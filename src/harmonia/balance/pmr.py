@@ -74,7 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harmonia.balance.method import BalanceStep, BalancingMethod
+from harmonia.balance.method import BalanceStep, BalancingMethod, in_epoch_window
 from harmonia.distributed import all_reduce_sum
 from harmonia.errors import ConfigError, InputError, NonFiniteLossError
 from harmonia.settings import setting
@@ -271,7 +271,7 @@ class PMR(BalancingMethod):
     # the loss
 
     def is_active(self, epoch: int) -> bool:
-        return epoch >= self.start_epoch and (self.end_epoch is None or epoch < self.end_epoch)
+        return in_epoch_window(epoch, self.start_epoch, self.end_epoch)
 
     def adjust_loss(self, step: BalanceStep, output: Any, loss: Tensor) -> Tensor:
         """Accumulate this batch into the prototypes and, in PMR's epochs, add
