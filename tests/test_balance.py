@@ -377,3 +377,15 @@ def test_the_official_opm_options_load_from_config() -> None:
         "current",
         6,
     )
+
+
+def test_ogm_and_ogm_ge_differ_only_in_the_noise_default() -> None:
+    from harmonia.app.config import load_config
+    from harmonia.balance import OGMGE
+
+    plain, ge = load_config(None, ["balance=[ogm, ogm_ge]"]).balance
+    assert (plain.name, plain.settings.ge, ge.name, ge.settings.ge) == ("ogm", False, "ogm_ge", True)
+    model = _tiny_classifier()
+    built = OGMGE.build(model)
+    assert isinstance(built, OGM) and built.ge and not OGM.build(model).ge
+    assert OGMGE.build(model, ge.settings).alpha == OGM.build(model, plain.settings).alpha == 0.8

@@ -29,6 +29,7 @@ from harmonia.balance import (
     LFM,
     MLA,
     OGM,
+    OGMGE,
     OPM,
     PMR,
     UME,
@@ -114,6 +115,7 @@ MODELS.register("classifier", classifier)
 
 BALANCING: Registry[type[BalancingMethod]] = Registry("balancing method", "balance[].name")
 BALANCING.register("ogm", OGM)
+BALANCING.register("ogm_ge", OGMGE)
 BALANCING.register("opm", OPM)
 BALANCING.register("cml", CML)
 BALANCING.register("mmpareto", MMPareto)

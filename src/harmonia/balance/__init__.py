@@ -32,7 +32,16 @@ from harmonia.balance.mla import (
     tie_sum_fusion,
 )
 from harmonia.balance.mmpareto import MMPareto, MMParetoSettings
-from harmonia.balance.ogm import OGM, OGMForm, OGMSettings, OGMStats, conv_weights_only, ogm_coefficient
+from harmonia.balance.ogm import (
+    OGM,
+    OGMGE,
+    OGMForm,
+    OGMGESettings,
+    OGMSettings,
+    OGMStats,
+    conv_weights_only,
+    ogm_coefficient,
+)
 from harmonia.balance.opm import OPM, OPMSettings, opm_drop_probability
 from harmonia.balance.pmr import PMR, PMRSettings, pmr_coefficients, prototype_logits
 from harmonia.balance.relearn import Relearn, RelearnSettings, kmeans, purity, relearn_alpha, soft_reinit
@@ -46,6 +55,7 @@ __all__ = [
     "LFM",
     "MLA",
     "OGM",
+    "OGMGE",
     "OPM",
     "PMR",
     "UME",
@@ -69,6 +79,7 @@ __all__ = [
     "MMPareto",
     "MMParetoSettings",
     "OGMForm",
+    "OGMGESettings",
     "OGMSettings",
     "OGMStats",
     "OPMSettings",

@@ -57,11 +57,11 @@ def ogm_coefficient(ratio: Tensor, alpha: float, form: OGMForm | str = OGMForm.T
 
 @dataclass
 class OGMSettings:
-    """OGM / OGM-GE hyper-parameters (defaults: TPAMI 2025 and its official code)."""
+    """OGM hyper-parameters (defaults: TPAMI 2025 and its official code); ``ge: true`` is OGM-GE."""
 
     alpha: float = setting(0.8, help="modulation strength α (paper: 0.8 CREMA-D, 0.1 VGGSound)", ge=0)
     form: OGMForm = setting(OGMForm.TPAMI, help="coefficient: tpami (Eq. 11) or cvpr (Eq. 10, the code's)")
-    ge: bool = setting(True, help="OGM-GE: add noise with the gradient's std (generalization enhancement)")
+    ge: bool = setting(False, help="add noise with the gradient's std (generalization enhancement: OGM-GE)")
     start_epoch: int = setting(0, help="first epoch in which OGM modulates", ge=0)
     end_epoch: int | None = setting(None, help="OGM stops modulating at this epoch (null: never)", ge=1)
     warmup_epochs: int = setting(0, help="epochs without modulation at the start", ge=0)
@@ -109,7 +109,7 @@ class OGM(BalancingMethod):
         encoders: Mapping[str, nn.Module | Iterable[nn.Parameter]],
         alpha: float = 0.8,
         form: OGMForm | str = OGMForm.TPAMI,
-        ge: bool = True,
+        ge: bool = False,
         start_epoch: int = 0,
         end_epoch: int | None = None,
         warmup_epochs: int = 0,
@@ -142,7 +142,7 @@ class OGM(BalancingMethod):
     @classmethod
     def build(cls, model: nn.Module, settings: OGMSettings | None = None, seed: int = 0) -> OGM:
         """OGM of every encoder of ``model`` (a :class:`~harmonia.models.MultimodalClassifier`)."""
-        s = settings or OGMSettings()
+        s = settings or cls.Settings()
         return cls(
             dict(model.encoders),  # type: ignore[arg-type]
             alpha=s.alpha,
@@ -210,3 +210,17 @@ class OGM(BalancingMethod):
                     dtype=p.grad.dtype,
                 )
                 p.grad.mul_(k).add_(noise * std)
+
+
+@dataclass
+class OGMGESettings(OGMSettings):
+    """OGM-GE: OGM with generalization enhancement (Peng et al., CVPR 2022, Eq. 16-17) on by default."""
+
+    ge: bool = setting(True, help="add noise with the gradient's std (generalization enhancement)")
+
+
+class OGMGE(OGM):
+    """OGM-GE as a method of its own (config ``balance: [ogm_ge]``): :class:`OGM` whose settings default to
+    ``ge: true``. ``balance: [ogm]`` is OGM without the noise unless ``ge: true`` is given."""
+
+    Settings: ClassVar[type[Any]] = OGMGESettings
