@@ -37,6 +37,7 @@ from harmonia.balance import (
     AMCo,
     BalancingMethod,
     GBlending,
+    MMCosine,
     MMPareto,
     Relearn,
 )
@@ -128,6 +129,7 @@ BALANCING.register("ume", UME)
 BALANCING.register("umt", UMT)
 BALANCING.register("gblending", GBlending)
 BALANCING.register("mla", MLA)
+BALANCING.register("mmcosine", MMCosine)
 
 BACKWARD: Registry[Callable[[Any], Any]] = Registry("backward strategy", "backward")
 BACKWARD.register("plain", backward.plain)

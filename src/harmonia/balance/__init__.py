@@ -1,7 +1,7 @@
 """Modality balancing: unimodal scores, discrepancy ratio, OGM / OGM-GE and OPM (TPAMI 2025, CVPR 2022),
 CML (ICML 2023), PMR (CVPR 2023), AGM (ICCV 2023), AMCo (ICASSP 2023), MMPareto (ICML 2024), LFM
-(NeurIPS 2024), UME / UMT (ICML 2023), MLA (CVPR 2024), Diagnosing & Re-learning (ECCV 2024) and
-Gradient-Blending (CVPR 2020).
+(NeurIPS 2024), UME / UMT (ICML 2023), MLA (CVPR 2024), MMCosine (ICASSP 2023), Diagnosing & Re-learning
+(ECCV 2024) and Gradient-Blending (CVPR 2020).
 
 Each method is one :class:`BalancingMethod` (an ``nn.Module``) with its own settings dataclass; it works in
 a plain training loop through its own methods (``OGM.step``, ``OPM.forward`` / ``OPM.update``) and in any
@@ -31,6 +31,7 @@ from harmonia.balance.mla import (
     owm_update,
     tie_sum_fusion,
 )
+from harmonia.balance.mmcosine import MMCosine, MMCosineSettings, cosine_head_from
 from harmonia.balance.mmpareto import MMPareto, MMParetoSettings
 from harmonia.balance.ogm import (
     OGM,
@@ -76,6 +77,8 @@ __all__ = [
     "MLAFusionMode",
     "MLASchedule",
     "MLASettings",
+    "MMCosine",
+    "MMCosineSettings",
     "MMPareto",
     "MMParetoSettings",
     "OGMForm",
@@ -95,6 +98,7 @@ __all__ = [
     "check_additive_fusion",
     "cml_regularizer",
     "conv_weights_only",
+    "cosine_head_from",
     "dependence_shares",
     "discrepancy_ratio",
     "gblending_weights",

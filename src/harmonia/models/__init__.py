@@ -14,6 +14,7 @@ from harmonia.models.encoders import (
 )
 from harmonia.models.fusion import (
     ConcatFusion,
+    CosineFusion,
     FiLMFusion,
     FusionHead,
     FusionKind,
@@ -27,6 +28,7 @@ __all__ = [
     "BasicBlock",
     "ConcatFusion",
     "ConvEncoder",
+    "CosineFusion",
     "FiLMFusion",
     "FusionHead",
     "FusionKind",

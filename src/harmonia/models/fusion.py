@@ -156,6 +156,50 @@ class SumFusion(FusionHead):
         return {m: self.heads[m](features[m]) for m in self.modalities}
 
 
+class CosineFusion(FusionHead):
+    """Scaled sum of per-modality cosine similarities (MMCosine; Xu et al., ICASSP 2023):
+
+        f(x)_c = s * sum_m cos(W^m_c, phi^m) = s * sum_m <W^m_c / ||W^m_c||, phi^m / ||phi^m||>,
+
+    one bias-free linear head ``W^m`` (``[C, d_m]``) per modality, rows and features L2-normalised, one
+    scale ``s`` (a constant, not learnt). Unimodal logits: ``o^m = s * cos(W^m, phi^m)``, so that
+    ``sum_m o^m = f(x)`` exactly. A zero feature vector has cosine 0 with every class (as
+    ``F.normalize`` leaves it zero).
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        feature_dims: Mapping[str, int],
+        num_classes: int,
+        scale: float = 10.0,
+    ) -> None:
+        super().__init__(modalities, feature_dims, num_classes)
+        if not scale > 0:
+            raise ConfigError(f"the cosine head's scale must be > 0, got {scale}; e.g. use 10")
+        self.scale = float(scale)
+        self.heads = nn.ModuleDict(
+            {m: nn.Linear(self.feature_dims[m], self.num_classes, bias=False) for m in self.modalities}
+        )
+
+    def cosines(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``cos(W^m_c, phi^m)`` per modality, ``[B, C]`` with values in [-1, 1]."""
+        self.check_features(features)
+        return {
+            m: F.linear(F.normalize(features[m], dim=1), F.normalize(self.heads[m].weight, dim=1))
+            for m in self.modalities
+        }
+
+    def fuse(self, features: Mapping[str, Tensor]) -> Tensor:
+        return torch.stack(list(self.unimodal_logits(features).values())).sum(dim=0)
+
+    def unimodal_logits(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {m: self.scale * c for m, c in self.cosines(features).items()}
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
+
+
 class FiLMFusion(FusionHead):
     """Feature-wise linear modulation (Perez et al., "FiLM", AAAI 2018), as in the OGM-GE code base.
 
@@ -264,6 +308,7 @@ def build_fusion(
 
 __all__ = [
     "ConcatFusion",
+    "CosineFusion",
     "FiLMFusion",
     "FusionHead",
     "FusionKind",
