@@ -37,6 +37,7 @@ from harmonia.balance import (
     BalancingMethod,
     GBlending,
     MMPareto,
+    ReconBoost,
     Relearn,
 )
 from harmonia.errors import ConfigError
@@ -126,6 +127,7 @@ BALANCING.register("ume", UME)
 BALANCING.register("umt", UMT)
 BALANCING.register("gblending", GBlending)
 BALANCING.register("mla", MLA)
+BALANCING.register("reconboost", ReconBoost)
 
 BACKWARD: Registry[Callable[[Any], Any]] = Registry("backward strategy", "backward")
 BACKWARD.register("plain", backward.plain)
