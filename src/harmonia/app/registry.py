@@ -39,6 +39,7 @@ from harmonia.balance import (
     GBlending,
     MMCosine,
     MMPareto,
+    ReconBoost,
     Relearn,
 )
 from harmonia.errors import ConfigError
@@ -130,6 +131,7 @@ BALANCING.register("umt", UMT)
 BALANCING.register("gblending", GBlending)
 BALANCING.register("mla", MLA)
 BALANCING.register("mmcosine", MMCosine)
+BALANCING.register("reconboost", ReconBoost)
 
 BACKWARD: Registry[Callable[[Any], Any]] = Registry("backward strategy", "backward")
 BACKWARD.register("plain", backward.plain)

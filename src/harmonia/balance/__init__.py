@@ -1,6 +1,7 @@
 """Modality balancing: unimodal scores, discrepancy ratio, OGM / OGM-GE and OPM (TPAMI 2025, CVPR 2022),
 CML (ICML 2023), PMR (CVPR 2023), AGM (ICCV 2023), AMCo (ICASSP 2023), MMPareto (ICML 2024), LFM
-(NeurIPS 2024), UME / UMT (ICML 2023), MLA (CVPR 2024), MMCosine (ICASSP 2023), Diagnosing & Re-learning
+(NeurIPS 2024), UME / UMT (ICML 2023), MLA (CVPR 2024), MMCosine (ICASSP 2023), ReconBoost (ICML 2024),
+Diagnosing & Re-learning
 (ECCV 2024) and Gradient-Blending (CVPR 2020).
 
 Each method is one :class:`BalancingMethod` (an ``nn.Module``) with its own settings dataclass; it works in
@@ -45,6 +46,7 @@ from harmonia.balance.ogm import (
 )
 from harmonia.balance.opm import OPM, OPMSettings, opm_drop_probability
 from harmonia.balance.pmr import PMR, PMRSettings, pmr_coefficients, prototype_logits
+from harmonia.balance.reconboost import ReconBoost, ReconBoostPhase, ReconBoostSettings, reconboost_loss
 from harmonia.balance.relearn import Relearn, RelearnSettings, kmeans, purity, relearn_alpha, soft_reinit
 from harmonia.balance.scores import discrepancy_ratio, ratios_from_scores, unimodal_scores
 from harmonia.balance.ume import UME, UMEReduction, UMESettings, check_additive_fusion, ume_loss
@@ -87,6 +89,9 @@ __all__ = [
     "OGMStats",
     "OPMSettings",
     "PMRSettings",
+    "ReconBoost",
+    "ReconBoostPhase",
+    "ReconBoostSettings",
     "Relearn",
     "RelearnSettings",
     "UMEReduction",
@@ -118,6 +123,7 @@ __all__ = [
     "prototype_logits",
     "purity",
     "ratios_from_scores",
+    "reconboost_loss",
     "relearn_alpha",
     "response_scores",
     "soft_reinit",
