@@ -389,3 +389,15 @@ def test_ogm_and_ogm_ge_differ_only_in_the_noise_default() -> None:
     built = OGMGE.build(model)
     assert isinstance(built, OGM) and built.ge and not OGM.build(model).ge
     assert OGMGE.build(model, ge.settings).alpha == OGM.build(model, plain.settings).alpha == 0.8
+
+
+def test_methods_that_train_one_modality_at_a_time_make_ddp_look_for_unused_parameters() -> None:
+    from harmonia.app.config import load_config
+    from harmonia.app.registry import BALANCING
+
+    def unused(balance: str) -> bool:
+        entries = load_config(None, [f"balance={balance}", "model.fusion=sum"]).balance
+        return any(BALANCING.get(e.name).leaves_parameters_unused(e.settings) for e in entries)
+
+    assert unused("[reconboost]") and unused("[{name: mla, schedule: per_step}]")
+    assert not unused("[mla]") and not unused("[ogm_ge, opm]") and not unused("[]")

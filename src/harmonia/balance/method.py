@@ -81,6 +81,12 @@ class BalancingMethod(nn.Module):
     Settings: ClassVar[type[Any]]
 
     @classmethod
+    def leaves_parameters_unused(cls, settings: Any) -> bool:
+        """Whether a step with ``settings`` may leave some model parameters without gradient (e.g. a
+        method that trains one modality at a time): DistributedDataParallel must then look for them."""
+        return False
+
+    @classmethod
     def build(cls, model: nn.Module, settings: Any = None, seed: int = 0) -> BalancingMethod:
         """The method for ``model`` (its encoders, modalities, heads) with ``settings`` (an instance of
         :attr:`Settings`, ``None``: the defaults); ``seed`` seeds any randomness it has."""

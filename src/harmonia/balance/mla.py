@@ -194,6 +194,11 @@ class MLA(BalancingMethod):
         alpha, schedule, normalize: see :class:`MLASettings`.
     """
 
+    @classmethod
+    def leaves_parameters_unused(cls, settings: Any) -> bool:
+        s = settings or MLASettings()
+        return MLASchedule(s.schedule) is MLASchedule.PER_STEP  # one modality per step
+
     projector: Tensor
     updates: Tensor
     steps: Tensor

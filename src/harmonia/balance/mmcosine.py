@@ -41,6 +41,7 @@ the paper's analysis follows).
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -67,9 +68,11 @@ def cosine_head_from(fusion: nn.Module, scale: float) -> CosineFusion:
     """A :class:`CosineFusion` for the modalities of ``fusion`` (a ``concat`` or ``sum`` head, or a cosine
     head), with the per-modality weights copied from it (the bias is dropped)."""
     if isinstance(fusion, (CosineFusion, SumFusion)):
-        blocks = {m: fusion.heads[m].weight for m in fusion.modalities}
+        blocks: dict[str, Tensor] = {
+            m: typing.cast(nn.Linear, fusion.heads[m]).weight for m in fusion.modalities
+        }
     elif isinstance(fusion, ConcatFusion):
-        blocks, start = {}, 0
+        blocks, start = {}, 0  # type: ignore[var-annotated]
         for m in fusion.modalities:
             stop = start + fusion.feature_dims[m]
             blocks[m] = fusion.fc.weight[:, start:stop]
@@ -85,7 +88,7 @@ def cosine_head_from(fusion: nn.Module, scale: float) -> CosineFusion:
     head = head.to(device=first.device, dtype=first.dtype)
     with torch.no_grad():
         for m, w in blocks.items():
-            head.heads[m].weight.copy_(w)
+            typing.cast(nn.Linear, head.heads[m]).weight.copy_(w)
     return head
 
 
@@ -132,5 +135,6 @@ class MMCosine(BalancingMethod):
             for m in self.modalities:
                 cos = unimodal[m].detach().float().gather(1, labels) / self.head.scale
                 step.metrics[f"balance/mmcosine/cos/{m}"] = float(cos.mean())
-                norms = torch.linalg.vector_norm(self.head.heads[m].weight.detach().float(), dim=1)
+                weight = typing.cast(nn.Linear, self.head.heads[m]).weight
+                norms = torch.linalg.vector_norm(weight.detach().float(), dim=1)
                 step.metrics[f"balance/mmcosine/weight_norm/{m}"] = float(norms.mean())

@@ -118,6 +118,10 @@ class ReconBoost(BalancingMethod):
             :class:`ReconBoostSettings`.
     """
 
+    @classmethod
+    def leaves_parameters_unused(cls, settings: Any) -> bool:
+        return True  # a boosting step trains one modality
+
     Settings: ClassVar[type[Any]] = ReconBoostSettings
 
     def __init__(

@@ -182,11 +182,16 @@ class CosineFusion(FusionHead):
             {m: nn.Linear(self.feature_dims[m], self.num_classes, bias=False) for m in self.modalities}
         )
 
+    def _weight(self, m: str) -> Tensor:
+        head = self.heads[m]
+        assert isinstance(head, nn.Linear)
+        return head.weight
+
     def cosines(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``cos(W^m_c, phi^m)`` per modality, ``[B, C]`` with values in [-1, 1]."""
         self.check_features(features)
         return {
-            m: F.linear(F.normalize(features[m], dim=1), F.normalize(self.heads[m].weight, dim=1))
+            m: F.linear(F.normalize(features[m], dim=1), F.normalize(self._weight(m), dim=1))
             for m in self.modalities
         }
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from harmonia.app.build import build_balancing, build_model
-from harmonia.app.registry import BACKWARD, DATASETS
+from harmonia.app.registry import BACKWARD, BALANCING, DATASETS
 from harmonia.app.train.base import BaseTrainer, TrainResult, seed_everything, to_device
 from harmonia.data.avdigits import AVDigits
 from harmonia.data.sources import ClassificationData
@@ -43,6 +43,13 @@ class Trainer(BaseTrainer):
 
     model: MultimodalClassifier
     dataset: ClassificationData
+
+    @property
+    def find_unused_parameters(self) -> bool:  # type: ignore[override]
+        """A balancing method that trains one modality at a time leaves the others without gradient."""
+        return any(
+            BALANCING.get(entry.name).leaves_parameters_unused(entry.settings) for entry in self.cfg.balance
+        )
 
     def setup(self, dataset: AVDigits | ClassificationData | None) -> None:
         cfg = self.cfg
