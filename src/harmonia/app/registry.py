@@ -41,6 +41,7 @@ from harmonia.balance import (
     MMPareto,
     ReconBoost,
     Relearn,
+    SampleValuation,
 )
 from harmonia.errors import ConfigError
 from harmonia.models.build import build_classifier
@@ -132,6 +133,7 @@ BALANCING.register("gblending", GBlending)
 BALANCING.register("mla", MLA)
 BALANCING.register("mmcosine", MMCosine)
 BALANCING.register("reconboost", ReconBoost)
+BALANCING.register("valuation", SampleValuation)
 
 BACKWARD: Registry[Callable[[Any], Any]] = Registry("backward strategy", "backward")
 BACKWARD.register("plain", backward.plain)

@@ -50,6 +50,12 @@ from harmonia.balance.relearn import Relearn, RelearnSettings, kmeans, purity, r
 from harmonia.balance.scores import discrepancy_ratio, ratios_from_scores, unimodal_scores
 from harmonia.balance.ume import UME, UMEReduction, UMESettings, check_additive_fusion, ume_loss
 from harmonia.balance.umt import UMT, UMTSettings, load_teacher, state_fingerprint, teacher_state
+from harmonia.balance.valuation import (
+    SampleValuation,
+    SampleValuationSettings,
+    resample_copies,
+    sample_contributions,
+)
 
 __all__ = [
     "AGM",
@@ -93,6 +99,8 @@ __all__ = [
     "ReconBoostSettings",
     "Relearn",
     "RelearnSettings",
+    "SampleValuation",
+    "SampleValuationSettings",
     "UMEReduction",
     "UMESettings",
     "UMTSettings",
@@ -124,7 +132,9 @@ __all__ = [
     "ratios_from_scores",
     "reconboost_loss",
     "relearn_alpha",
+    "resample_copies",
     "response_scores",
+    "sample_contributions",
     "soft_reinit",
     "state_fingerprint",
     "teacher_state",
