@@ -1,7 +1,8 @@
 """Modality balancing: unimodal scores, discrepancy ratio, OGM / OGM-GE and OPM (TPAMI 2025, CVPR 2022),
 CML (ICML 2023), PMR (CVPR 2023), AGM (ICCV 2023), AMCo (ICASSP 2023), MMPareto (ICML 2024), LFM
 (NeurIPS 2024), UME / UMT (ICML 2023), MLA (CVPR 2024), MMCosine (ICASSP 2023), ReconBoost (ICML 2024),
-Diagnosing & Re-learning (ECCV 2024) and Gradient-Blending (CVPR 2020).
+Diagnosing & Re-learning (ECCV 2024), sample-level modality valuation (CVPR 2024) and Gradient-Blending
+(CVPR 2020).
 
 Each method is one :class:`BalancingMethod` (an ``nn.Module``) with its own settings dataclass; it works in
 a plain training loop through its own methods (``OGM.step``, ``OPM.forward`` / ``OPM.update``) and in any
