@@ -26,6 +26,15 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     return out
 
 
+def from_rank_zero(x: Tensor, device: torch.device | str = "cpu") -> Tensor:
+    """Rank 0's ``x`` on every rank, returned on the CPU (``x`` itself in a single process). The collective
+    runs on ``device`` (the one the process group's backend needs: CUDA under NCCL)."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return x
+    return all_reduce_sum((x if rank == 0 else torch.zeros_like(x)).to(device)).cpu()
+
+
 def all_gather_rows(x: Tensor) -> Tensor:
     """Every rank's ``x`` (one shape on all ranks) concatenated along dim 0, without gradient."""
     world = rank_and_world()[1]

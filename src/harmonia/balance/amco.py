@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harmonia.balance.method import BalanceStep, BalancingMethod, in_epoch_window
+from harmonia.balance.method import BalanceStep, BalancingMethod, in_epoch_window, step_generator
 from harmonia.distributed import all_reduce_sum
 from harmonia.errors import ConfigError, InputError
 from harmonia.settings import coerce_enums, setting
@@ -195,7 +195,7 @@ class AMCo(BalancingMethod):
             self.epoch_step = torch.zeros_like(self.epoch_step)
             self.dependent = torch.zeros_like(self.dependent)
         self._ratio = amco_mask_ratio(step.epoch, int(self.epoch_step), self.eps, self.growth)
-        self._generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.num_steps))
+        self._generator = step_generator(self.seed, self.num_steps)
         self._logit_mask = None
         # new tensors: a saved state_dict is not mutated
         self.epoch_step = self.epoch_step + 1

@@ -53,7 +53,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harmonia.balance.method import BalanceStep, BalancingMethod, in_epoch_window, unimodal_heads
+from harmonia.balance.method import (
+    BalanceStep,
+    BalancingMethod,
+    in_epoch_window,
+    step_generator,
+    unimodal_heads,
+)
 from harmonia.distributed import rank_and_world
 from harmonia.errors import ConfigError, InputError
 from harmonia.settings import setting
@@ -195,7 +201,7 @@ class CML(BalancingMethod):
 
     def removal_orders(self, batch: int) -> Tensor:
         """``[batch, M]``: each local sample's random order of removing the modalities, for this step."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.num_steps))
+        generator = step_generator(self.seed, self.num_steps)
         rank, world = rank_and_world()
         orders = torch.rand(batch * world, len(self.modalities), generator=generator).argsort(dim=1)
         return orders[rank * batch : (rank + 1) * batch]

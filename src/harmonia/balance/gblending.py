@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harmonia.balance.method import BalanceStep, BalancingMethod, SplitFeatures, unimodal_heads
-from harmonia.distributed import all_reduce_sum, rank_and_world
+from harmonia.distributed import from_rank_zero
 from harmonia.errors import ConfigError, InputError
 from harmonia.settings import coerce_enums, setting
 
@@ -315,13 +315,10 @@ class GBlending(BalancingMethod):
         of a super-epoch, re-estimate the weights from their change since the previous record."""
         if not self.records_after(epoch):
             return
-        rank, world = rank_and_world()
         values = torch.stack(
             [self.head_losses(*features(self.train_split)), self.head_losses(*features(self.val_split))]
         )
-        if world > 1:  # rank 0's losses for everyone
-            device = self.weights.device
-            values = all_reduce_sum((values if rank == 0 else torch.zeros_like(values)).to(device)).cpu()
+        values = from_rank_zero(values, self.weights.device)  # rank 0's losses for everyone
         train_now, val_now = values[0], values[1]
         for i, k in enumerate(self.heads_names):
             metrics[f"balance/gblending/loss_train/{k}"] = float(train_now[i])

@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from harmonia.balance.scores import discrepancy_ratio
@@ -117,6 +118,12 @@ class BalancingMethod(nn.Module):
 def in_epoch_window(epoch: int, start: int, end: int | None) -> bool:
     """Whether ``epoch`` lies in the window ``start <= epoch < end`` (``end`` None: no end)."""
     return epoch >= start and (end is None or epoch < end)
+
+
+def step_generator(seed: int, step: int | Tensor, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of a method's random draws at ``step``, seeded with (seed, step): every data-parallel
+    rank draws the same numbers, and a resumed run continues the same sequence."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + int(step))
 
 
 def unimodal_heads(model: nn.Module) -> Any:

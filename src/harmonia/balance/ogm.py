@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from harmonia.balance.method import BalanceStep, BalancingMethod, in_epoch_window
+from harmonia.balance.method import BalanceStep, BalancingMethod, in_epoch_window, step_generator
 from harmonia.balance.scores import discrepancy_ratio
 from harmonia.errors import ConfigError
 from harmonia.settings import setting
@@ -199,9 +199,7 @@ class OGM(BalancingMethod):
                     p.grad.mul_(k)
                     continue
                 if p.grad.device not in generators:
-                    generators[p.grad.device] = torch.Generator(device=p.grad.device).manual_seed(
-                        self.seed * 1_000_003 + int(self.num_steps)
-                    )
+                    generators[p.grad.device] = step_generator(self.seed, self.num_steps, p.grad.device)
                 std = p.grad.std() if p.grad.numel() > 1 else p.grad.new_zeros(())
                 noise = torch.randn(
                     p.grad.shape,

@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from harmonia.balance.method import BalanceStep, BalancingMethod, unimodal_heads
+from harmonia.balance.method import BalanceStep, BalancingMethod, step_generator, unimodal_heads
 from harmonia.balance.scores import discrepancy_ratio
 from harmonia.distributed import rank_and_world
 from harmonia.errors import ConfigError, InputError
@@ -211,7 +211,7 @@ class OPM(BalancingMethod):
         if not bool((self.q > 0).any()):
             return dict(features)
         batch = next(iter(features.values())).shape[0]
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        generator = step_generator(self.seed, step)
         if torch.rand((), generator=generator) >= self.p_exe:
             return dict(features)
         q = self.q.cpu()

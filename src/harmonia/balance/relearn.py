@@ -80,7 +80,7 @@ import torch
 from torch import Tensor, nn
 
 from harmonia.balance.method import BalancingMethod, SplitFeatures
-from harmonia.distributed import all_reduce_sum, rank_and_world
+from harmonia.distributed import from_rank_zero
 from harmonia.errors import ConfigError, InputError
 from harmonia.settings import setting
 
@@ -333,12 +333,10 @@ class Relearn(BalancingMethod):
         """After the official schedule's epochs: diagnose every modality and softly re-initialise it."""
         if not self.fires_after(epoch):
             return
-        rank, world = rank_and_world()
         result = self.diagnose(features(self.train_split), features(self.val_split))
         values = torch.tensor([v for m in self.modalities for v in result[m]], dtype=torch.float64)
-        if world > 1:  # rank 0's diagnosis for everyone
-            device = next((b.device for b in self.buffers()), torch.device("cpu"))
-            values = all_reduce_sum((values if rank == 0 else torch.zeros_like(values)).to(device)).cpu()
+        device = next((b.device for b in self.buffers()), torch.device("cpu"))
+        values = from_rank_zero(values, device)  # rank 0's diagnosis for everyone
         values = values.view(len(self.modalities), 3)
         alphas = {}
         for i, m in enumerate(self.modalities):
