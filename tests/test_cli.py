@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from harmonia.app.cli import main
 from harmonia.app.config import dump_config
@@ -91,13 +92,13 @@ def test_bench_imbalance_needs_two_modalities(tmp_path: Path, capsys: pytest.Cap
 
 @pytest.mark.integration
 def test_bench_balance_writes_report_plots_and_speed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from harmonia.app.bench.balance import measure_step_times, run_balance_benchmark
+    from harmonia.app.bench.balance import run_balance_benchmark
 
     tiny = [o for o in _tiny_overrides() if not o.startswith(("name=", "out_dir="))]
     summary = run_balance_benchmark(
         seeds=2,
         out_dir=tmp_path,
-        variants=["concat/none", "concat/opm+ogm"],
+        methods=["ogm_ge", "umt", "mla"],
         overrides=[*tiny, "train.epochs=1"],
         speed_steps=2,
         speed_rounds=1,
@@ -105,13 +106,53 @@ def test_bench_balance_writes_report_plots_and_speed(tmp_path: Path, capsys: pyt
     )
     out = tmp_path / "balance"
     report = (out / "balance.md").read_text()
-    assert "| concat | opm+ogm |" in report and "× baseline" in report
+    assert "| concat | ogm_ge |" in report and "| sum | mla |" in report and "imbalance degree" in report
+    assert "--methods ogm_ge umt mla" in report
     assert (out / "balance.png").stat().st_size > 1000 and (out / "balance_curves.png").stat().st_size > 1000
-    assert summary["speed"]["none"]["ratio"] == 1.0
-    assert set(summary["speed"]) == {"none", "ogm", "opm", "opm+ogm", "none (again)"}
-    assert measure_step_times(tiny, steps=1, rounds=1, progress=False)["ogm"]["seconds"] > 0
-    with pytest.raises(ConfigError, match="unknown variants"):
-        run_balance_benchmark(variants=["concat/magic"], progress=False)
+    assert list(summary["runs"]) == [
+        "concat/none",
+        "concat/ogm_ge",
+        "concat/umt",
+        "sum/none",
+        "sum/mla",
+        "sum/ogm_ge",
+    ]
+    # UMT's teachers are the controls of the same seed
+    for seed, run in enumerate(summary["runs"]["concat/umt"]):
+        config = yaml.safe_load((Path(run["run_dir"]) / "config.yaml").read_text())
+        teachers = config["balance"][0]["teachers"]
+        assert teachers["audio"].endswith(f"alone_audio_seed{seed}/checkpoints/last.pt")
+    speed = summary["speed"]
+    assert set(speed) == {*summary["runs"], "none (again)"}
+    assert speed["concat/none"]["ratio"] == 1.0 and speed["sum/none"]["ratio"] == 1.0
+    assert speed["concat/none"]["memory_ratio"] == 1.0 and speed["sum/mla"]["peak_mib"] > 0
+    # the imbalance degree of a row, recomputed from the saved probes
+    from harmonia.app.bench.balance import variant_rows
+
+    row = next(r for r in variant_rows(summary) if r["variant"] == "concat/none")
+    run, alone = (
+        summary["runs"]["concat/none"][1],
+        {m: summary["controls"][m][1]["probe"][m] for m in ("audio", "image")},
+    )
+    deficits = [alone[m] - run["probe"][m] for m in ("audio", "image")]
+    assert row["imbalance_degree"][1] == pytest.approx(abs(deficits[0] - deficits[1]))
+
+
+def test_bench_balance_names_unknown_methods_and_variants() -> None:
+    from harmonia.app.bench.balance import leaderboard_variants, parse_methods, run_balance_benchmark
+
+    with pytest.raises(ConfigError, match=r"unknown balancing method 'magic'.*opm"):
+        run_balance_benchmark(methods=["opm+magic"], progress=False)
+    with pytest.raises(ConfigError, match="not fusion/method"):
+        run_balance_benchmark(variants=["opm"], progress=False)
+    every = leaderboard_variants(parse_methods(["all"]))
+    assert every[0] == "concat/none" and "sum/none" in every and "sum/mla" in every
+    assert "concat/mla" not in every  # MLA's shared head needs a sum fusion
+    combined = leaderboard_variants(parse_methods(["opm+ogm_ge", "none"]))
+    assert combined == ["concat/none", "concat/opm+ogm_ge", "sum/none", "sum/opm+ogm_ge"]
+    from harmonia.app.registry import BALANCING
+
+    assert {v.split("/")[1] for v in every} == {"none", *BALANCING.names()}
 
 
 def _tiny_overrides() -> list[str]:

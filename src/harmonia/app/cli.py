@@ -246,11 +246,14 @@ BENCHMARKS: dict[str, BenchSpec] = {
         "balance",
         "run_balance_benchmark",
         given=("seeds", *_SPEED),
-        unless_set=("variants",),
+        unless_set=("methods", "variants"),
         own_config="runs on the defaults; change them with overrides",
     ),
     "balance-speed": BenchSpec(
-        "balance", "run_speed_benchmark", given=("steps=speed_steps", "rounds=speed_rounds")
+        "balance",
+        "run_speed_benchmark",
+        given=("steps=speed_steps", "rounds=speed_rounds"),
+        unless_set=("methods",),
     ),
     "pretrain": BenchSpec(
         "pretrain", "run_pretrain_benchmark", given=("seeds",), unless_set=("rates",), own_config=_OWN_RECIPE
@@ -367,9 +370,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="base config (default: the benchmark's own)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     p.add_argument(
+        "--methods",
+        nargs="+",
+        help="balance, balance-speed: balancing methods to compare ('all': every registered method; "
+        "'a+b' combines two; default: ogm_ge opm opm+ogm_ge), each with its fusion's baseline",
+    )
+    p.add_argument(
         "--variants",
         nargs="+",
-        help="balance: fusion/method pairs, e.g. concat/none concat/opm; harmonize: baseline realign ...; "
+        help="balance: fusion/method pairs instead of --methods, e.g. concat/none film/opm; "
+        "harmonize: baseline realign ...; "
         "finegrained: coarse finegrained finegrained-both finegrained-av",
     )
     p.add_argument("--batch-sizes", type=int, nargs="+", help="finegrained: batch sizes (default 16 32)")

@@ -4,7 +4,10 @@ mean ± std formatting and curve plots."""
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,7 +15,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from harmonia.app.config import ExperimentConfig
+from harmonia.app.config import ExperimentConfig, load_config
 from harmonia.app.logs import read_metrics
 from harmonia.app.train import Callback, build_trainer
 
@@ -31,15 +34,21 @@ def run_variant(
     seeds: Sequence[int],
     progress: bool,
     callbacks: Callable[[], Sequence[Callback]] | None = None,
+    for_seed: Callable[[ExperimentConfig, int], ExperimentConfig] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``cfg`` once per seed. Each result is :meth:`TrainResult.to_dict` plus ``steps`` (optimizer
     steps taken), ``val`` (the validation metrics of the last evaluation) and ``curves``: the numeric
     metrics of every epoch (``step``, ``epoch`` and the logged ``train/``, ``val/``, ``test/``, ``gate/``
-    ... values). ``callbacks`` makes fresh callbacks for each run."""
+    ... values). ``callbacks`` makes fresh callbacks for each run; ``for_seed(cfg, seed)``, when given, makes
+    the config of one seed's run (e.g. to point at that seed's teacher checkpoints)."""
     results = []
     for seed in seeds:
-        run_cfg = cfg.model_copy(
-            update={"name": f"{cfg.name}_seed{seed}", "train": cfg.train.model_copy(update={"seed": seed})}
+        seed_cfg = for_seed(cfg, seed) if for_seed is not None else cfg
+        run_cfg = seed_cfg.model_copy(
+            update={
+                "name": f"{cfg.name}_seed{seed}",
+                "train": seed_cfg.train.model_copy(update={"seed": seed}),
+            }
         )
         trainer = build_trainer(
             run_cfg, list(callbacks()) if callbacks else (), overwrite=True, progress=False
@@ -112,14 +121,20 @@ def plot_curves(ax: Any, results: Sequence[dict[str, Any]], key: str, label: str
 
 
 def paired_step_times(
-    trainers: Sequence[Any], batches: Sequence[dict[str, Any]], rounds: int, progress: bool = True
+    trainers: Sequence[Any],
+    batches: Sequence[dict[str, Any]],
+    rounds: int,
+    progress: bool = True,
+    reference: Sequence[int] | None = None,
 ) -> list[dict[str, float]]:
-    """Median step time of each trainer and median of its per-batch ratios to ``trainers[0]``.
+    """Median step time of each trainer and median of its per-batch ratios to its reference trainer
+    (``trainers[reference[i]]``; ``trainers[0]`` for all when ``reference`` is not given).
 
     For every batch each trainer takes one step, in an order rotated from batch to batch; each step time is
-    divided by the first trainer's time on the same batch. The first of ``rounds + 1`` rounds is a warm-up.
-    Pairing at the step level cancels the slow drifts of a shared machine.
+    divided by the reference trainer's time on the same batch. The first of ``rounds + 1`` rounds is a
+    warm-up. Pairing at the step level cancels the slow drifts of a shared machine.
     """
+    refs = list(reference) if reference is not None else [0] * len(trainers)
     n = len(trainers)
     seconds: list[list[float]] = [[] for _ in range(n)]
     ratios: list[list[float]] = [[] for _ in range(n)]
@@ -135,7 +150,51 @@ def paired_step_times(
                 continue
             for i in range(n):
                 seconds[i].append(elapsed[i])
-                ratios[i].append(elapsed[i] / elapsed[0])
+                ratios[i].append(elapsed[i] / elapsed[refs[i]])
     return [
         {"seconds": statistics.median(seconds[i]), "ratio": statistics.median(ratios[i])} for i in range(n)
     ]
+
+
+def step_memory_mib(overrides: Sequence[str]) -> float:
+    """Peak memory of one training step (MiB): how far the resident set of a fresh process grows above
+    its size before the step (Linux; glibc is told to return every freed block of >= 64 KiB to the
+    system, so that the resident set follows the live tensors)."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        process = context.Process(target=_memory_worker, args=(list(overrides), queue))
+        process.start()
+    finally:
+        if previous is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
+    result = queue.get(timeout=600)
+    process.join()
+    return float(result)
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _memory_worker(overrides: list[str], queue: Any) -> None:
+    import gc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = build_trainer(load_config(None, [*overrides, f"out_dir={tmp}"]), progress=False)
+        batch = next(iter(trainer.train_loader))
+        trainer.train_step(batch)  # optimizer state and one-time allocations
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset the peak resident set (VmHWM) to the current one
+        before = _status_kib("VmRSS")
+        trainer.train_step(batch)
+        queue.put((_status_kib("VmHWM") - before) / 1024)

@@ -18,8 +18,6 @@ training step (the growth of the resident set of a fresh process during the step
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import statistics
 import tempfile
 from collections.abc import Sequence
@@ -33,6 +31,7 @@ from harmonia.app.bench.common import (
     mean_std,
     paired_step_times,
     plot_curves,
+    step_memory_mib,
 )
 from harmonia.app.bench.pipeline import BenchReport, bench_command, figure, sweep, unless_default
 from harmonia.app.bench.pretrain import PRETRAIN_RECIPE
@@ -236,50 +235,6 @@ def measure_speed(
         times = paired_step_times(trainers, batches, rounds, progress)
     memory = [step_memory_mib(_overrides(v, batch_size, overrides, video_tokens)) for v in variants]
     return {v: {**t, "peak_mib": m} for v, t, m in zip(variants, times, memory, strict=True)}
-
-
-def step_memory_mib(overrides: Sequence[str]) -> float:
-    """Peak memory of one training step (MiB): how far the resident set of a fresh process grows above
-    its size before the step (Linux; glibc is told to return every freed block of >= 64 KiB to the
-    system, so that the resident set follows the live tensors)."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    try:
-        process = context.Process(target=_memory_worker, args=(list(overrides), queue))
-        process.start()
-    finally:
-        if previous is None:
-            del os.environ["MALLOC_MMAP_THRESHOLD_"]
-        else:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
-    result = queue.get(timeout=600)
-    process.join()
-    return float(result)
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def _memory_worker(overrides: list[str], queue: Any) -> None:
-    import gc
-
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = build_trainer(load_config(None, [*overrides, f"out_dir={tmp}"]), progress=False)
-        batch = next(iter(trainer.train_loader))
-        trainer.train_step(batch)  # optimizer state and one-time allocations
-        gc.collect()
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # reset the peak resident set (VmHWM) to the current one
-        before = _status_kib("VmRSS")
-        trainer.train_step(batch)
-        queue.put((_status_kib("VmHWM") - before) / 1024)
 
 
 def gap_closed(summary: dict[str, Any], batch_size: str, variant: str, metric: str) -> float | None:

@@ -7,6 +7,7 @@ A benchmark module keeps what is its own (which configs, the summary, the Markdo
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -35,17 +36,25 @@ def sweep(
     unit: str = "variant",
     callbacks: Callable[[Job, ExperimentConfig], Callable[[], Sequence[Callback]]] | None = None,
     after: Callable[[Job, Results], None] | None = None,
+    for_seed: Callable[[Job, ExperimentConfig, int], ExperimentConfig] | None = None,
 ) -> dict[Job, Results]:
     """Train the config of every job for seeds ``0 .. seeds-1`` (:func:`run_variant`), one job after the
     other under a progress bar named ``title``. ``configure`` makes a job's config, ``callbacks`` (given
     the job and its config) the factory of each run's callbacks, and ``after`` sees a job's results as soon
-    as they are in (to add to them, or to measure its checkpoints). Returns the results of each job."""
+    as they are in (to add to them, or to measure its checkpoints), and ``for_seed(job, cfg, seed)`` the
+    config of one seed's run when it differs from seed to seed. Returns the results of each job."""
     runs: dict[Job, Results] = {}
     bar = tqdm(jobs, desc=title, disable=not progress, unit=unit)
     for job in bar:
         bar.set_postfix(variant=job if isinstance(job, str | int | float) else "/".join(map(str, job)))
         cfg = configure(job)
-        runs[job] = run_variant(cfg, list(range(seeds)), progress, callbacks(job, cfg) if callbacks else None)
+        runs[job] = run_variant(
+            cfg,
+            list(range(seeds)),
+            progress,
+            callbacks(job, cfg) if callbacks else None,
+            functools.partial(for_seed, job) if for_seed is not None else None,
+        )
         if after is not None:
             after(job, runs[job])
     return runs
