@@ -27,6 +27,7 @@ from harmonia.balance import (
     AGM,
     CML,
     LFM,
+    MBSD,
     MLA,
     OGM,
     OGMGE,
@@ -134,6 +135,7 @@ BALANCING.register("mla", MLA)
 BALANCING.register("mmcosine", MMCosine)
 BALANCING.register("reconboost", ReconBoost)
 BALANCING.register("valuation", SampleValuation)
+BALANCING.register("mbsd", MBSD)
 
 BACKWARD: Registry[Callable[[Any], Any]] = Registry("backward strategy", "backward")
 BACKWARD.register("plain", backward.plain)

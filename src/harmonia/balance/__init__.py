@@ -1,8 +1,8 @@
 """Modality balancing: unimodal scores, discrepancy ratio, OGM / OGM-GE and OPM (TPAMI 2025, CVPR 2022),
 CML (ICML 2023), PMR (CVPR 2023), AGM (ICCV 2023), AMCo (ICASSP 2023), MMPareto (ICML 2024), LFM
 (NeurIPS 2024), UME / UMT (ICML 2023), MLA (CVPR 2024), MMCosine (ICASSP 2023), ReconBoost (ICML 2024),
-Diagnosing & Re-learning (ECCV 2024), sample-level modality valuation (CVPR 2024) and Gradient-Blending
-(CVPR 2020).
+Diagnosing & Re-learning (ECCV 2024), sample-level modality valuation (CVPR 2024), Gradient-Blending
+(CVPR 2020) and BalanceMM's MBSD (pairwise sample-weighted agreement of unimodal predictions).
 
 Each method is one :class:`BalancingMethod` (an ``nn.Module``) with its own settings dataclass; it works in
 a plain training loop through its own methods (``OGM.step``, ``OPM.forward`` / ``OPM.update``) and in any
@@ -21,6 +21,14 @@ from harmonia.balance.gblending import (
     ogr_terms,
 )
 from harmonia.balance.lfm import LFM, LFMSchedule, LFMSettings, js_divergence, lfm_cls_weight, matching_loss
+from harmonia.balance.mbsd import (
+    MBSD,
+    MBSDDivergence,
+    MBSDSettings,
+    MBSDSpace,
+    mbsd_pair_terms,
+    mbsd_regularizer,
+)
 from harmonia.balance.method import BalanceStep, BalancingMethod, unimodal_heads
 from harmonia.balance.mla import (
     MLA,
@@ -62,6 +70,7 @@ __all__ = [
     "AGM",
     "CML",
     "LFM",
+    "MBSD",
     "MLA",
     "OGM",
     "OGMGE",
@@ -82,6 +91,9 @@ __all__ = [
     "GBlendingSettings",
     "LFMSchedule",
     "LFMSettings",
+    "MBSDDivergence",
+    "MBSDSettings",
+    "MBSDSpace",
     "MLAFusionMode",
     "MLASchedule",
     "MLASettings",
@@ -120,6 +132,8 @@ __all__ = [
     "lfm_cls_weight",
     "load_teacher",
     "matching_loss",
+    "mbsd_pair_terms",
+    "mbsd_regularizer",
     "mla_fuse",
     "mla_weights",
     "mono_modal_responses",
