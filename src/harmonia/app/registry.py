@@ -37,6 +37,7 @@ from harmonia.balance import (
     AMCo,
     BalancingMethod,
     GBlending,
+    Greedy,
     MMCosine,
     MMPareto,
     ReconBoost,
@@ -134,6 +135,7 @@ BALANCING.register("mla", MLA)
 BALANCING.register("mmcosine", MMCosine)
 BALANCING.register("reconboost", ReconBoost)
 BALANCING.register("valuation", SampleValuation)
+BALANCING.register("greedy", Greedy)
 
 BACKWARD: Registry[Callable[[Any], Any]] = Registry("backward strategy", "backward")
 BACKWARD.register("plain", backward.plain)
