@@ -1,7 +1,7 @@
 """Data-parallel training with 2 real gloo processes on CPU: the same parameters as one process on the same
-global batch (supervised with OGM-GE, with OPM and with MMPareto; pre-training with the harmonizer in each
-mode and with a fine-grained loss), torchrun end to end, resume under DDP, and a clear exit when a rank
-dies."""
+global batch (supervised with OGM-GE, OPM, MMPareto, AGM, AMCo, PMR, MLA and greedy; pre-training with the
+harmonizer in each mode and with a fine-grained loss), torchrun end to end, resume under DDP, and a clear exit
+when a rank dies."""
 
 from __future__ import annotations
 
@@ -48,6 +48,13 @@ def _configs(out_dir: Path) -> dict[str, object]:
         "amco": tiny_experiment(out_dir, "name=amco", "balance=[amco]", "optim.name=sgd"),
         "pmr": tiny_experiment(out_dir, "name=pmr", "balance=[pmr]", "optim.name=sgd"),
         "mla": tiny_experiment(out_dir, "name=mla", "balance=[mla]", "model.fusion=sum", "optim.name=sgd"),
+        # step 0 measures the speeds and decides, step 1 re-balances with the all-reduced feature means
+        "greedy": tiny_experiment(
+            out_dir,
+            "name=greedy",
+            "balance=[{name: greedy, start_epoch: 0, rebalance_steps: 1}]",
+            "optim.name=sgd",
+        ),
         **{
             name: tiny_pretrain(out_dir, f"name={name.replace('+', '_')}", *noisy, *extra)
             for name, extra in PRETRAIN.items()

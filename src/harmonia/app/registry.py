@@ -38,6 +38,7 @@ from harmonia.balance import (
     AMCo,
     BalancingMethod,
     GBlending,
+    Greedy,
     MMCosine,
     MMPareto,
     ReconBoost,
@@ -136,6 +137,7 @@ BALANCING.register("mmcosine", MMCosine)
 BALANCING.register("reconboost", ReconBoost)
 BALANCING.register("valuation", SampleValuation)
 BALANCING.register("mbsd", MBSD)
+BALANCING.register("greedy", Greedy)
 
 BACKWARD: Registry[Callable[[Any], Any]] = Registry("backward strategy", "backward")
 BACKWARD.register("plain", backward.plain)

@@ -2,7 +2,8 @@
 CML (ICML 2023), PMR (CVPR 2023), AGM (ICCV 2023), AMCo (ICASSP 2023), MMPareto (ICML 2024), LFM
 (NeurIPS 2024), UME / UMT (ICML 2023), MLA (CVPR 2024), MMCosine (ICASSP 2023), ReconBoost (ICML 2024),
 Diagnosing & Re-learning (ECCV 2024), sample-level modality valuation (CVPR 2024), Gradient-Blending
-(CVPR 2020) and BalanceMM's MBSD (pairwise sample-weighted agreement of unimodal predictions).
+(CVPR 2020), balanced multi-modal learning against greedy learning (ICML 2022) and BalanceMM's MBSD (pairwise
+sample-weighted agreement of unimodal predictions).
 
 Each method is one :class:`BalancingMethod` (an ``nn.Module``) with its own settings dataclass; it works in
 a plain training loop through its own methods (``OGM.step``, ``OPM.forward`` / ``OPM.update``) and in any
@@ -19,6 +20,14 @@ from harmonia.balance.gblending import (
     blended_loss,
     gblending_weights,
     ogr_terms,
+)
+from harmonia.balance.greedy import (
+    Greedy,
+    GreedySettings,
+    conditional_learning_speeds,
+    conditional_utilization_rate,
+    learning_speed,
+    speed_gap,
 )
 from harmonia.balance.lfm import LFM, LFMSchedule, LFMSettings, js_divergence, lfm_cls_weight, matching_loss
 from harmonia.balance.mbsd import (
@@ -89,6 +98,8 @@ __all__ = [
     "GBlending",
     "GBlendingGain",
     "GBlendingSettings",
+    "Greedy",
+    "GreedySettings",
     "LFMSchedule",
     "LFMSettings",
     "MBSDDivergence",
@@ -122,6 +133,8 @@ __all__ = [
     "blended_loss",
     "check_additive_fusion",
     "cml_regularizer",
+    "conditional_learning_speeds",
+    "conditional_utilization_rate",
     "conv_weights_only",
     "cosine_head_from",
     "dependence_shares",
@@ -129,6 +142,7 @@ __all__ = [
     "gblending_weights",
     "js_divergence",
     "kmeans",
+    "learning_speed",
     "lfm_cls_weight",
     "load_teacher",
     "matching_loss",
@@ -151,6 +165,7 @@ __all__ = [
     "response_scores",
     "sample_contributions",
     "soft_reinit",
+    "speed_gap",
     "state_fingerprint",
     "teacher_state",
     "tie_sum_fusion",
