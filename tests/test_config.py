@@ -5,7 +5,9 @@ import enum
 from pathlib import Path
 
 import pytest
+import torch
 
+from harmonia.app.build import build_balancing, build_model
 from harmonia.app.config import (
     ExperimentConfig,
     OptimConfig,
@@ -19,6 +21,7 @@ from harmonia.app.config import (
     settings_from,
     to_dict,
 )
+from harmonia.app.datasets import PREPARED_DATASETS
 from harmonia.data.avdigits import AVDigitsRecipe
 from harmonia.data.trimodal import TriModalRecipe
 from harmonia.errors import ConfigError
@@ -28,10 +31,36 @@ from harmonia.settings import setting
 REPO = Path(__file__).resolve().parents[1]
 
 
+#: the number of classes of each prepared dataset (its inputs: audio 1 channel, visual 3)
+PREPARED_SHAPES = {
+    "cremad": 6,
+    "kinetics_sounds": 31,
+    "vggsound": 309,
+    "ave": 28,
+}
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_config_is_valid(path: Path) -> None:
+def test_every_shipped_config_is_valid(path: Path, tmp_path: Path) -> None:
+    """Every config loads; a config of a prepared dataset also builds its model and its balancing methods
+    (a method refuses a fusion head it cannot work with, e.g. MLA without ``sum``, only at build)."""
     cfg = load_config(path)
     assert cfg.data.modalities
+    if cfg.data.name not in PREPARED_DATASETS:
+        return
+    assert set(PREPARED_SHAPES) == set(PREPARED_DATASETS)
+    modalities = list(cfg.data.modalities)
+    model = build_model(cfg.model, modalities, {"audio": 1, "visual": 3}, PREPARED_SHAPES[cfg.data.name])
+    entries = []
+    for entry in cfg.balance:
+        settings = entry.settings
+        if entry.name == "umt":  # its teachers are trained runs: stand in a checkpoint of this very model
+            torch.save({"model": model.state_dict()}, tmp_path / "teacher.pt")
+            teachers = {m: str(tmp_path / "teacher.pt") for m in settings.teachers}
+            settings = dataclasses.replace(settings, teachers=teachers)
+        entries.append((entry.name, settings))
+    callback = build_balancing(entries, model, seed=cfg.train.seed)
+    assert (callback is None) == (not cfg.balance)
 
 
 def test_defaults_and_round_trip(tmp_path: Path) -> None:

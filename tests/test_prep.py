@@ -134,6 +134,24 @@ def test_prep_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "unknown dataset" in capsys.readouterr().err
 
 
+def test_cremad_val_list_carves_a_validation_split_out_of_the_training_list(tmp_path: Path) -> None:
+    """``val.csv`` (the Diagnosing & Re-learning repository's held-out list) moves its clips from ``train``
+    to ``val``; without it CREMA-D has no validation split (the scan reads names only: empty files do)."""
+    from harmonia.data.raw_layouts import scan_cremad
+
+    ids = ["1001_DFA_ANG_XX", "1002_IEO_HAP_HI", "1003_TIE_SAD_XX", "1004_DFA_NEU_XX"]
+    for folder, ext in (("VideoFlash", "flv"), ("AudioWAV", "wav")):
+        (tmp_path / folder).mkdir()
+        for clip_id in ids:
+            (tmp_path / folder / f"{clip_id}.{ext}").touch()
+    (tmp_path / "train.csv").write_text("".join(f"{i},x\n" for i in ids[:3]))
+    (tmp_path / "test.csv").write_text(f"{ids[3]},x\n")
+    splits = lambda: {c.id: c.split for c in scan_cremad(tmp_path).clips}  # noqa: E731
+    assert splits() == {ids[0]: "train", ids[1]: "train", ids[2]: "train", ids[3]: "test"}
+    (tmp_path / "val.csv").write_text(f"{ids[1]},x\n")
+    assert splits() == {ids[0]: "train", ids[1]: "val", ids[2]: "train", ids[3]: "test"}
+
+
 def _prepared_cremad(tmp_path: Path) -> Path:
     src, dst = tmp_path / "CREMA-D", tmp_path / "prepared"
     _cremad(src)

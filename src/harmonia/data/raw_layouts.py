@@ -41,12 +41,14 @@ def scan_cremad(src: Path) -> Scan:
     """CREMA-D: ``VideoFlash/<id>.flv`` and ``AudioWAV/<id>.wav``, ids like ``1001_DFA_ANG_XX`` (the third
     field is the emotion). Splits: ``train.csv`` / ``test.csv`` in ``src`` when present (first column: clip
     id, as the OGM-GE repository's lists), else a fixed 90 / 10 split by clip id (6,698 / 744 in the
-    papers)."""
+    papers). An optional ``val.csv`` (the Diagnosing & Re-learning repository's held-out part of the OGM-GE
+    training list) makes a validation split: its clips go to ``val`` even when ``train.csv`` lists them too
+    (methods that read a validation split, e.g. ``relearn`` and ``gblending``, need one)."""
     videos, audios = src / "VideoFlash", src / "AudioWAV"
     _require(videos, "the CREMA-D folder VideoFlash/ with the .flv videos")
     _require(audios, "the CREMA-D folder AudioWAV/ with the .wav audio")
     listed: dict[str, str] = {}
-    for split in ("train", "test"):
+    for split in ("train", "test", "val"):  # later lists win: val.csv may carve clips out of train.csv
         if (src / f"{split}.csv").is_file():
             with open(src / f"{split}.csv", newline="") as fh:
                 listed.update({row[0]: split for row in csv.reader(fh) if row and row[0] != "id"})
