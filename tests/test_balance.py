@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from harmonia.balance import (
     unimodal_scores,
 )
 from harmonia.errors import ConfigError, InputError
+from helpers import train_interrupted_and_resumed
 
 
 def logits_with_true_class_probs(
@@ -401,3 +403,22 @@ def test_methods_that_train_one_modality_at_a_time_make_ddp_look_for_unused_para
 
     assert unused("[reconboost]") and unused("[{name: mla, schedule: per_step}]")
     assert not unused("[mla]") and not unused("[ogm_ge, opm]") and not unused("[]")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("methods", "logged"),
+    [
+        ("opm,agm", ("balance/q/", "balance/agm/")),
+        ("opm,pmr", ("balance/q/", "balance/pmr/")),
+        ("ogm_ge,cml", ("balance/k/", "balance/cml/")),
+        ("opm,greedy", ("balance/q/", "balance/greedy/")),
+    ],
+)
+def test_methods_compose_through_the_list_config(
+    tmp_path: Path, methods: str, logged: tuple[str, ...]
+) -> None:
+    """Two methods of different families in one ``balance`` list both act, and the run resumes exactly."""
+    run = train_interrupted_and_resumed(tmp_path, f"balance=[{methods}]", "train.probe=false")
+    for prefix in logged:
+        assert any(k.startswith(prefix) for k in run.steps[-1]), prefix
