@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from harmonia.errors import ConfigError, InputError
@@ -22,6 +23,13 @@ class MultimodalOutput:
     logits: Tensor
     features: dict[str, Tensor]
     unimodal_logits: dict[str, Tensor]
+
+
+# a pytree node, so that torch's tree utilities see the tensors inside: DistributedDataParallel with
+# find_unused_parameters routes a forward's output tensors through its sink only when it can flatten the
+# output, and without the sink a step whose loss leaves a modality's branch without gradient (MLA per_step,
+# ReconBoost) stalls the gradient reduction ("Expected to have finished reduction in the prior iteration")
+torch.export.register_dataclass(MultimodalOutput, serialized_type_name="harmonia.models.MultimodalOutput")
 
 
 class MultimodalClassifier(nn.Module):

@@ -96,19 +96,29 @@ def shutdown_distributed() -> None:
 
 class _AllReduceSum(torch.autograd.Function):
     """Sum over ranks whose backward is the sum over ranks of the gradients (each rank's output feeds
-    that rank's loss, and every input contributed to every rank's output)."""
+    that rank's loss, and every input contributed to every rank's output).
+
+    A rank whose loss does not use the output (a step that trains one modality: MLA per_step, ReconBoost)
+    has no gradient for it; it sums zeros with the others, and if no rank has one the input gets none
+    either, so that the parameters before it stay without gradient (the optimiser skips them: no momentum,
+    no weight decay), as in one process."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        ctx.shape, ctx.dtype, ctx.device = x.shape, x.dtype, x.device
         out = x.clone()
         dist.all_reduce(out)
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad
+    def backward(ctx: Any, grad: Tensor | None) -> Tensor | None:  # type: ignore[override]
+        local = grad if grad is not None else torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)
+        flat = torch.cat([local.reshape(-1), local.new_full((1,), float(grad is not None))])
+        dist.all_reduce(flat)  # one collective on every rank, with or without a gradient
+        if grad is None and float(flat[-1]) == 0:  # (reads the flag only without a local gradient: no sync)
+            return None
+        return flat[:-1].view(ctx.shape)
 
 
 class CrossRankBatchNorm(nn.BatchNorm2d):
