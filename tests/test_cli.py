@@ -126,8 +126,12 @@ def test_bench_balance_writes_report_plots_and_speed(tmp_path: Path, capsys: pyt
     assert set(speed) == {*summary["runs"], "none (again)"}
     assert speed["concat/none"]["ratio"] == 1.0 and speed["sum/none"]["ratio"] == 1.0
     assert speed["concat/none"]["memory_ratio"] == 1.0 and speed["sum/mla"]["peak_mib"] > 0
+    # without trained teachers, UMT is timed with the untrained baseline's encoders as its teachers
+    from harmonia.app.bench.balance import measure_step_times, variant_rows
+
+    alone = measure_step_times(["concat/umt"], tiny, steps=1, rounds=1, progress=False)
+    assert set(alone) == {"concat/none", "concat/umt", "none (again)"} and alone["concat/umt"]["seconds"] > 0
     # the imbalance degree of a row, recomputed from the saved probes
-    from harmonia.app.bench.balance import variant_rows
 
     row = next(r for r in variant_rows(summary) if r["variant"] == "concat/none")
     run, alone = (

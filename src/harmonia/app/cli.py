@@ -121,10 +121,11 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
     from harmonia.app.audit import audit_conflicts
     from harmonia.app.config import load_config
+    from harmonia.app.train.checkpoint import last_checkpoint_path
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(cfg.out_dir) / cfg.name
-    checkpoint = Path(args.checkpoint) if args.checkpoint else run_dir / "checkpoints" / "last.pt"
+    checkpoint = Path(args.checkpoint) if args.checkpoint else last_checkpoint_path(run_dir)
     out = Path(args.out) if args.out else run_dir / f"audit_{args.mode}.csv"
     result = audit_conflicts(cfg, checkpoint, out, mode=args.mode, progress=not args.quiet)
     n = len(result.cosine)

@@ -38,6 +38,7 @@ from harmonia.app.config import ExperimentConfig, load_config
 from harmonia.app.plots import plot_balance_curves
 from harmonia.app.registry import BALANCING
 from harmonia.app.train import build_trainer
+from harmonia.app.train.checkpoint import last_checkpoint_path
 from harmonia.errors import ConfigError
 
 BASELINE = "none"
@@ -89,15 +90,14 @@ def fusion_of(method: str) -> str:
 def leaderboard_variants(methods: Sequence[str]) -> list[str]:
     """``fusion/method`` variants of the methods: each with its fusion, the second-fusion subset again with
     sum, and the baseline of every fusion used."""
-    first = [f"{fusion_of(m)}/{m}" for m in methods]
-    second = [
+    variants = [f"{fusion_of(m)}/{m}" for m in methods] + [
         f"{SECOND_FUSION}/{m}" for m in methods if m in SECOND_FUSION_METHODS and fusion_of(m) == "concat"
     ]
-    fusions = list(dict.fromkeys(["concat", *(v.split("/")[0] for v in [*first, *second])]))
+    fusions = dict.fromkeys(["concat", *(v.split("/")[0] for v in variants)])
     return [
         variant
         for fusion in fusions
-        for variant in [f"{fusion}/{BASELINE}", *(v for v in [*first, *second] if v.startswith(f"{fusion}/"))]
+        for variant in [f"{fusion}/{BASELINE}", *(v for v in variants if v.startswith(f"{fusion}/"))]
     ]
 
 
@@ -122,10 +122,6 @@ def _variant_overrides(variant: str, teachers: dict[str, str] | None = None) -> 
         balance_override(method, teachers),
         f"name={fusion}_{method.replace('+', '_')}",
     ]
-
-
-def _checkpoint(run: dict[str, Any]) -> str:
-    return str(Path(run["run_dir"]) / "checkpoints" / "last.pt")
 
 
 def run_balance_benchmark(
@@ -160,7 +156,7 @@ def run_balance_benchmark(
     controls = sweep("balance controls", list(MODALITIES), alone, seeds, progress, unit="modality")
 
     def teachers(seed: int) -> dict[str, str]:
-        return {m: _checkpoint(controls[m][seed]) for m in MODALITIES}
+        return {m: str(last_checkpoint_path(controls[m][seed]["run_dir"])) for m in MODALITIES}
 
     def configure(variant: str, seed: int = 0) -> ExperimentConfig:
         return load_config(None, [*overrides, *_variant_overrides(variant, teachers(seed)), *forced])
@@ -228,7 +224,7 @@ def measure_step_times(
         names.index(f"{n.split('/')[0]}/{BASELINE}" if n != CONTROL else f"concat/{BASELINE}") for n in names
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        teacher_files = teachers or dict.fromkeys(MODALITIES, _fresh_checkpoint(overrides, tmp))
+        teacher_files = dict(teachers or {})
 
         def config_overrides(i: int, name: str) -> list[str]:
             variant = f"concat/{BASELINE}" if name == CONTROL else name
@@ -239,9 +235,17 @@ def measure_step_times(
                 f"name=speed_{i}",
             ]
 
-        trainers = [
+        # names[0] is the concat baseline: no teachers needed to build it, and its (untrained) model holds
+        # every encoder, enough for UMT's teachers when none are given (the cost does not depend on weights)
+        trainers = [build_trainer(load_config(None, config_overrides(0, names[0])), progress=False)]
+        if not teacher_files:
+            path = Path(tmp) / "teacher.pt"
+            torch.save({"model": trainers[0].model.state_dict()}, path)
+            teacher_files = dict.fromkeys(MODALITIES, str(path))
+        trainers += [
             build_trainer(load_config(None, config_overrides(i, n)), progress=False)
             for i, n in enumerate(names)
+            if i > 0
         ]
         for trainer in trainers:
             trainer.epoch = min(TIMING_EPOCH, trainer.num_epochs - 1)
@@ -254,16 +258,6 @@ def measure_step_times(
         base = memory[ref]
         result[name]["memory_ratio"] = result[name]["peak_mib"] / base if base > 0 else float("nan")
     return result
-
-
-def _fresh_checkpoint(overrides: Sequence[str], folder: str) -> str:
-    """A checkpoint of an untrained baseline (weights only), enough for UMT's teachers when timing."""
-    trainer = build_trainer(
-        load_config(None, [*overrides, "balance=[]", f"out_dir={folder}", "name=teacher"]), progress=False
-    )
-    path = Path(folder) / "teacher.pt"
-    torch.save({"model": trainer.model.state_dict()}, path)
-    return str(path)
 
 
 def run_speed_benchmark(

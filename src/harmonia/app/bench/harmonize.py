@@ -43,6 +43,7 @@ from harmonia.app.bench.pipeline import BenchReport, bench_command, figure, swee
 from harmonia.app.bench.pretrain import PRETRAIN_RECIPE
 from harmonia.app.config import ExperimentConfig, load_config
 from harmonia.app.train import build_trainer
+from harmonia.app.train.checkpoint import last_checkpoint_path
 from harmonia.data.trimodal import load_trimodal_avdigits
 from harmonia.errors import ConfigError
 from harmonia.gradients.harmonizer import per_sample_parameter_grads
@@ -138,7 +139,7 @@ def run_harmonize_benchmark(
             run_cfg = load_config(Path(r["run_dir"]) / "config.yaml")
             audit = audit_conflicts(
                 run_cfg,
-                Path(r["run_dir"]) / "checkpoints" / "last.pt",
+                last_checkpoint_path(r["run_dir"]),
                 Path(r["run_dir"]) / "audit.csv",
                 progress=False,
             )

@@ -44,6 +44,7 @@ from harmonia.app.train.checkpoint import (
     CHECKPOINT_FORMAT_VERSION,
     atomic_save,
     capture_rng_state,
+    last_checkpoint_path,
     load_checkpoint,
     remove_stale_temp_files,
     restore_rng_state,
@@ -123,7 +124,7 @@ class BaseTrainer:
         self.cfg = cfg
         self.callbacks = list(callbacks)
         self.run_dir = Path(cfg.out_dir) / cfg.name
-        self.checkpoint_path = self.run_dir / "checkpoints" / "last.pt"
+        self.checkpoint_path = last_checkpoint_path(self.run_dir)
         self.resume = resume
         self.user_model = model
 

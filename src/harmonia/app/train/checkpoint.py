@@ -30,6 +30,11 @@ from harmonia.errors import CheckpointError
 CHECKPOINT_FORMAT_VERSION = 1
 
 
+def last_checkpoint_path(run_dir: str | Path) -> Path:
+    """``<run_dir>/checkpoints/last.pt``: where a run keeps the checkpoint it resumes from."""
+    return Path(run_dir) / "checkpoints" / "last.pt"
+
+
 def _fsync_dir(directory: Path) -> None:
     """Persist the rename in ``directory`` (best effort: not every OS/file system allows it)."""
     try:
