@@ -422,3 +422,59 @@ def test_methods_compose_through_the_list_config(
     run = train_interrupted_and_resumed(tmp_path, f"balance=[{methods}]", "train.probe=false")
     for prefix in logged:
         assert any(k.startswith(prefix) for k in run.steps[-1]), prefix
+
+
+def _linear_classifier() -> nn.Module:
+    from harmonia.models import ConcatFusion, MultimodalClassifier
+
+    torch.manual_seed(0)
+    return MultimodalClassifier(
+        {"audio": nn.Linear(6, 4), "image": nn.Linear(5, 4)},
+        ConcatFusion(["audio", "image"], {"audio": 4, "image": 4}, num_classes=3),
+    )
+
+
+def test_attached_opm_drops_in_training_and_is_switched_off_by_model_eval() -> None:
+    from harmonia.balance import OPMSettings
+
+    model = _linear_classifier()
+    inputs = {"audio": torch.randn(32, 6), "image": torch.randn(32, 5)}
+    plain = model(inputs).logits.detach()
+    model.feature_transform = OPM.build(model, OPMSettings(p_exe=1.0))
+    model.feature_transform.set_ratios({"audio": 1.0, "image": 9.0})  # q_image = 0.5·(1 + 0.5·tanh 8)
+    assert "feature_transform.q" in model.state_dict()  # saved with the model
+    model.train()
+    dropped = model(inputs).logits.detach()
+    assert not torch.allclose(dropped, plain)
+    model.eval()
+    assert not model.feature_transform.training
+    assert torch.equal(model(inputs).logits, plain)
+
+
+def test_opm_step_takes_the_ratio_of_the_features_before_dropping() -> None:
+    from harmonia.balance import OPMSettings
+
+    model = _linear_classifier()
+    opm = OPM.build(model, OPMSettings(p_exe=1.0))
+    opm.set_ratios({"audio": 1.0, "image": 9.0})
+    inputs = {"audio": torch.randn(32, 6), "image": torch.randn(32, 5)}
+    labels = torch.randint(0, 3, (32,))
+    model(inputs, transform=opm)
+    ratios = opm.step(labels)
+    with torch.no_grad():  # by hand: ρ^a = S^a / S^v, S^m = Σ_i softmax(W_m^head f_m(x_i))[y_i], no drop
+        head = model.fusion.unimodal_logits({m: model.encoders[m](inputs[m]) for m in inputs})
+        score = {m: head[m].softmax(1)[torch.arange(32), labels].sum() for m in head}
+    assert ratios["audio"] == pytest.approx(float(score["audio"] / score["image"]), rel=1e-5)
+    expected_q = opm_drop_probability(torch.tensor(ratios["audio"]))
+    assert opm.drop_probabilities()["audio"] == pytest.approx(float(expected_q))
+    with pytest.raises(ConfigError, match="no features seen"):
+        opm.step(labels)  # each forward feeds one step
+    with pytest.raises(ConfigError, match="unimodal heads"):
+        OPM(["audio", "image"]).step(labels)
+
+
+def test_opm_passed_in_training_mode_to_an_eval_model_warns() -> None:
+    model = _linear_classifier().eval()
+    opm = OPM(model.modalities).train()
+    with pytest.warns(UserWarning, match=r"model.feature_transform"):
+        model({"audio": torch.randn(2, 6), "image": torch.randn(2, 5)}, transform=opm)

@@ -175,7 +175,7 @@ class OGM(BalancingMethod):
         return self.modulate(discrepancy_ratio({m: unimodal_logits[m] for m in self.params}, labels), epoch)
 
     @torch.no_grad()
-    def modulate(self, ratios: Mapping[str, Tensor], epoch: int) -> OGMStats:
+    def modulate(self, ratios: Mapping[str, Tensor | float], epoch: int) -> OGMStats:
         """Modulate with ratios computed elsewhere (e.g. shared with OPM in the same step)."""
         coefficients = self.coefficients({m: ratios[m] for m in self.params})
         active = self.is_active(epoch)

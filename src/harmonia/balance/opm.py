@@ -135,6 +135,7 @@ class OPM(BalancingMethod):
         if warmup_epochs < 0:
             raise ConfigError(f"OPM warmup_epochs must be >= 0, got {warmup_epochs}")
         self.warmup_epochs = warmup_epochs
+        self._last_features: dict[str, Tensor] | None = None
 
     @classmethod
     def build(cls, model: nn.Module, settings: OPMSettings | None = None, seed: int = 0) -> OPM:
@@ -174,7 +175,7 @@ class OPM(BalancingMethod):
             self.set_ratios(ratios)
             return features
         step.metrics.update({f"balance/q/{m}": q for m, q in self.drop_probabilities().items()})
-        dropped = self(features)
+        dropped = self.drop(features)
         self.set_ratios(ratios)
         return dropped
 
@@ -196,12 +197,39 @@ class OPM(BalancingMethod):
         return {m: float(r) for m, r in ratios.items()}
 
     @torch.no_grad()
+    def step(self, labels: Tensor) -> dict[str, float]:
+        """Set q for the next step from the discrepancy ratios of the features that the last training-mode
+        call (``model(inputs, transform=opm)``) saw *before* dropping; returns the ratios, ready for
+        ``OGM.modulate`` in the same step. Needs the model's unimodal heads (:meth:`build` sets them)."""
+        if self.unimodal_logits is None:
+            raise ConfigError(
+                "OPM.step needs the model's unimodal heads: build OPM with "
+                "OPM.build(model, OPMSettings(...)) or pass unimodal_logits=model.fusion.unimodal_logits; "
+                "or call opm.update(unimodal_logits, labels) with logits you computed"
+            )
+        if self._last_features is None:
+            raise ConfigError(
+                "OPM.step: no features seen since the last step; call the model with transform=opm (or "
+                "attach it, model.feature_transform = opm) in training mode before opm.step(labels)"
+            )
+        features, self._last_features = self._last_features, None
+        return self.update(self.unimodal_logits(features), labels)
+
+    @torch.no_grad()
     def set_ratios(self, ratios: Mapping[str, Tensor | float]) -> None:
         """Set q for the next step from discrepancy ratios computed elsewhere."""
         rho = torch.stack([torch.as_tensor(ratios[m], dtype=torch.float32) for m in self.modalities])
         self.q.copy_(opm_drop_probability(rho.to(self.q.device), self.q_base, self.lam))
 
     def forward(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """In training mode: remember the features (detached, for :meth:`step`) and :meth:`drop`; in eval
+        mode: the identity."""
+        if self.training:
+            self._last_features = {m: f.detach() for m, f in features.items()}
+        return self.drop(features)
+
+    def drop(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Drop each sample's modality-m features with probability q^m (identity in eval mode)."""
         if set(features) != set(self.modalities):
             raise InputError(f"OPM expects features of {list(self.modalities)}, got {list(features)}")
         if not self.training:

@@ -1,11 +1,14 @@
 """Multimodal classifier: one encoder per modality followed by a fusion head.
 
-``forward`` is split into :meth:`MultimodalClassifier.encode` and :meth:`MultimodalClassifier.fuse`
-so that methods acting on features (e.g. OPM's feature dropping) can transform them in between.
+``forward(inputs, transform=None)`` is ``fuse(transform(encode(inputs)))``: methods acting on features (e.g.
+OPM's feature dropping) transform them between encoders and fusion head, inside the one forward call that
+DistributedDataParallel needs. A transform attached as ``model.feature_transform`` is a sub-module, so it
+follows ``model.train()`` / ``model.eval()``.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -32,10 +35,29 @@ class MultimodalOutput:
 torch.export.register_dataclass(MultimodalOutput, serialized_type_name="harmonia.models.MultimodalOutput")
 
 
-class MultimodalClassifier(nn.Module):
-    """``logits = fusion({m: encoder_m(x^m)})`` over the modalities of ``encoders`` (in dict order)."""
+FeatureTransform = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 
-    def __init__(self, encoders: Mapping[str, nn.Module], fusion: FusionHead) -> None:
+
+class MultimodalClassifier(nn.Module):
+    """``logits = fusion(t({m: encoder_m(x^m)}))`` over the modalities of ``encoders`` (in dict order).
+
+    Args:
+        encoders: one encoder per modality, each mapping its input to ``[B, d_m]`` features.
+        fusion: the fusion head over those features.
+        feature_transform: an optional module applied to the features before fusion in every forward that
+            passes no ``transform`` of its own (e.g. ``OPM``); as a sub-module it is switched to eval mode by
+            ``model.eval()`` and its buffers are saved in ``model.state_dict()``. Settable later:
+            ``model.feature_transform = opm``.
+    """
+
+    feature_transform: nn.Module | None
+
+    def __init__(
+        self,
+        encoders: Mapping[str, nn.Module],
+        fusion: FusionHead,
+        feature_transform: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         if not encoders:
             raise ConfigError("a MultimodalClassifier needs at least one encoder; pass e.g. {'audio': enc}")
@@ -53,6 +75,7 @@ class MultimodalClassifier(nn.Module):
                 )
         self.encoders = nn.ModuleDict(encoders)
         self.fusion = fusion
+        self.feature_transform = feature_transform
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -110,12 +133,22 @@ class MultimodalClassifier(nn.Module):
         )
 
     def forward(
-        self,
-        inputs: Mapping[str, Tensor],
-        transform: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+        self, inputs: Mapping[str, Tensor], transform: FeatureTransform | None = None
     ) -> MultimodalOutput:
-        """``fuse(transform(encode(inputs)))``; ``transform`` edits the features between encoders and
-        fusion head (OPM drops them there), inside one forward call (as DistributedDataParallel needs)."""
+        """``fuse(transform(encode(inputs)))``; ``transform`` (default: ``self.feature_transform``) edits the
+        features between encoders and fusion head (OPM drops them there), inside one forward call (as
+        DistributedDataParallel needs). A transform passed here that is an ``nn.Module`` keeps its own mode:
+        a warning says so when it is in training mode while the model is in eval mode (OPM would still
+        drop): attach it (``model.feature_transform = opm``) or call ``opm.eval()`` too."""
+        if transform is None:
+            transform = self.feature_transform
+        elif isinstance(transform, nn.Module) and transform.training and not self.training:
+            warnings.warn(
+                f"{type(transform).__name__} passed as transform is in training mode while the model is in "
+                "eval mode, so it still acts; attach it (model.feature_transform = ...) so that model.eval() "
+                "switches it off, or call .eval() on it as well",
+                stacklevel=2,
+            )
         features = self.encode(inputs)
         return self.fuse(features if transform is None else transform(features))
 
