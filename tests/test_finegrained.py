@@ -124,6 +124,37 @@ def test_gradients_pass_gradcheck(direction: str, bags: bool) -> None:
     assert torch.autograd.gradcheck(f, (a, b))
 
 
+@pytest.mark.parametrize("direction", ["both", "over_a", "over_b"])
+@pytest.mark.parametrize("spread", [1.0, 40.0])  # 40: beyond one shared exponential, the autograd fallback
+def test_hand_written_backward_equals_autograd_of_the_definition(direction: str, spread: float) -> None:
+    """The kernel's hand-derived ∂s/∂S against autograd through the plain softmax formulas (with padding in
+    both a and b, a candidate of padding only, and chunks), and against finite differences."""
+    from harmonia.losses.finegrained import PoolDirection, _chunk_scores
+    from harmonia.losses.pooled_scores import pooled_scores
+
+    g = torch.Generator().manual_seed(3)
+    a_mask, b_mask = torch.rand(5, 4, generator=g) > 0.3, torch.rand(6, 3, generator=g) > 0.4
+    a_mask[:, 0], b_mask[0] = True, False
+    a = torch.where(a_mask[..., None], _unit(5, 4, 3, seed=4) * spread, 0).requires_grad_()
+    b = torch.where(b_mask[..., None], _unit(6, 3, 3, seed=5), 0).requires_grad_()
+    over_a, over_b = direction != "over_b", direction != "over_a"
+
+    def reference(x, xm, y, ym):  # autograd through masked softmaxes: the formulas as written
+        return _chunk_scores(x, xm, y, ym, 0.1, PoolDirection(direction))
+
+    weights = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    want = reference(a, a_mask, b, b_mask)
+    want_grads = torch.autograd.grad((want * weights).sum(), (a, b))
+    got = pooled_scores(a, b, a_mask, b_mask, 0.1, over_a, over_b, 2, reference)
+    got_grads = torch.autograd.grad((got * weights).sum(), (a, b))
+    torch.testing.assert_close(got, want)
+    for got_grad, want_grad, mask in zip(got_grads, want_grads, (a_mask, b_mask), strict=True):
+        torch.testing.assert_close(got_grad * mask[..., None], want_grad * mask[..., None])
+    assert torch.autograd.gradcheck(
+        lambda x, y: pooled_scores(x, y, a_mask, b_mask, 0.1, over_a, over_b, 2, reference), (a, b)
+    )
+
+
 def test_irrelevant_tokens_get_low_attention() -> None:
     """Half of each clip's tokens copy its caption's words (noisy), half are random: attention over the
     clip's tokens concentrates on the matching half."""

@@ -15,19 +15,19 @@ down-weighted. With K = J = 1, s is the cosine and the loss is the coarse one.
 
 s(·,·) takes the place of the clip-level cosine in InfoNCE (:func:`~harmonia.losses.nce.nce`'s
 pairs) or MIL-NCE (bags of candidates). The [N_a, N_b, K, J] similarity tensor is built in chunks of rows
-of a; with more than one chunk each is recomputed in backward (activation checkpointing), so memory stays
-O(chunk · N_b · K · J) whatever the batch.
+of a and recomputed in backward, whose gradient is written by hand
+(:mod:`harmonia.losses.pooled_scores`): memory stays O(chunk · N_b · K · J) whatever the batch.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from harmonia.losses.gather import gather_with_grad
 from harmonia.losses.nce import (
@@ -37,6 +37,7 @@ from harmonia.losses.nce import (
     mil_nce_from_scores,
     nce_from_scores,
 )
+from harmonia.losses.pooled_scores import pooled_scores
 
 #: with ``chunk_size=None``, chunks hold at most this many token similarities (64 MiB in float32)
 CHUNK_ELEMENTS = 2**24
@@ -70,10 +71,6 @@ def _masked_softmax(logits: Tensor, mask: Tensor, dim: int) -> Tensor:
 def _masked_mean(x: Tensor, mask: Tensor, dim: int) -> Tensor:
     weights = mask.to(x.dtype)
     return (x * weights).sum(dim) / weights.sum(dim).clamp(min=1)
-
-
-def _rows(mask: Tensor | None, rows: slice) -> Tensor | None:
-    return None if mask is None else mask[rows]
 
 
 def _chunk_scores(
@@ -131,20 +128,9 @@ def token_scores(
         chunk_size = max(1, CHUNK_ELEMENTS // max(1, b.shape[0] * a.shape[1] * b.shape[1]))
     if chunk_size < 1:
         raise ValueError(f"token_scores: chunk_size must be >= 1, got {chunk_size}")
-    if chunk_size >= a.shape[0]:
-        return _chunk_scores(a, a_pad, b, b_pad, tau_att, direction)
-    recompute = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
-    parts = []
-    for start in range(0, a.shape[0], chunk_size):
-        rows = slice(start, start + chunk_size)
-        if recompute:
-            part = checkpoint(
-                _chunk_scores, a[rows], _rows(a_pad, rows), b, b_pad, tau_att, direction, use_reentrant=False
-            )
-        else:
-            part = _chunk_scores(a[rows], _rows(a_pad, rows), b, b_pad, tau_att, direction)
-        parts.append(part)
-    return torch.cat(parts)
+    over_a, over_b = direction is not PoolDirection.OVER_B, direction is not PoolDirection.OVER_A
+    reference = functools.partial(_chunk_scores, tau_att=tau_att, direction=direction)
+    return pooled_scores(a, b, a_pad, b_pad, tau_att, over_a, over_b, chunk_size, reference)
 
 
 def paired_attention(

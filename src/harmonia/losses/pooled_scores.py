@@ -1,0 +1,185 @@
+"""Attention-pooled token scores with a hand-written backward: the fine-grained loss's inner kernel.
+
+For items a [N_a, K, D] and b [N_b, J, D] (padding zeroed) the token similarities S_kj = a_k · b_j of every
+pair (i, n) are pooled into one score (Wang & Karout, BMVC 2021):
+
+    over_a:  α_kj = softmax_k(S_kj / τ),   s_a = Σ_j w_j p_j,   p_j = Σ_k α_kj S_kj,   w_j = m^b_j / Σ_j m^b_j
+    over_b:  β_kj = softmax_j(S_kj / τ),   s_b = Σ_k v_k q_k,   q_k = Σ_j β_kj S_kj,   v_k = m^a_k / Σ_k m^a_k
+    both:    s = ½ (s_a + s_b)
+
+(m the real-token masks). Both softmaxes share one exponential E_kj = m^a_k m^b_j exp((S_kj − c)/τ), with c
+the chunk's largest similarity: α_kj = E_kj / Σ_k E_kj and β_kj = E_kj / Σ_j E_kj. The derivative is the
+softmax's Jacobian applied to S plus the direct term,
+
+    ∂s_a/∂S_kj = w_j α_kj (1 + (S_kj − p_j)/τ),        ∂s_b/∂S_kj = v_k β_kj (1 + (S_kj − q_k)/τ),
+
+so with upstream gradient g, ∂L/∂S_kj = E_kj · (A_j + B_k + S_kj (C_j + D_k)) where
+A_j = g w_j (1 − p_j/τ) / Σ_k E_kj, C_j = g w_j / (τ Σ_k E_kj), and B_k, D_k the same with v_k, q_k, Σ_j E_kj.
+A chunk's backward is one recomputation of S, a few fused elementwise passes and the two matmuls
+∂a = ∂S·b, ∂b = ∂Sᵀ·a that any implementation needs; nothing of size [N_a, N_b, K, J] is kept between
+forward and backward, so memory is that of one chunk. S is laid out [ca, K, N_b, J], as the matmul gives it.
+
+A row whose tokens are all padding has α (or β) = 0 here where the masked softmax of the reference gives a
+uniform row; its tokens are zero, so p (or q) is 0 either way, and the entries of ∂S at padded tokens meet
+only zeros in ∂S·b, ∂Sᵀ·a. When the similarities span more than ``MAX_EXP_RANGE``·τ (unnormalized tokens),
+one shared exponential could underflow, and the chunk runs the row-wise stable softmaxes through autograd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: the widest (max − min)/τ of a chunk's similarities for the shared exponential (exp(−60) ≈ 1e−26 > 0)
+MAX_EXP_RANGE = 60.0
+
+Reference = Callable[[Tensor, Tensor | None, Tensor, Tensor | None], Tensor]
+
+
+def _weights(mask: Tensor | None, count: int, like: Tensor) -> Tensor | float:
+    """``m / Σ m`` per item (the masked mean's weights), or 1/count without a mask."""
+    if mask is None:
+        return 1.0 / count
+    weights = mask.to(like.dtype)
+    return weights / weights.sum(-1, keepdim=True).clamp(min=1)
+
+
+def _nonzero(z: Tensor) -> Tensor:
+    """Softmax normalizers, with 1 for rows of padding only (their E is all zero: α = 0, not 0/0)."""
+    return z.masked_fill_(z == 0, 1.0)
+
+
+class _Chunk:
+    """S, E and the pooled quantities of one chunk of a's rows ([ca, K, Nb, J] layout)."""
+
+    def __init__(
+        self,
+        a: Tensor,
+        b: Tensor,
+        a_mask: Tensor | None,
+        b_mask: Tensor | None,
+        tau: float,
+        over_a: bool,
+        over_b: bool,
+    ) -> None:
+        ca, k, d = a.shape
+        nb, j, _ = b.shape
+        self.shape = (ca, k, nb, j)
+        self.sim = (a.reshape(ca * k, d) @ b.reshape(nb * j, d).T).view(ca, k, nb, j)
+        low, high = torch.aminmax(self.sim)
+        self.stable = float(high - low) <= MAX_EXP_RANGE * tau
+        if not self.stable:
+            return
+        e = self.sim.mul(1.0 / tau).sub_(float(high) / tau).exp_()
+        if a_mask is not None:
+            e.mul_(a_mask[:, :, None, None])
+        if b_mask is not None:
+            e.mul_(b_mask[None, None])
+        self.exp = e
+        es = e * self.sim
+        self.half = 0.5 if over_a and over_b else 1.0
+        self.scores = self.sim.new_zeros(ca, nb)
+        if over_a:  # softmax over K (dim 1) for each (i, n, j)
+            self.z_a = _nonzero(e.sum(1))  # [ca, Nb, J]
+            self.p = es.sum(1).div_(self.z_a)
+            self.w = _weights(b_mask, j, e)  # [Nb, J] or scalar
+            self.scores += self.half * (self.p * self.w).sum(-1)
+        if over_b:  # softmax over J (dim 3) for each (i, k, n)
+            self.z_b = _nonzero(e.sum(3))  # [ca, K, Nb]
+            self.q = es.sum(3).div_(self.z_b)
+            v = _weights(a_mask, k, e)  # [ca, K] or scalar
+            self.v = v[:, :, None] if isinstance(v, Tensor) else v
+            self.scores += self.half * (self.q * self.v).sum(1)
+
+    def grad_sim(self, grad: Tensor, tau: float, over_a: bool, over_b: bool) -> Tensor:
+        """∂L/∂S [ca, K, Nb, J] for the upstream gradient ``grad`` [ca, Nb] (module docstring)."""
+        shift: Tensor | float = 0.0
+        slope: Tensor | float = 0.0
+        if over_a:
+            ga = grad[:, :, None] * (self.half * self.w) / self.z_a  # g w_j / Σ_k E: [ca, Nb, J]
+            slope = (ga / tau)[:, None]
+            shift = (ga * (1 - self.p / tau))[:, None]
+        if over_b:
+            gb = grad[:, None, :] * (self.half * self.v) / self.z_b  # [ca, K, Nb]
+            slope = slope + (gb / tau)[..., None]
+            shift = shift + (gb * (1 - self.q / tau))[..., None]
+        return torch.addcmul(torch.as_tensor(shift), self.sim, torch.as_tensor(slope)).mul_(self.exp)
+
+
+class PooledScores(torch.autograd.Function):
+    """:func:`pooled_scores` chunk by chunk over a's rows, with the hand-written backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        a: Tensor,
+        b: Tensor,
+        a_mask: Tensor | None,
+        b_mask: Tensor | None,
+        tau: float,
+        over_a: bool,
+        over_b: bool,
+        chunk_size: int,
+        reference: Reference,
+    ) -> Tensor:
+        ctx.save_for_backward(a, b)
+        ctx.masks, ctx.settings = (a_mask, b_mask), (tau, over_a, over_b, chunk_size, reference)
+        parts = []
+        for start in range(0, a.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            am = None if a_mask is None else a_mask[rows]
+            chunk = _Chunk(a[rows], b, am, b_mask, tau, over_a, over_b)
+            parts.append(chunk.scores if chunk.stable else reference(a[rows], am, b, b_mask))
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        a, b = ctx.saved_tensors
+        a_mask, b_mask = ctx.masks
+        tau, over_a, over_b, chunk_size, reference = ctx.settings
+        grad_a = torch.empty_like(a) if ctx.needs_input_grad[0] else None
+        grad_b = torch.zeros_like(b) if ctx.needs_input_grad[1] else None
+        nb, j, d = b.shape
+        for start in range(0, a.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            am = None if a_mask is None else a_mask[rows]
+            a_rows = a[rows]
+            ca, k = a_rows.shape[:2]
+            chunk = _Chunk(a_rows, b, am, b_mask, tau, over_a, over_b)
+            if not chunk.stable:
+                with torch.enable_grad():
+                    leaf_a, leaf_b = a_rows.detach().requires_grad_(), b.detach().requires_grad_()
+                    scores = reference(leaf_a, am, leaf_b, b_mask)
+                    da, db = torch.autograd.grad(scores, (leaf_a, leaf_b), grad[rows])
+                if grad_a is not None:
+                    grad_a[rows] = da
+                if grad_b is not None:
+                    grad_b += db
+                continue
+            g = chunk.grad_sim(grad[rows], tau, over_a, over_b).view(ca * k, nb * j)
+            if grad_a is not None:
+                grad_a[rows] = (g @ b.reshape(nb * j, d)).view(ca, k, d)
+            if grad_b is not None:
+                grad_b.add_((g.T @ a_rows.reshape(ca * k, d)).view(nb, j, d))
+        return grad_a, grad_b, None, None, None, None, None, None, None
+
+
+def pooled_scores(
+    a: Tensor,
+    b: Tensor,
+    a_mask: Tensor | None,
+    b_mask: Tensor | None,
+    tau: float,
+    over_a: bool,
+    over_b: bool,
+    chunk_size: int,
+    reference: Reference,
+) -> Tensor:
+    """Attention-pooled scores [N_a, N_b] (module docstring). Masks are None when every token is real;
+    padded tokens of ``a`` and ``b`` must be zero. ``reference(a, a_mask, b, b_mask)`` computes a chunk's
+    scores through autograd with row-wise stable softmaxes, for chunks whose similarities span too wide a
+    range for one shared exponential."""
+    return PooledScores.apply(a, b, a_mask, b_mask, tau, over_a, over_b, chunk_size, reference)  # type: ignore[no-any-return]
