@@ -193,7 +193,7 @@ def test_the_checks_catch_a_cycle_and_a_heavy_import(tmp_path: Path) -> None:
 
 OPTIONAL = (
     *("yaml", "pydantic", "tqdm", "scipy", "sklearn"),
-    *("av", "matplotlib", "tensorboard", "espeakng_loader"),
+    *("av", "matplotlib", "tensorboard", "espeakng_loader", "webdataset", "braceexpand"),
 )
 _BLOCK_OPTIONAL = f"""
 import importlib.abc, sys

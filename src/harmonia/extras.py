@@ -3,7 +3,8 @@
 Everything else is imported where it is used, through :func:`require`, which names the ``pip`` extra
 that provides it when it is missing:
 
-* ``harmonia[data]``: PyAV (video decoding), espeakng-loader (AV-Digits speech), scipy, scikit-learn;
+* ``harmonia[data]``: PyAV (video decoding), espeakng-loader (AV-Digits speech), scipy, scikit-learn,
+  webdataset (reading shards);
 * ``harmonia[train]``: the application (pydantic, PyYAML, tqdm, TensorBoard, matplotlib);
 * ``harmonia[all]``: both.
 """
@@ -24,6 +25,8 @@ PROVIDERS = {
     "espeakng_loader": ("espeakng-loader", "data"),
     "scipy": ("scipy", "data"),
     "sklearn": ("scikit-learn", "data"),
+    "webdataset": ("webdataset", "data"),
+    "braceexpand": ("webdataset", "data"),
     "pydantic": ("pydantic", "train"),
     "yaml": ("pyyaml", "train"),
     "tqdm": ("tqdm", "train"),

@@ -90,6 +90,18 @@ Bool = Annotated[bool, Strict()]
 Str = Annotated[str, Strict()]
 
 
+def _strings(value: Any) -> Any:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return value
+    raise ValueError(f"expected a string or a non-empty list of strings, got {value!r}")
+
+
+#: a string, a non-empty list of strings, or null
+Strings = Annotated[str | list[str] | None, BeforeValidator(_strings)]
+
+
 def param(
     default: Any = ...,
     *,
@@ -283,8 +295,22 @@ class DataConfig(Section):
     trimodal: TriModalSettings = param(
         default_factory=TriModalSettings, help="tri-modal AV-Digits (data.name=trimodal_avdigits)"
     )
-    root: Str | None = param(
-        None, help="prepared datasets and shards: the folder harmonia prep wrote (--dst)"
+    root: Str | None = param(None, help="prepared datasets: the folder harmonia prep wrote (--dst)")
+    shards: Strings = param(
+        None,
+        help="shards (data.name=shards): the folder harmonia prep shards wrote, .tar paths or brace patterns "
+        "(DIR/train-{000000..000099}.tar), or pipe: URLs ('pipe:aws s3 cp s3://b/train-{000000..000099}.tar "
+        "-'); one or a list",
+    )
+    shards_meta: Str | None = param(
+        None,
+        help="shards: the shards.json of data.shards, a path or pipe: URL (null: the one beside local "
+        "shards)",
+    )
+    test_shards: Strings = param(
+        None,
+        help="shards: the test split, same forms as data.shards (null: the test shards shards.json lists, "
+        "beside it)",
     )
     frames: Int | None = param(
         None,
@@ -641,10 +667,23 @@ class ExperimentConfig(Section):
                 f"task={self.task.value} trains on data.name={' or '.join(names)}, not "
                 f"{self.data.name}; see configs/ for an example of each task"
             )
-        if self.data.name == "shards" and self.data.root is None:
-            raise ConfigError(
-                "data.root: data.name=shards reads the folder harmonia prep shards wrote; set data.root=DIR"
-            )
+        if self.data.name == "shards":
+            if self.data.root is not None:
+                raise ConfigError(
+                    f"data.root: data.name=shards reads data.shards; set data.shards={self.data.root} "
+                    f"instead of data.root"
+                )
+            if self.data.shards is None:
+                raise ConfigError(
+                    "data.shards: data.name=shards reads the shards harmonia prep shards wrote; set "
+                    "data.shards=DIR (its --dst), a pattern DIR/train-{000000..000009}.tar or pipe: URLs"
+                )
+        else:
+            for key in ("shards", "shards_meta", "test_shards"):
+                if getattr(self.data, key) is not None:
+                    raise ConfigError(
+                        f"data.{key} applies to data.name=shards, not {self.data.name}; remove it"
+                    )
         if spec.needs_root and self.data.root is None:
             raise ConfigError(
                 f"data.root: data.name={self.data.name} reads a prepared folder; run "

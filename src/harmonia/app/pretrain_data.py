@@ -56,11 +56,12 @@ def trimodal_avdigits(self: Any, dataset: TriModalAVDigits | None) -> None:
 
 
 def shards(self: Any, dataset: Any = None) -> None:
-    """Pre-train on the shards ``harmonia prep shards`` wrote (RGB video, log-mel audio, transcripts);
-    retrieval is evaluated on their test split, and there is no probe (shards carry no labels)."""
+    """Pre-train on the shards ``harmonia prep shards`` wrote (RGB video, log-mel audio, transcripts), read
+    through webdataset from ``data.shards`` (a folder, .tar paths or patterns, ``pipe:`` URLs); retrieval is
+    evaluated on their test split, and there is no probe (shards carry no labels)."""
     cfg, data = self.cfg, self.cfg.data
-    assert data.root is not None  # the config checks it
-    corpus = ShardCorpus(data.root, captions=data.captions, words=data.words)
+    assert data.shards is not None  # the config checks it
+    corpus = ShardCorpus(data.shards, data.captions, data.words, data.shards_meta, data.test_shards)
     self.dataset = corpus
     self.modalities = list(corpus.modalities)
     self.eval_splits = ("test",)
@@ -84,7 +85,7 @@ def shards(self: Any, dataset: Any = None) -> None:
     if steps == 0:
         raise ConfigError(
             f"train.batch_size={batch} exceeds the {corpus.samples('train')} training clips of "
-            f"{corpus.root}; lower train.batch_size"
+            f"{corpus.source}; lower train.batch_size"
         )
     local = local_batch_size(batch, world)
     stream = ShardStream(corpus, local, steps, cfg.train.seed, self.dist.rank, world, data.shuffle_buffer)

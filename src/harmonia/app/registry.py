@@ -98,7 +98,7 @@ DATASETS.register("avdigits", DatasetSpec("classify", datasets.avdigits))
 for _name in datasets.PREPARED_DATASETS:
     DATASETS.register(_name, DatasetSpec("classify", datasets.prepared, needs_root=True))
 DATASETS.register("trimodal_avdigits", DatasetSpec("pretrain", pretrain_data.trimodal_avdigits))
-DATASETS.register("shards", DatasetSpec("pretrain", pretrain_data.shards, needs_root=True))
+DATASETS.register("shards", DatasetSpec("pretrain", pretrain_data.shards))
 
 
 def classifier(cfg: Any, modalities: list[str], input_channels: Any, num_classes: int) -> Any:

@@ -16,14 +16,20 @@ written under a temporary name and renamed when complete, so a rerun writes only
 run loses at most the shards in flight; a rerun also checks each existing shard against the size and SHA-256
 its sidecar ``.json`` recorded, and rewrites one that was truncated or altered since; a clip that cannot
 be decoded is skipped and listed in ``prep_report.json``. ``shards.json`` describes the set: shapes, the
-shards and sample counts of each split, and the word vocabulary of the training transcripts (for the native
-text encoder).
+shards of each split with their sample counts, and the word vocabulary of the training transcripts (for the
+native text encoder).
 
-Reading (:class:`ShardStream`): each training epoch draws an order of the shards from (seed, epoch); the
+Reading goes through the `webdataset <https://github.com/webdataset/webdataset>`_ library, which opens each
+shard (a local path, or a ``pipe:`` command writing the tar to its standard output: ``pipe:aws s3 cp
+s3://bucket/train-000000.tar -``) and groups the tar's members into samples; brace patterns
+(``train-{000000..000099}.tar``) are expanded by ``braceexpand``, as webdataset does (:class:`ShardCorpus`).
+``shards.json`` is matched to the shards by file name, for the sample counts that fix the steps per epoch.
+
+Training (:class:`ShardStream`): each epoch draws an order of the shards from (seed, epoch); the
 ``world_size × num_workers`` reading streams take disjoint sets of shards, shuffle samples through a buffer
-and each yields its share of the epoch's ``samples // global batch`` steps, so every rank gets the same number
-of batches. When there are fewer shards than streams, streams share shards and samples repeat within an epoch
-(a warning says so).
+(seeded by seed, epoch and stream) and each yields its share of the epoch's ``samples // global batch`` steps,
+so every rank gets the same number of batches. When there are fewer shards than streams, streams share shards
+and samples repeat within an epoch (a warning says so).
 """
 
 from __future__ import annotations
@@ -34,14 +40,16 @@ import io
 import json
 import os
 import random
+import re
 import tarfile
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -53,7 +61,7 @@ from harmonia.data.media import MediaError, read_audio, read_frames
 from harmonia.data.prep import failure_reason, make_output_folder, refuse_other_settings
 from harmonia.data.workers import init_bound_worker
 from harmonia.errors import InputError
-from harmonia.extras import progress_bar
+from harmonia.extras import progress_bar, require
 
 SHARD_FORMAT = 1
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".flv", ".mov")
@@ -290,9 +298,10 @@ def write_shards(
     for name in sorted(jobs):
         sidecar = json.loads((dst / name).with_suffix(".json").read_text())
         split = name.split("-")[0]
-        entry = splits.setdefault(split, {"shards": [], "samples": 0})
+        entry = splits.setdefault(split, {"shards": [], "sizes": [], "samples": 0})
         if sidecar["samples"]:
             entry["shards"].append(name)
+            entry["sizes"].append(sidecar["samples"])
             entry["samples"] += sidecar["samples"]
         report.failed += sidecar["failed"]
         if split == "train":
@@ -314,35 +323,110 @@ def write_shards(
 
 
 # --------------------------------------------------------------------------------------------------
-# reading
+# reading: URLs are opened and tars read by the webdataset library
+
+_TAR_NAME = re.compile(r"([^/\s'\"]+\.tar)(?=$|[\s'\"?#])")
+_SHARD_NUMBER = re.compile(r"-(\d+)\.tar$")
+_MEMBERS = ("video.npy", "audio.npy", "txt")
 
 
-def read_shard(path: Path) -> Iterator[dict[str, Any]]:
-    """The samples of one shard, in order: ``{"key", "video", "audio", "text"}``."""
-    current: dict[str, Any] = {}
+def expand_shards(shards: str | Sequence[str]) -> list[str]:
+    """The shards a path, URL or brace pattern (or a list of them) names, in order, each pattern expanded
+    by ``braceexpand`` as webdataset does: ``/x/train-{000000..000002}.tar`` names three tars, and
+    ``pipe:cat /x/train-{0..1}.tar`` two ``pipe:`` URLs."""
+    braceexpand = require("braceexpand", "reading shards").braceexpand
+    entries = [shards] if isinstance(shards, str) else list(shards)
+    return [str(url) for entry in entries for url in braceexpand(str(entry))]
+
+
+def is_local(url: str) -> bool:
+    """Whether ``url`` is a plain local path (webdataset opens any other through its scheme)."""
+    return urlparse(url).scheme == ""
+
+
+def shard_name(url: str) -> str | None:
+    """The file name of the tar a path or URL reads, or None: ``pipe:aws s3 cp s3://b/train-000001.tar -``
+    → ``train-000001.tar``."""
+    names = _TAR_NAME.findall(url)
+    return str(names[-1]) if names else None
+
+
+def _open(url: str, what: str) -> Any:
     try:
-        with tarfile.open(path, "r|") as tar:
-            for member in tar:
-                key, _, kind = member.name.partition(".")
-                handle = tar.extractfile(member)
-                if handle is None:
-                    continue
-                payload = handle.read()
-                if current and current["key"] != key:
-                    yield current
-                    current = {}
-                current["key"] = key
-                if kind == "txt":
-                    current["text"] = [line for line in payload.decode().splitlines() if line.strip()]
-                else:
-                    current[kind.removesuffix(".npy")] = np.load(io.BytesIO(payload))
-    except (tarfile.TarError, OSError, ValueError) as exc:
-        raise InputError(
-            f"shard {path} is damaged ({exc}); delete it and its .json and run harmonia prep shards again "
-            f"to rewrite it"
-        ) from exc
-    if current:
-        yield current
+        return require("webdataset.gopen", "reading shards").gopen(url, "rb")
+    except Exception as exc:
+        raise _unreadable(url, exc, None, what) from exc
+
+
+def _unreadable(url: str, exc: BaseException, stream: Any, what: str) -> InputError:
+    """The error of a ``what`` ("shard", or a file's name) that could not be read; closes its stream (and
+    waits for a pipe's command, whose exit status tells more than the empty tar it wrote)."""
+    with contextlib.suppress(Exception):
+        if stream is not None:
+            stream.close()
+    status = getattr(getattr(stream, "proc", None), "returncode", None)
+    if status not in (None, 0):
+        reason = f"the command exited with status {status}"
+    elif isinstance(exc, OSError) and exc.strerror:
+        reason = exc.strerror
+    else:  # webdataset appends the stream and URL to the arguments of the errors it passes on
+        reason = str(exc.args[0]).split(" @ ")[0] if exc.args else type(exc).__name__
+    if url.startswith("pipe:"):
+        fix = f"run `{url.removeprefix('pipe:')}` in a shell to see why"
+    elif what == "shard":
+        fix = "rerun harmonia prep shards with the same --src and --dst: it rewrites a damaged shard"
+    else:
+        fix = "check the path"
+    return InputError(f"{what} {url} cannot be read ({reason}); {fix}")
+
+
+def _decoded(raw: dict[str, Any]) -> dict[str, Any]:
+    missing = [member for member in _MEMBERS if member not in raw]
+    if missing:
+        raise ValueError(f"sample {raw['__key__']} has no {', '.join(missing)}")
+    return {
+        "key": raw["__key__"],
+        "video": np.load(io.BytesIO(raw["video.npy"]), allow_pickle=False),
+        "audio": np.load(io.BytesIO(raw["audio.npy"]), allow_pickle=False),
+        "text": [line for line in raw["txt"].decode().splitlines() if line.strip()],
+    }
+
+
+def shard_samples(url: str) -> Iterator[dict[str, Any]]:
+    """The samples of one shard, in order: ``{"key", "video", "audio", "text"}``.
+
+    ``url`` is whatever webdataset opens (``webdataset.gopen``): a local path, or a ``pipe:`` command that
+    writes the tar to its standard output; webdataset reads the tar and groups its members into samples by
+    key. A shard that cannot be opened or read, or a ``pipe:`` command that fails, raises
+    :class:`~harmonia.errors.InputError` naming the shard.
+    """
+    tariterators = require("webdataset.tariterators", "reading shards")
+    stream = _open(url, "shard")
+    try:
+        files = tariterators.tar_file_expander([{"url": url, "stream": stream}])
+        for raw in tariterators.group_by_keys(files):
+            yield _decoded(raw)
+        while stream.read(1 << 16):  # the end-of-archive padding, so that a pipe's command ends normally
+            pass
+        stream.close()  # a pipe's exit status is checked here
+    except GeneratorExit:  # the reader stopped early
+        with contextlib.suppress(Exception):
+            stream.close()
+        raise
+    except Exception as exc:
+        raise _unreadable(url, exc, stream, "shard") from exc
+
+
+def read_url(url: str, what: str = "file") -> bytes:
+    """The bytes of a small file (``shards.json``) at a local path or a ``pipe:`` URL, through webdataset;
+    ``what`` names it in errors."""
+    stream = _open(url, what)
+    try:
+        data = stream.read()
+        stream.close()
+    except Exception as exc:
+        raise _unreadable(url, exc, stream, what) from exc
+    return bytes(data)
 
 
 class WordTokenizer:
@@ -384,31 +468,52 @@ class ShardSplit:
 
 
 class ShardCorpus:
-    """A folder written by ``harmonia prep shards`` (``shards.json`` and the shards).
+    """Shards written by ``harmonia prep shards`` and their ``shards.json`` (shapes, each shard's sample
+    count, vocabulary).
 
     Args:
-        root: the folder.
+        shards: the training shards: the folder ``harmonia prep shards`` wrote (its ``shards.json`` lists
+            them), or .tar paths, brace patterns and ``pipe:`` URLs, one string or a list
+            (:func:`expand_shards`). Shards are matched to ``shards.json`` by file name.
         captions: caption candidates kept per clip (the MIL-NCE bag).
         words: words kept per caption.
+        meta: the ``shards.json`` (path or ``pipe:`` URL); by default the folder's, or the one beside local
+            .tar shards. ``pipe:`` URLs need it.
+        test_shards: the test split (same forms as ``shards``); by default the test shards ``shards.json``
+            lists, beside it.
     """
 
-    def __init__(self, root: str | Path, captions: int = 4, words: int = 16) -> None:
-        self.root = Path(root)
-        path = self.root / "shards.json"
-        if not path.is_file():
-            raise InputError(
-                f"{path} not found: write the shards with harmonia prep shards --dst {self.root}"
-            )
-        try:
-            self.index = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise InputError(
-                f"{path} is damaged ({exc}); run harmonia prep shards again to rewrite it"
-            ) from exc
-        if self.index.get("format") != SHARD_FORMAT:
-            raise InputError(
-                f"{path} has format {self.index.get('format')}; this harmonia reads {SHARD_FORMAT}"
-            )
+    def __init__(
+        self,
+        shards: str | Path | Sequence[str],
+        captions: int = 4,
+        words: int = 16,
+        meta: str | None = None,
+        test_shards: str | Sequence[str] | None = None,
+    ) -> None:
+        entries = [str(shards)] if isinstance(shards, (str, Path)) else [str(s) for s in shards]
+        if not entries:
+            raise InputError("no shards given: name the folder harmonia prep shards wrote, or its shards")
+        folder = Path(entries[0]) if len(entries) == 1 and _names_a_folder(entries[0]) else None
+        urls: list[str] | None = None
+        if folder is not None:
+            if not (folder / "shards.json").is_file():
+                raise InputError(
+                    f"{folder / 'shards.json'} not found: write the shards with harmonia prep shards --dst "
+                    f"{folder}"
+                )
+            meta = meta or str(folder / "shards.json")
+        else:
+            urls = expand_shards(entries)
+            absent = [url for url in urls if is_local(url) and not Path(url).is_file()]
+            if absent:
+                raise InputError(
+                    f"shard {absent[0]} not found ({len(absent)} of {len(urls)} missing); check the paths, "
+                    f"or write the shards with harmonia prep shards"
+                )
+            meta = meta or _meta_beside(urls)
+        self.meta, self.source = meta, str(folder or meta)
+        self.index = self._read_index(meta)
         settings = self.index["settings"]
         self.frames, self.frame_size = int(settings["frames"]), int(settings["frame_size"])
         self.n_mels, self.audio_frames = int(settings["n_mels"]), int(self.index["audio_frames"])
@@ -418,27 +523,132 @@ class ShardCorpus:
         self.modalities = ("video", "audio", "text")
         self.shard_size = int(settings["shard_size"])
         self._loaded: dict[str, ShardSplit] = {}
-        for split in ("train", "test"):
-            if not self.index["splits"].get(split, {}).get("samples"):
+        beside = Path(meta).parent if is_local(meta) else None
+        listed = {split: self.index["splits"].get(split, {}) for split in ("train", "test")}
+        for split in ("train", "test") if test_shards is None else ("train",):
+            if not listed[split].get("samples"):
                 raise InputError(
-                    f"{self.root} has no {split} samples; write more clips (or raise --test-fraction) with "
+                    f"{self.source} has no {split} samples; write more clips (or raise --test-fraction) with "
                     f"harmonia prep shards"
                 )
+        if urls is None:
+            assert beside is not None
+            urls = [str(beside / name) for name in listed["train"]["shards"]]
+        self._sizes = self._sizes_of(urls, listed["train"])
+        sizes = list(self._sizes.values())
+        self._samples = int(listed["train"]["samples"]) if None in sizes else sum(s or 0 for s in sizes)
+        self._shards = {"train": urls, "test": self._test_shards(test_shards, beside, listed["test"])}
+        self._first = {url: self._first_index(url) for url in urls}
+
+    @staticmethod
+    def _read_index(meta: str) -> dict[str, Any]:
+        if is_local(meta) and not Path(meta).is_file():
+            raise InputError(
+                f"{meta} not found: it is the shards.json harmonia prep shards wrote beside the shards; "
+                f"set data.shards_meta to its path or URL"
+            )
+        try:
+            index = json.loads(read_url(meta, "shards.json"))
+        except json.JSONDecodeError as exc:
+            raise InputError(
+                f"{meta} is damaged ({exc}); run harmonia prep shards again to rewrite it"
+            ) from exc
+        if not isinstance(index, dict) or index.get("format") != SHARD_FORMAT:
+            found = index.get("format") if isinstance(index, dict) else None
+            raise InputError(f"{meta} has format {found}; this harmonia reads {SHARD_FORMAT}")
+        return index
+
+    def _sizes_of(self, urls: list[str], listed: dict[str, Any]) -> dict[str, int | None]:
+        """The samples of each training shard in ``urls``, as ``shards.json`` lists them by file name
+        (None: it lists only the total of all its shards, which ``urls`` are)."""
+        names = [shard_name(url) for url in urls]
+        known = list(listed.get("shards", []))
+        for url, name in zip(urls, names, strict=True):
+            if name not in known:
+                raise InputError(
+                    f"shard {url} is not a training shard of {self.meta} (it lists "
+                    f"{', '.join(known[:3])}{', ...' if len(known) > 3 else ''}): each shard's sample count "
+                    f"is found there by file name; keep the names harmonia prep shards wrote, or point "
+                    f"data.shards_meta at the shards' own shards.json"
+                )
+        if len(set(names)) < len(names):
+            twice = next(name for name in names if names.count(name) > 1)
+            raise InputError(f"shard {twice} is named twice in the shards given; name each shard once")
+        if "sizes" in listed:
+            size = dict(zip(known, listed["sizes"], strict=True))
+            return {url: int(size[name]) for url, name in zip(urls, names, strict=True)}
+        if set(names) == set(known):
+            return dict.fromkeys(urls)
+        raise InputError(
+            f"{self.meta} gives the sample count of all its training shards, not of each (an older "
+            f"harmonia wrote it): rerun harmonia prep shards with the same --src and --dst to rewrite it, or "
+            f"read all the training shards"
+        )
+
+    def _test_shards(
+        self, test_shards: str | Sequence[str] | None, beside: Path | None, listed: dict[str, Any]
+    ) -> list[str]:
+        if test_shards is not None:
+            urls = expand_shards(test_shards)
+            if not urls:
+                raise InputError("no test shards given: name the test-*.tar shards of harmonia prep shards")
+            return urls
+        if beside is None:
+            raise InputError(
+                f"the test shards cannot be found beside {self.meta} (a URL): set data.test_shards to them, "
+                f"e.g. 'pipe:aws s3 cp s3://bucket/test-{{000000..000001}}.tar -'"
+            )
+        return [str(beside / name) for name in listed["shards"]]
+
+    def _first_index(self, url: str) -> int:
+        """The ``index`` of a shard's first sample: shard number × shard size (its place in the list
+        when its name carries no number)."""
+        found = _SHARD_NUMBER.search(shard_name(url) or "")
+        number = int(found.group(1)) if found else self._shards["train"].index(url)
+        return number * self.shard_size
 
     def samples(self, split: str) -> int:
-        return int(self.index["splits"][split]["samples"])
+        """Samples in ``split``: the training ones from ``shards.json``, the test ones as read."""
+        return self._samples if split == "train" else len(self.split(split))
 
-    def shards(self, split: str) -> list[Path]:
-        return [self.root / name for name in self.index["splits"][split]["shards"]]
+    def shards(self, split: str) -> list[str]:
+        """The paths or URLs of the shards of ``split``."""
+        return list(self._shards[split])
+
+    def first_index(self, url: str) -> int:
+        """The ``index`` of the first sample of training shard ``url`` (shard number × shard size)."""
+        return self._first[url]
+
+    def listed_samples(self, url: str) -> int | None:
+        """The samples ``shards.json`` lists for training shard ``url`` (None: not listed per shard)."""
+        return self._sizes[url]
 
     def split(self, name: str) -> ShardSplit:
         """A whole split in memory (read once, then kept): for evaluation."""
         if name not in self._loaded:
-            samples = [s for shard in self.shards(name) for s in read_shard(shard)]
+            samples = [s for shard in self.shards(name) for s in shard_samples(shard)]
+            if not samples:
+                raise InputError(f"the {name} shards of {self.source} hold no samples; give other shards")
             self._loaded[name] = ShardSplit(
                 sample_inputs(samples, self.tokenize), [s["text"][: self.captions] for s in samples]
             )
         return self._loaded[name]
+
+
+def _names_a_folder(entry: str) -> bool:
+    """Whether one ``shards`` entry is the folder harmonia prep shards wrote (a local path that is no .tar
+    and no pattern)."""
+    return is_local(entry) and not entry.endswith(".tar") and "{" not in entry
+
+
+def _meta_beside(urls: list[str]) -> str:
+    """The ``shards.json`` beside local shards."""
+    if not is_local(urls[0]):
+        raise InputError(
+            f"shards given as URLs ({urls[0]}) need their shards.json (shapes, sample counts, vocabulary): "
+            f"set data.shards_meta to its path or URL, e.g. 'pipe:aws s3 cp s3://bucket/shards.json -'"
+        )
+    return str(Path(urls[0]).parent / "shards.json")
 
 
 class ShardStream(IterableDataset):
@@ -470,7 +680,7 @@ class ShardStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def stream_shards(self, stream: int, streams: int) -> list[Path]:
+    def stream_shards(self, stream: int, streams: int) -> list[str]:
         """The shards reading stream ``stream`` of ``streams`` takes this epoch (disjoint when there are
         enough shards; shared, round-robin, when there are fewer shards than streams)."""
         shards = self.corpus.shards("train")
@@ -478,30 +688,37 @@ class ShardStream(IterableDataset):
         order = torch.randperm(len(shards), generator=generator).tolist()
         return [shards[order[i % len(shards)]] for i in range(stream, max(len(shards), streams), streams)]
 
-    def _samples(self, shards: list[Path], rng: random.Random) -> Iterator[dict[str, Any]]:
+    def _samples(self, shards: list[str], rng: random.Random) -> Generator[dict[str, Any], None, None]:
         """Endless samples of ``shards`` (reshuffled each pass), through a shuffle buffer."""
         buffer: list[dict[str, Any]] = []
         while True:
             for shard in rng.sample(shards, len(shards)):
-                first = int(shard.stem.split("-")[1]) * self.corpus.shard_size
-                for offset, sample in enumerate(read_shard(shard)):
-                    sample["index"] = first + offset  # shard number x shard size + place in the shard
+                first, read = self.corpus.first_index(shard), 0
+                for read, sample in enumerate(shard_samples(shard), 1):
+                    sample["index"] = first + read - 1  # shard number x shard size + place in the shard
                     if len(buffer) < self.shuffle_buffer:
                         buffer.append(sample)
                         continue
                     i = rng.randrange(len(buffer))
                     buffer[i], sample = sample, buffer[i]
                     yield sample
+                listed = self.corpus.listed_samples(shard)
+                if listed is not None and read != listed:  # a tar cut at a member boundary reads as shorter
+                    raise InputError(
+                        f"shard {shard} holds {read} samples where {self.corpus.meta} lists {listed}; "
+                        f"rerun harmonia prep shards with the same --src and --dst to rewrite a damaged shard"
+                    )
             while buffer:  # end of a pass over the shards
                 yield buffer.pop(rng.randrange(len(buffer)))
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    def batches(self, worker: int = 0, workers: int = 1) -> Iterator[dict[str, Any]]:
+        """The batches DataLoader worker ``worker`` of ``workers`` yields on this rank this epoch: steps
+        ``worker``, ``worker + workers``, ... (the DataLoader takes the workers' batches in turn), read by
+        stream ``rank × workers + worker`` of ``world_size × workers``."""
         stream, streams = self.rank * workers + worker, self.world_size * workers
         rng = random.Random(f"{self.seed}:{self.epoch}:{stream}")
         samples = self._samples(self.stream_shards(stream, streams), rng)
-        for _ in range(worker, self.steps, workers):  # the DataLoader takes workers' batches in turn
+        for _ in range(worker, self.steps, workers):
             batch = [next(samples) for _ in range(self.batch_size)]
             yield {
                 "inputs": sample_inputs(batch, self.corpus.tokenize),
@@ -509,6 +726,11 @@ class ShardStream(IterableDataset):
                 "keys": [s["key"] for s in batch],
                 "indices": torch.tensor([s["index"] for s in batch]),
             }
+        samples.close()  # closes the shard being read
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        return self.batches(*((info.id, info.num_workers) if info is not None else (0, 1)))
 
 
 class ShardLoader:
@@ -540,10 +762,21 @@ class ShardLoader:
         return self.stream.steps
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for batch in DataLoader(self.stream, batch_size=None, num_workers=self.num_workers):
-            if self.retokenize is not None:
-                batch["inputs"]["text"], batch["inputs"]["text_mask"] = self.retokenize(batch["captions"])
-            yield batch
+        batches = iter(DataLoader(self.stream, batch_size=None, num_workers=self.num_workers))
+        try:
+            for batch in batches:
+                if self.retokenize is not None:
+                    batch["inputs"]["text"], batch["inputs"]["text_mask"] = self.retokenize(batch["captions"])
+                yield batch
+        except InputError as exc:
+            lines = str(exc).strip().splitlines()
+            if len(lines) == 1:  # raised in this process
+                raise
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:  # now: torch leaves it to a garbage collection, which waits on them
+                shutdown()
+            # from a worker: its message holds the worker's traceback, then the error
+            raise InputError(lines[-1].split("InputError: ", 1)[-1]) from None
 
 
 __all__ = [
@@ -556,8 +789,11 @@ __all__ = [
     "ShardStream",
     "TranscribedVideo",
     "WordTokenizer",
-    "read_shard",
+    "expand_shards",
+    "read_url",
     "scan_transcribed_videos",
+    "shard_name",
+    "shard_samples",
     "write_shard",
     "write_shards",
 ]
