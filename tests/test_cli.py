@@ -141,6 +141,23 @@ def test_bench_balance_writes_report_plots_and_speed(tmp_path: Path, capsys: pyt
     deficits = [alone[m] - run["probe"][m] for m in ("audio", "image")]
     assert row["imbalance_degree"][1] == pytest.approx(abs(deficits[0] - deficits[1]))
 
+    # --replot redraws every figure from balance.json alone (the run folders gone), ρ/k/q curves included
+    import shutil
+
+    shutil.rmtree(out / "runs")
+    (out / "balance_curves.png").unlink()
+    capsys.readouterr()
+    assert main(["bench", "balance", "--out", str(tmp_path), "--replot"]) == 0
+    assert capsys.readouterr().out.split() == [
+        "redrew",
+        str(out / "balance.png"),
+        "redrew",
+        str(out / "balance_curves.png"),
+    ]
+    assert (out / "balance_curves.png").stat().st_size > 1000
+    assert main(["bench", "balance-speed", "--out", str(tmp_path), "--replot"]) == 2
+    assert "nothing to replot" in capsys.readouterr().err
+
 
 def test_bench_balance_names_unknown_methods_and_variants() -> None:
     from harmonia.app.bench.balance import leaderboard_variants, parse_methods, run_balance_benchmark

@@ -1,4 +1,4 @@
-"""Command line: ``harmonia train | audit | data | bench``."""
+"""Command line: ``harmonia train | report | audit | data | prep | list | bench``."""
 
 from __future__ import annotations
 
@@ -82,7 +82,25 @@ def _train(args: argparse.Namespace) -> int:
         print(f"\nharmonia: interrupted. {hint}", file=sys.stderr)
         return 130
     if main_rank:
+        from harmonia.app.report import write_run_report_safely
+
         print(format_result(result.test, result.probe, result.seconds, str(result.run_dir)))
+        page = write_run_report_safely(result.run_dir)
+        if page is not None:
+            print(f"report: {page} (and report.md beside it)")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from harmonia.app.report import write_comparison, write_run_report
+
+    if len(args.runs) == 1:
+        if args.out:
+            raise HarmoniaError("--out is for comparing several runs; one run's report goes into its folder")
+        page = write_run_report(args.runs[0])
+    else:
+        page = write_comparison(args.runs, args.out)
+    print(f"report: {page} (and report.md beside it)")
     return 0
 
 
@@ -223,6 +241,15 @@ class BenchSpec:
     unless_set: tuple[str, ...] = ()
     own_config: str | None = None
 
+    def replot(self, args: argparse.Namespace) -> list[Path]:
+        """Redraw the benchmark's figures from its saved JSON in ``args.out`` (no training)."""
+        from harmonia.app.bench.pipeline import BenchReport
+
+        plots = getattr(importlib.import_module(f"harmonia.app.bench.{self.module}"), "PLOTS", None)
+        if not plots or self.function != f"run_{self.module}_benchmark":
+            raise HarmoniaError(f"bench {args.benchmark} draws no figures; there is nothing to replot")
+        return BenchReport(self.module, args.out).replot(plots)
+
     def run(self, args: argparse.Namespace) -> None:
         if self.own_config and args.config:
             raise HarmoniaError(f"bench {args.benchmark} {self.own_config}, not --config")
@@ -297,6 +324,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     spec = BENCHMARKS.get(args.benchmark)
     if spec is None:
         raise HarmoniaError(f"unknown benchmark {args.benchmark!r}; available: {', '.join(BENCHMARKS)}")
+    if args.replot:
+        for path in spec.replot(args):
+            print(f"redrew {path}")
+        return 0
     spec.run(args)
     return 0
 
@@ -313,6 +344,16 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--overwrite", action="store_true", help="delete an existing run folder first")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "report",
+        help="(re)write a run's report.md and index.html, or compare several runs side by side",
+    )
+    p.add_argument("runs", nargs="+", help="run folders, e.g. runs/avdigits_concat")
+    p.add_argument(
+        "--out", help="comparison folder (default: compare-<names> beside the first run)", default=None
+    )
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("audit", help="rank training triplets by cross-modal gradient conflict (pretrain)")
     p.add_argument("config", help="the task=pretrain experiment YAML the checkpoint was trained with")
@@ -419,6 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="balance-speed, harmonize, finegrained: timing rounds after a warm-up",
     )
     p.add_argument("--out", default="bench-results", help="folder for runs and the report")
+    p.add_argument(
+        "--replot",
+        action="store_true",
+        help="redraw the figures from the saved <out>/<benchmark>/<benchmark>.json, without training",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_bench)
     return parser

@@ -35,7 +35,7 @@ import torch
 from harmonia.app.bench.common import fmt, mean_std, paired_step_times, step_memory_mib
 from harmonia.app.bench.pipeline import BenchReport, bench_command, figure, sweep, unless_default
 from harmonia.app.config import ExperimentConfig, load_config
-from harmonia.app.plots import plot_balance_curves
+from harmonia.app.plots import QUANTITIES, balance_curves, plot_balance_curves
 from harmonia.app.registry import BALANCING
 from harmonia.app.train import build_trainer
 from harmonia.app.train.checkpoint import last_checkpoint_path
@@ -167,6 +167,7 @@ def run_balance_benchmark(
         configure,
         seeds,
         progress,
+        after=_keep_balance_curves,
         for_seed=lambda variant, _cfg, seed: configure(variant, seed),
     )
     speed = measure_step_times(chosen, overrides, speed_steps, speed_rounds, progress, teachers(0))
@@ -190,12 +191,17 @@ def run_balance_benchmark(
             else [" ".join(["--variants", *chosen])]
         ),
     )
-    bench.write(
-        summary,
-        lambda s: format_report(s, command),
-        {"balance.png": _plot, "balance_curves.png": _plot_curves},
-    )
+    bench.write(summary, lambda s: format_report(s, command), PLOTS)
     return summary
+
+
+def _keep_balance_curves(_variant: str, results: list[dict[str, Any]]) -> None:
+    """Keep each run's per-epoch ρ, k and q in the summary, so that ``--replot`` needs no run folder."""
+    for r in results:
+        curves = balance_curves(r["run_dir"])
+        r["balance_curves"] = {
+            k: v for k, v in curves.items() if k.split("/")[1] in {q for q, _ in QUANTITIES}
+        }
 
 
 def measure_step_times(
@@ -413,5 +419,21 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
 
 
 def _plot_curves(summary: dict[str, Any], path: Path) -> None:
-    shown = [v for v in summary["runs"] if v in {f"concat/{m}" for m in DEFAULT_METHODS}]
-    plot_balance_curves({v: summary["runs"][v][0]["run_dir"] for v in shown}, path)
+    """ρ, k and q of every variant that logged them (seed 0): a row per fusion, a colour per method."""
+    shown = {}
+    for variant, runs in summary["runs"].items():
+        first = runs[0]
+        if "balance_curves" in first:  # kept in the summary
+            curves = first["balance_curves"]
+        elif (Path(first["run_dir"]) / "metrics.jsonl").is_file():  # older summaries: the run folder
+            curves = balance_curves(first["run_dir"])
+        else:
+            continue
+        if curves:
+            shown[variant] = curves
+    if not plot_balance_curves(shown, path):
+        print(f"no ρ, k or q curves to draw into {path} (none logged, or the run folders are gone)")
+
+
+#: the figures of ``harmonia bench balance`` (redrawn from ``balance.json`` by ``--replot``)
+PLOTS = {"balance.png": _plot, "balance_curves.png": _plot_curves}

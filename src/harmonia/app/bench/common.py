@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from harmonia.app.config import ExperimentConfig, load_config
 from harmonia.app.logs import read_metrics
+from harmonia.app.plotstyle import Style
 from harmonia.app.train import Callback, build_trainer
 
 
@@ -104,13 +105,22 @@ def curve(results: Sequence[dict[str, Any]], key: str) -> tuple[list[float], lis
     return steps, [m for m, _ in stats], [sd for _, sd in stats]
 
 
-def plot_curves(ax: Any, results: Sequence[dict[str, Any]], key: str, label: str, scale: float = 1.0) -> None:
-    """Mean ± std band over seeds of ``key`` against optimizer steps (nothing when never logged)."""
+def plot_curves(
+    ax: Any,
+    results: Sequence[dict[str, Any]],
+    key: str,
+    label: str,
+    scale: float = 1.0,
+    style: Style | None = None,
+) -> None:
+    """Mean ± std band over seeds of ``key`` against optimizer steps (nothing when never logged), drawn in
+    ``style`` (see :class:`~harmonia.app.plotstyle.StyleMap`; default: the axes' next colour, dots)."""
     steps, means, stds = curve(results, key)
     if not steps:
         return
     m = [v * scale for v in means]
-    line = ax.plot(steps, m, marker=".", label=label)[0]
+    look = style.kwargs() if style is not None else {"marker": "."}
+    line = ax.plot(steps, m, label=label, markersize=4, **look)[0]
     ax.fill_between(
         steps,
         [a - b * scale for a, b in zip(m, stds, strict=True)],

@@ -36,6 +36,7 @@ from harmonia.app.bench.common import (
 from harmonia.app.bench.pipeline import BenchReport, bench_command, figure, sweep, unless_default
 from harmonia.app.bench.pretrain import PRETRAIN_RECIPE
 from harmonia.app.config import ExperimentConfig, load_config
+from harmonia.app.plotstyle import StyleMap
 from harmonia.app.train import Callback, build_trainer
 from harmonia.data.trimodal import load_trimodal_avdigits
 
@@ -205,8 +206,7 @@ def run_finegrained_benchmark(
         *unless_default("--variants", variants, DEFAULT_VARIANTS),
         *unless_default("--batch-sizes", batch_sizes, BATCH_SIZES),
     )
-    plots = {"finegrained.png": _plot, "finegrained_curves.png": plot_finegrained_curves}
-    bench.write(summary, lambda s: format_report(s, command), plots)
+    bench.write(summary, lambda s: format_report(s, command), PLOTS)
     return summary
 
 
@@ -401,11 +401,13 @@ def plot_finegrained_curves(summary: dict[str, Any], path: Path) -> None:
     """Per batch size (rows): validation video→text R@1 and the attention ratio (relevant / unrelated,
     training partial clips) against optimizer steps, mean ± std over seeds."""
     batches = list(summary["runs"])
+    styles = StyleMap(summary["variants"])
     with figure(path, len(batches), 2, figsize=(10, 3.2 * len(batches)), squeeze=False, dpi=110) as (_, axes):
         for row, b in enumerate(batches):
             for v in summary["variants"]:
-                plot_curves(axes[row][0], summary["runs"][b][v], "val/video_to_text/R@1", v, 100)
-                plot_curves(axes[row][1], summary["runs"][b][v], "attention/ratio", v)
+                runs = summary["runs"][b][v]
+                plot_curves(axes[row][0], runs, "val/video_to_text/R@1", v, 100, styles(v))
+                plot_curves(axes[row][1], runs, "attention/ratio", v, style=styles(v))
             axes[row][0].set(xlabel="optimizer step", ylabel="val video→text R@1 (%)", title=f"batch {b}")
             axes[row][1].set(
                 xlabel="optimizer step", ylabel="attention relevant / unrelated", title=f"batch {b}"
@@ -414,3 +416,8 @@ def plot_finegrained_curves(summary: dict[str, Any], path: Path) -> None:
             for ax in axes[row]:
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=8)
+
+
+#: the figures of ``harmonia bench finegrained`` drawn from ``finegrained.json`` (``--replot`` redraws
+#: them; the attention pictures come from the runs' callbacks)
+PLOTS = {"finegrained.png": _plot, "finegrained_curves.png": plot_finegrained_curves}

@@ -42,6 +42,7 @@ from harmonia.app.bench.common import (
 from harmonia.app.bench.pipeline import BenchReport, bench_command, figure, sweep, unless_default
 from harmonia.app.bench.pretrain import PRETRAIN_RECIPE
 from harmonia.app.config import ExperimentConfig, load_config
+from harmonia.app.plotstyle import StyleMap
 from harmonia.app.train import build_trainer
 from harmonia.app.train.checkpoint import last_checkpoint_path
 from harmonia.data.trimodal import load_trimodal_avdigits
@@ -168,8 +169,7 @@ def run_harmonize_benchmark(
         *unless_default("--variants", variants, tuple(VARIANTS)),
         *unless_default("--backbones", backbones, BACKBONES),
     )
-    plots = {"harmonize.png": _plot, "harmonize_curves.png": plot_harmonize_curves}
-    bench.write(summary, lambda s: format_report(s, command), plots)
+    bench.write(summary, lambda s: format_report(s, command), PLOTS)
     return summary
 
 
@@ -391,27 +391,40 @@ def format_report(summary: dict[str, Any], command: str) -> str:
 
 
 def _plot(summary: dict[str, Any], path: Path) -> None:
+    """Test video→text R@1 and video probe of every backbone/variant: horizontal bars (one row per run
+    kind, so that labels never collide however many there are), one colour per backbone."""
+    from matplotlib.patches import Patch
+
     keys = list(summary["runs"])
-    with figure(path, 1, 2, figsize=(11, 3.8)) as (fig, axes):
+    backbones = list(dict.fromkeys(k.split("/")[0] for k in keys))
+    colours = StyleMap(backbones)
+    height = max(2.6, 0.34 * len(keys) + 1.3)
+    with figure(path, 1, 2, figsize=(10, height), sharey=True, layout="constrained") as (fig, axes):
+        ys = list(range(len(keys)))[::-1]
         for ax, (metric, label) in zip(
             axes,
             ((("test", "video_to_text/R@1"), "video→text R@1 (%)"), (("probe", "video"), "video probe (%)")),
             strict=True,
         ):
             stats = [mean_std([r[metric[0]][metric[1]] for r in summary["runs"][k]]) for k in keys]
-            ax.bar(
-                range(len(keys)),
-                [s[0] * 100 for s in stats],
-                yerr=[s[1] * 100 for s in stats],
+            ax.barh(
+                ys,
+                [m * 100 for m, _ in stats],
+                xerr=[sd * 100 for _, sd in stats],
                 capsize=3,
-                color=["C0" if k.startswith("shared") else "C1" for k in keys],
+                color=[colours(k.split("/")[0]).color for k in keys],
             )
-            ax.set_xticks(range(len(keys)), [k.replace("/", "\n") for k in keys], fontsize=7)
-            ax.set_ylabel(label)
-            ax.grid(axis="y", alpha=0.3)
-        fig.suptitle(
-            "30 % misaligned captions (blue: shared backbone, orange: modality-specific)", fontsize=10
+            ax.set_xlabel(label)
+            ax.grid(axis="x", alpha=0.3)
+        axes[0].set_yticks(ys, keys, fontsize=8)
+        fig.legend(
+            handles=[Patch(color=colours(b).color, label=f"{b} backbone") for b in backbones],
+            loc="outside lower center",
+            ncol=len(backbones),
+            frameon=False,
+            fontsize=8,
         )
+        fig.suptitle("30 % misaligned captions: test split, mean ± std over seeds", fontsize=10)
 
 
 def plot_harmonize_curves(summary: dict[str, Any], path: Path) -> None:
@@ -421,6 +434,7 @@ def plot_harmonize_curves(summary: dict[str, Any], path: Path) -> None:
     dotted vertical line: the mean step at which the gate first passed (baseline)."""
     runs = summary["runs"]
     backbones = list(dict.fromkeys(k.split("/")[0] for k in runs))
+    styles = StyleMap(k.split("/")[1] for k in runs)
     panels = (
         ("train/conflict_auroc", "conflict AUROC (train, misaligned)", 1.0),
         ("train/drop_precision", "drop precision (base 0.30)", 1.0),
@@ -435,7 +449,8 @@ def plot_harmonize_curves(summary: dict[str, Any], path: Path) -> None:
             for col, (metric, label, scale) in enumerate(panels):
                 ax = axes[row][col]
                 for k in keys:
-                    plot_curves(ax, runs[k], metric, k.split("/")[1], scale)
+                    variant = k.split("/")[1]
+                    plot_curves(ax, runs[k], metric, variant, scale, styles(variant))
                 if metric == "train/conflict_auroc" and f"{backbone}/{FLOOR}" in runs:
                     steps, means, _ = curve(runs[f"{backbone}/{FLOOR}"], "train/loss_vt_auroc")
                     if steps:
@@ -452,3 +467,7 @@ def plot_harmonize_curves(summary: dict[str, Any], path: Path) -> None:
                 ax.grid(alpha=0.3)
                 if ax.get_legend_handles_labels()[0]:
                     ax.legend(fontsize=7)
+
+
+#: the figures of ``harmonia bench harmonize`` (redrawn from ``harmonize.json`` by ``--replot``)
+PLOTS = {"harmonize.png": _plot, "harmonize_curves.png": plot_harmonize_curves}

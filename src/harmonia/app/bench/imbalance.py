@@ -67,7 +67,7 @@ def run_imbalance_benchmark(
     }
     config_flag = [f"--config {config}"] if config else []
     command = bench_command("imbalance", overrides, *config_flag, f"--seeds {seeds}", f"--out {out_dir}")
-    bench.write(summary, lambda s: format_report(s, command), {"imbalance.png": _plot})
+    bench.write(summary, lambda s: format_report(s, command), PLOTS)
     return summary
 
 
@@ -128,3 +128,7 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
         ax.set_ylim(0, 100)
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
         ax.set_title("Per-modality encoder quality on AV-Digits")
+
+
+#: the figures of ``harmonia bench imbalance`` (redrawn from ``imbalance.json`` by ``--replot``)
+PLOTS = {"imbalance.png": _plot}

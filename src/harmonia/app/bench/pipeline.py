@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from harmonia.app.bench.common import run_variant
 from harmonia.app.config import ExperimentConfig
 from harmonia.app.train import Callback
+from harmonia.errors import HarmoniaError
 
 Job = TypeVar("Job", bound=Hashable)
 Results = list[dict[str, Any]]
@@ -105,11 +106,37 @@ class BenchReport:
         print(text)
         return text
 
+    def replot(self, plots: Mapping[str, Plot], stem: str | None = None) -> list[Path]:
+        """Draw ``plots`` again from the saved ``<stem>.json``, without training; returns the files drawn."""
+        stem = stem or self.name
+        saved = self.folder / f"{stem}.json"
+        if not saved.is_file():
+            raise HarmoniaError(
+                f"{saved} not found: --replot redraws the figures of a finished benchmark; run it first "
+                f"(harmonia bench {self.name} --out {self.out_dir}) or point --out at its folder"
+            )
+        summary = json.loads(saved.read_text())
+        written = []
+        for filename, plot in plots.items():
+            path = self.folder / filename
+            before = path.stat().st_mtime_ns if path.exists() else None
+            try:
+                plot(summary, path)
+            except KeyError as exc:
+                raise HarmoniaError(
+                    f"{saved} lacks {exc} that {filename} is drawn from: it was written by another version "
+                    f"of harmonia bench {self.name}; run the benchmark again to draw it"
+                ) from None
+            if path.exists() and path.stat().st_mtime_ns != before:
+                written.append(path)
+        return written
+
 
 @contextmanager
 def figure(path: Path, nrows: int = 1, ncols: int = 1, dpi: int = 120, **kwargs: Any) -> Iterator[Any]:
     """``fig, axes`` of ``plt.subplots(nrows, ncols, **kwargs)`` (Agg backend); on leaving the block the
-    figure is laid out tightly, saved to ``path`` at ``dpi`` and closed (only closed after an error)."""
+    figure is laid out tightly (unless ``layout=...`` chose another layout engine), saved to ``path`` at
+    ``dpi`` and closed (only closed after an error)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,7 +145,8 @@ def figure(path: Path, nrows: int = 1, ncols: int = 1, dpi: int = 120, **kwargs:
     fig, axes = plt.subplots(nrows, ncols, **kwargs)
     try:
         yield fig, axes
-        fig.tight_layout()
+        if "layout" not in kwargs:
+            fig.tight_layout()
         fig.savefig(path, dpi=dpi)
     finally:
         plt.close(fig)

@@ -101,7 +101,7 @@ def run_pretrain_benchmark(
         f"--out {out_dir}",
         *unless_default("--rates", rates, RATES),
     )
-    bench.write(summary, lambda s: format_report(s, command), {"pretrain.png": _plot})
+    bench.write(summary, lambda s: format_report(s, command), PLOTS)
     return summary
 
 
@@ -179,3 +179,7 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
         for ax in axes:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
+
+
+#: the figures of ``harmonia bench pretrain`` (redrawn from ``pretrain.json`` by ``--replot``)
+PLOTS = {"pretrain.png": _plot}
