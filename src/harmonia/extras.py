@@ -5,7 +5,8 @@ that provides it when it is missing:
 
 * ``harmonia[data]``: PyAV (video decoding), espeakng-loader (AV-Digits speech), scipy, scikit-learn;
 * ``harmonia[train]``: the application (pydantic, PyYAML, tqdm, TensorBoard, matplotlib);
-* ``harmonia[all]``: both.
+* ``harmonia[all]``: both;
+* ``harmonia[lightning]``: PyTorch Lightning, for :mod:`harmonia.integrations.lightning`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ PROVIDERS = {
     "tqdm": ("tqdm", "train"),
     "tensorboard": ("tensorboard", "train"),
     "matplotlib": ("matplotlib", "train"),
+    "lightning": ("lightning", "lightning"),
 }
 
 
