@@ -1,8 +1,9 @@
-"""Small collectives over the default process group that are the identity in a single process.
+"""Small collectives over the default process group that are the identity in a single process, and batch
+normalization over the global batch.
 
-Methods use them to compute statistics of the global batch (all ranks) under data-parallel training;
-:class:`CrossRankBatchNorm` (``convert_batchnorm(model)``) gives batch normalization the global batch's
-statistics on any backend, gloo on CPU included.
+Methods use the collectives to compute statistics of the global batch (all ranks) under data-parallel
+training; :func:`convert_batchnorm` gives a model's batch normalization the same (PyTorch's ``SyncBatchNorm``
+needs a GPU; this one works with gloo on CPU too).
 """
 
 from __future__ import annotations

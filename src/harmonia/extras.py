@@ -6,7 +6,8 @@ that provides it when it is missing:
 * ``harmonia[data]``: PyAV (video decoding), espeakng-loader (AV-Digits speech), scipy, scikit-learn,
   webdataset (reading shards);
 * ``harmonia[train]``: the application (pydantic, PyYAML, tqdm, TensorBoard, matplotlib);
-* ``harmonia[all]``: both.
+* ``harmonia[all]``: both;
+* ``harmonia[lightning]``: PyTorch Lightning, for :mod:`harmonia.integrations.lightning`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ PROVIDERS = {
     "tqdm": ("tqdm", "train"),
     "tensorboard": ("tensorboard", "train"),
     "matplotlib": ("matplotlib", "train"),
+    "lightning": ("lightning", "lightning"),
 }
 
 
