@@ -5,7 +5,8 @@ that provides it when it is missing:
 
 * ``harmonia[data]``: PyAV (video decoding), espeakng-loader (AV-Digits speech), scipy, scikit-learn;
 * ``harmonia[train]``: the application (pydantic, PyYAML, tqdm, TensorBoard, matplotlib);
-* ``harmonia[all]``: both.
+* ``harmonia[mlflow]``: MLflow logging (mlflow-skinny; SQLAlchemy and Alembic for a local SQLite store);
+* ``harmonia[all]``: data and train.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ PROVIDERS = {
     "tqdm": ("tqdm", "train"),
     "tensorboard": ("tensorboard", "train"),
     "matplotlib": ("matplotlib", "train"),
+    "mlflow": ("mlflow-skinny", "mlflow"),
+    "sqlalchemy": ("sqlalchemy", "mlflow"),
+    "alembic": ("alembic", "mlflow"),
 }
 
 

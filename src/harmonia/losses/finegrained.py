@@ -37,6 +37,7 @@ from harmonia.losses.nce import (
     mil_nce_from_scores,
     nce_from_scores,
 )
+from harmonia.precision import in_float32
 
 #: with ``chunk_size=None``, chunks hold at most this many token similarities (64 MiB in float32)
 CHUNK_ELEMENTS = 2**24
@@ -103,6 +104,7 @@ def _chunk_scores(
     return scores[0] if len(scores) == 1 else 0.5 * (scores[0] + scores[1])
 
 
+@in_float32
 def token_scores(
     a: Tensor,
     b: Tensor,
@@ -147,6 +149,7 @@ def token_scores(
     return torch.cat(parts)
 
 
+@in_float32
 def paired_attention(
     a: Tensor,
     b: Tensor,
@@ -175,6 +178,7 @@ def paired_attention(
     }
 
 
+@in_float32
 def finegrained_nce(
     a: Tensor,
     b: Tensor,
