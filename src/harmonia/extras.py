@@ -6,8 +6,9 @@ that provides it when it is missing:
 * ``harmonia[data]``: PyAV (video decoding), espeakng-loader (AV-Digits speech), scipy, scikit-learn,
   webdataset (reading shards);
 * ``harmonia[train]``: the application (pydantic, PyYAML, tqdm, TensorBoard, matplotlib);
-* ``harmonia[all]``: both;
-* ``harmonia[lightning]``: PyTorch Lightning, for :mod:`harmonia.integrations.lightning`.
+* ``harmonia[mlflow]``: MLflow logging (mlflow-skinny; SQLAlchemy and Alembic for a local SQLite store);
+* ``harmonia[lightning]``: PyTorch Lightning, for :mod:`harmonia.integrations.lightning`;
+* ``harmonia[all]``: data and train.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ PROVIDERS = {
     "tensorboard": ("tensorboard", "train"),
     "matplotlib": ("matplotlib", "train"),
     "lightning": ("lightning", "lightning"),
+    "mlflow": ("mlflow-skinny", "mlflow"),
+    "sqlalchemy": ("sqlalchemy", "mlflow"),
+    "alembic": ("alembic", "mlflow"),
 }
 
 

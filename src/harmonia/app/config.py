@@ -278,6 +278,27 @@ class TaskKind(str, enum.Enum):
     PRETRAIN = "pretrain"
 
 
+class PrecisionKind(str, enum.Enum):
+    """Numeric precision of training (docs/training.md#mixed-precision)."""
+
+    FULL = "32"
+    BF16 = "bf16"
+    FP16_MIXED = "16-mixed"
+
+
+def _precision_from_number(value: Any) -> Any:
+    """YAML reads ``precision: 32`` as an integer: take it as the choice "32"."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class LoggerKind(str, enum.Enum):
+    """Where a run's metrics go (docs/training.md#loggers)."""
+
+    JSONL = "jsonl"
+    TENSORBOARD = "tensorboard"
+    MLFLOW = "mlflow"
+
+
 class DataConfig(Section):
     section_key: ClassVar[str] = "data"
 
@@ -622,6 +643,37 @@ class TrainConfig(Section):
         help="same_threads: bitwise-identical runs on one machine at one thread count; "
         "any_threads: also across thread counts (oneDNN off: slower CPU convolutions)",
     )
+    precision: Annotated[PrecisionKind, BeforeValidator(_precision_from_number)] = param(
+        PrecisionKind.FULL,
+        help="32: float32; bf16: forward and loss under bfloat16 autocast (CPU or a GPU with bfloat16); "
+        "16-mixed: float16 autocast with a gradient scaler (CUDA only)",
+    )
+    loggers: list[LoggerKind] = param(
+        default_factory=lambda: [LoggerKind.JSONL, LoggerKind.TENSORBOARD],
+        help="where metrics go: jsonl (metrics.jsonl, always), tensorboard, mlflow (pip install "
+        "'harmonia[mlflow]')",
+    )
+    mlflow_uri: Str | None = param(
+        None,
+        help="mlflow: tracking URI (null: $MLFLOW_TRACKING_URI, else sqlite:///<out_dir>/mlflow.db)",
+    )
+    mlflow_experiment: Str = param("harmonia", help="mlflow: experiment the run is logged in")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.precision is PrecisionKind.FP16_MIXED and not self.device.startswith("cuda"):
+            raise ConfigError(
+                f"train.precision=16-mixed needs a CUDA device (float16 autocast with a gradient scaler), "
+                f"but train.device={self.device}; on CPU use train.precision=bf16"
+            )
+        if LoggerKind.JSONL not in self.loggers:
+            raise ConfigError(
+                f"train.loggers={[k.value for k in self.loggers]} lacks jsonl: metrics.jsonl is the run's "
+                "record (resume, reports and benchmarks read it); add jsonl to the list"
+            )
+        if len(set(self.loggers)) != len(self.loggers):
+            raise ConfigError(f"train.loggers={[k.value for k in self.loggers]} lists a logger twice")
+        return self
 
 
 class ExperimentConfig(Section):

@@ -62,6 +62,7 @@ from harmonia.balance.method import (
 )
 from harmonia.distributed import rank_and_world
 from harmonia.errors import ConfigError, InputError
+from harmonia.precision import in_float32
 from harmonia.settings import setting
 
 SubsetLogits = Callable[[Mapping[str, Tensor], Tensor], Tensor]
@@ -79,6 +80,7 @@ def confidence(logits: Tensor) -> Tensor:
     return logits.softmax(dim=-1).amax(dim=-1)
 
 
+@in_float32
 def cml_regularizer(
     chain: Sequence[Tensor],
     labels: Tensor,

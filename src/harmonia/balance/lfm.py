@@ -78,6 +78,7 @@ from torch import Tensor, nn
 
 from harmonia.balance.method import BalanceStep, BalancingMethod
 from harmonia.errors import ConfigError, InputError
+from harmonia.precision import in_float32
 from harmonia.settings import setting
 
 # official Crema_epoch.py, getAlpha_Learnable_Fitted: the classification weight's coefficients of t^0 ... t^5
@@ -121,6 +122,7 @@ def lfm_cls_weight(
     return min(max(alpha, min_weight), max_weight)
 
 
+@in_float32
 def js_divergence(logits_a: Tensor, logits_b: Tensor) -> Tensor:
     """``1/B Σ_i ½[KL(r_i‖p_i) + KL(r_i‖q_i)]`` for ``p = softmax(logits_a)``, ``q = softmax(logits_b)``,
     ``r = (p + q)/2`` (the official code's ``Alignment``), computed in log space."""

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from harmonia.balance.method import BalanceStep, BalancingMethod, in_epoch_window
 from harmonia.errors import ConfigError, InputError
+from harmonia.precision import in_float32
 from harmonia.settings import coerce_enums, setting
 
 
@@ -75,6 +76,7 @@ class MBSDPairTerms:
     divergence: Tensor
 
 
+@in_float32
 def mbsd_pair_terms(
     logits_j: Tensor,
     logits_k: Tensor,
@@ -113,6 +115,7 @@ def mbsd_pair_terms(
     return MBSDPairTerms(weight, distance, div)
 
 
+@in_float32
 def mbsd_regularizer(
     unimodal_logits: Sequence[Tensor],
     labels: Tensor,

@@ -48,12 +48,17 @@ class BalanceStep:
         epoch: the epoch being trained, counted from 0.
         metrics: per-step values to log (``balance/<statistic>/<modality>``); the trainer logs them.
         inputs: the batch's inputs ``{modality: tensor}`` (for methods that run extra forward passes).
+        loss_scale: the factor S a float16 gradient scaler multiplies the loss by before the backward pass
+            (1 without one). A method that takes gradients of its own (``torch.autograd.grad``) scales its
+            loss by S and divides the result by S, so that small gradients survive float16 as the
+            trainer's do; the gradients in ``.grad`` are already unscaled when ``after_backward`` runs.
     """
 
     labels: Tensor
     epoch: int
     metrics: dict[str, float] = field(default_factory=dict)
     inputs: Mapping[str, Tensor] | None = None
+    loss_scale: float = 1.0
     _ratios: dict[str, Tensor] | None = None
 
     @property

@@ -132,18 +132,24 @@ class MMPareto(BalancingMethod):
             )
         return cls(dict(encoders), gamma=(settings or MMParetoSettings()).gamma)
 
-    def unimodal_gradients(self, unimodal_logits: Mapping[str, Tensor], labels: Tensor) -> dict[str, Any]:
-        """``g_u`` of each encoder (averaged over data-parallel ranks) and the unimodal losses."""
+    def unimodal_gradients(
+        self, unimodal_logits: Mapping[str, Tensor], labels: Tensor, loss_scale: float = 1.0
+    ) -> dict[str, Any]:
+        """``g_u`` of each encoder (averaged over data-parallel ranks) and the unimodal losses.
+
+        ``loss_scale`` S (a float16 gradient scaler's): the gradients are taken of S times the loss and
+        divided by S, so that small ones do not flush to zero in float16."""
         missing = set(self.params) - set(unimodal_logits)
         if missing:
             raise ConfigError(f"MMPareto: the model gives no unimodal logits for {sorted(missing)}")
         grads: dict[str, list[Tensor]] = {}
         losses: dict[str, Tensor] = {}
         for m, params in self.params.items():
-            loss = F.cross_entropy(unimodal_logits[m], labels)
-            got = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            loss = F.cross_entropy(unimodal_logits[m].float(), labels)
+            got = torch.autograd.grad(loss * loss_scale, params, retain_graph=True, allow_unused=True)
             grads[m] = [
-                torch.zeros_like(p) if g is None else g.detach() for g, p in zip(got, params, strict=True)
+                torch.zeros_like(p) if g is None else g.detach() / loss_scale
+                for g, p in zip(got, params, strict=True)
             ]
             losses[m] = loss.detach()
         world = rank_and_world()[1]
@@ -163,7 +169,7 @@ class MMPareto(BalancingMethod):
     def adjust_loss(self, step: BalanceStep, output: Any, loss: Tensor) -> Tensor:
         """Take the unimodal gradients of the encoders; the loss is returned unchanged."""
         if self.training and loss.requires_grad:
-            result = self.unimodal_gradients(output.unimodal_logits, step.labels)
+            result = self.unimodal_gradients(output.unimodal_logits, step.labels, step.loss_scale)
             self._unimodal_grads = result["grads"]
             step.metrics.update({f"balance/mmpareto/uni_loss/{m}": v for m, v in result["losses"].items()})
         return loss

@@ -77,6 +77,7 @@ from torch import Tensor, nn
 from harmonia.balance.method import BalanceStep, BalancingMethod, in_epoch_window
 from harmonia.distributed import all_reduce_sum
 from harmonia.errors import ConfigError, InputError, NonFiniteLossError
+from harmonia.precision import in_float32
 from harmonia.settings import setting
 
 
@@ -100,6 +101,7 @@ class PMRSettings:
     end_epoch: int | None = setting(None, help="the PMR terms stop at this epoch (null: never)", ge=1)
 
 
+@in_float32
 def prototype_logits(features: Tensor, prototypes: Tensor) -> Tensor:
     """``-d(z_i, c_k)``: negative Euclidean distances ``[B, K]`` of ``[B, d]`` features to ``[K, d]``
     prototypes (Eq. 7's logits; the gradient at a zero distance is 0)."""
@@ -121,6 +123,7 @@ def pmr_coefficients(scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return rho, beta, eta
 
 
+@in_float32
 def prototype_terms(
     logits: Tensor, labels: Tensor, rows: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:

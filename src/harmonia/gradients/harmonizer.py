@@ -28,6 +28,11 @@ gradients — while everything that depends on the whole batch is global: curric
 cosines), the kept count, GradVac's moving target, the logged fractions, batch mode's two gradients and
 parameter mode's summed rows. With contrastive negatives gathered across ranks, a step then equals one
 process's step on the global batch (tested with 2 gloo processes).
+
+Under mixed precision (``torch.autocast``, inside or outside the autocast region) the rows are realigned in
+float32 whatever the anchor's dtype. With a float16 gradient scaler, pass weights multiplied by its scale S
+(``scaler.get_scale()``): realignment is scale-equivariant (PCGrad and GradVac map (S·g_a, S·g_b) to S times
+their images), so every gradient the harmonizer leaves is S times the true one, for ``scaler.unscale_``.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from torch import Tensor
 from harmonia.distributed import all_gather_rows, all_reduce_sum, rank_and_world
 from harmonia.gradients.curriculum import ConflictCurriculum
 from harmonia.gradients.realign import RealignRule, realign, row_cosine
+from harmonia.precision import upcast
 
 
 class HarmonizeMode(str, enum.Enum):
@@ -217,6 +223,8 @@ class GradientHarmonizer:
             )
         else:  # an anchor of tokens [B, S, D] gives rows of S·D
             rows_a, rows_b = g_a.flatten(1), g_b.flatten(1)
+        # cosines and projections in float32 (at least) even when the anchor is bfloat16/float16 (autocast)
+        rows_a, rows_b = upcast(rows_a), upcast(rows_b)
         target = self._target(row_cosine(rows_a, rows_b)) if self.rule is RealignRule.GRADVAC else 0.0
         new_a, new_b, cos = realign(rows_a, rows_b, self.rule, target)
         cos = cos.detach()
@@ -249,7 +257,8 @@ class GradientHarmonizer:
             total.backward()  # nothing to change: exactly the plain backward
         else:
             realigned = (new_a + new_b).view_as(plain)
-            torch.autograd.backward([total, anchor], [torch.ones_like(total), (realigned - plain).detach()])
+            correction = (realigned - plain).detach().to(anchor.dtype)
+            torch.autograd.backward([total, anchor], [torch.ones_like(total), correction])
         return HarmonizeStats(
             cosine=cos,
             kept=kept,

@@ -38,6 +38,7 @@ from harmonia.losses.nce import (
     nce_from_scores,
 )
 from harmonia.losses.pooled_scores import pooled_scores
+from harmonia.precision import in_float32
 
 #: with ``chunk_size=None``, chunks hold at most this many token similarities (64 MiB in float32)
 CHUNK_ELEMENTS = 2**24
@@ -100,6 +101,7 @@ def _chunk_scores(
     return scores[0] if len(scores) == 1 else 0.5 * (scores[0] + scores[1])
 
 
+@in_float32
 def token_scores(
     a: Tensor,
     b: Tensor,
@@ -133,6 +135,7 @@ def token_scores(
     return pooled_scores(a, b, a_pad, b_pad, tau_att, over_a, over_b, chunk_size, reference)
 
 
+@in_float32
 def paired_attention(
     a: Tensor,
     b: Tensor,
@@ -161,6 +164,7 @@ def paired_attention(
     }
 
 
+@in_float32
 def finegrained_nce(
     a: Tensor,
     b: Tensor,

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from harmonia.losses.gather import gather_with_grad
+from harmonia.precision import in_float32
 
 Reduction = Literal["mean", "sum", "none"]
 
@@ -61,6 +62,7 @@ def _similarity(queries: Tensor, keys: Tensor, offset: int, own_only: bool) -> T
     return sim + torch.zeros_like(sim).index_put((rows, rows + offset), diagonal)
 
 
+@in_float32
 def nce(
     a: Tensor,
     b: Tensor,
@@ -105,6 +107,7 @@ def nce_from_scores(rows: Tensor, cols: Tensor, offset: int, temperature: float)
     return 0.5 * (a_to_b + b_to_a)
 
 
+@in_float32
 def mil_nce(
     video: Tensor,
     text: Tensor,

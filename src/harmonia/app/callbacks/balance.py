@@ -29,7 +29,14 @@ class BalancingCallback(Callback):
         self._step: BalanceStep | None = None
 
     def before_forward(self, trainer: TrainerView, batch: Mapping[str, Any]) -> None:
-        self._step = BalanceStep(batch["labels"], trainer.epoch, trainer.step_metrics, inputs=batch["inputs"])
+        precision = getattr(trainer, "precision", None)
+        self._step = BalanceStep(
+            batch["labels"],
+            trainer.epoch,
+            trainer.step_metrics,
+            inputs=batch["inputs"],
+            loss_scale=precision.loss_scale if precision is not None else 1.0,
+        )
         for method in self.methods:
             method.before_forward(self._step)
 

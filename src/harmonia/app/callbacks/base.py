@@ -45,6 +45,9 @@ class Callback:
         before_forward -> encode -> transform_features -> fuse -> loss -> adjust_loss
         -> backward -> after_backward -> (grad clipping) -> before_optimizer_step -> optimizer.step()
 
+    Under ``train.precision`` bf16 or 16-mixed, the hooks up to ``adjust_loss`` run inside autocast; under
+    16-mixed the gradients are unscaled before ``after_backward``, so every hook sees true gradients.
+
     A callback that keeps state across steps returns it from :meth:`state_dict` so that ``--resume``
     restores it with the checkpoint.
     """

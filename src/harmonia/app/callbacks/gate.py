@@ -98,7 +98,7 @@ def measure_gate(
         for start in range(0, n - batch + 1, batch):
             inputs = {k: v[start : start + batch].to(trainer.device) for k, v in split.inputs.items()}
             labels = split.labels[start : start + batch]
-            with torch.enable_grad():
+            with torch.enable_grad(), trainer.precision.autocast():
                 out = trainer.forward(inputs)
                 clean = loss.from_output(out)
                 for key in sums:

@@ -91,7 +91,11 @@ class HarmonizeCallback(Callback):
     ) -> None:
         video = batch["inputs"]["video"] if self.harmonizer.mode is HarmonizeMode.PARAMETER else None
         anchor = output.features[self.anchor_key]
-        stats = self.harmonizer.backward(losses.per_sample, anchor, self.weights, video)
+        # under 16-mixed, the loss scale S multiplies both weights: every gradient the harmonizer takes and
+        # leaves is S times the true one (realignment is scale-equivariant), and the trainer unscales them
+        scale = trainer.precision.loss_scale if hasattr(trainer, "precision") else 1.0
+        weights = {k: w * scale for k, w in self.weights.items()}
+        stats = self.harmonizer.backward(losses.per_sample, anchor, weights, video)
         trainer.step_metrics.update(stats.metrics())
         if self.harmonizer.mode is not HarmonizeMode.BATCH:
             self._indices.append(batch["indices"].cpu())

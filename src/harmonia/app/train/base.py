@@ -39,7 +39,7 @@ from harmonia.app.config import (
     load_config,
     to_dict,
 )
-from harmonia.app.logs import RunLogger
+from harmonia.app.logs import RunLogger, check_loggers, open_run_logger
 from harmonia.app.train.checkpoint import (
     CHECKPOINT_FORMAT_VERSION,
     atomic_save,
@@ -50,6 +50,7 @@ from harmonia.app.train.checkpoint import (
     restore_rng_state,
 )
 from harmonia.app.train.distributed import convert_batchnorm, init_distributed
+from harmonia.app.train.precision import MixedPrecision
 from harmonia.data.sources import EpochLoader
 from harmonia.distributed import all_reduce_sum
 from harmonia.errors import CheckpointError, ConfigError, NonFiniteLossError, RunFolderExistsError
@@ -86,6 +87,8 @@ def seed_everything(seed: int) -> None:
 
 #: what a checkpoint must hold for ``--resume``
 RESUME_KEYS = ("epoch", "global_step", "model", "optimizer", "scheduler", "rng", "callbacks")
+#: ``train`` settings a resumed run may change (where its metrics go)
+LOGGING_KEYS = ("loggers", "mlflow_uri", "mlflow_experiment")
 
 
 class BaseTrainer:
@@ -134,6 +137,8 @@ class BaseTrainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.progress = progress and self.dist.is_main
+        self.precision = MixedPrecision(cfg.train.precision, self.device)
+        check_loggers(cfg)
         seed_everything(cfg.train.seed)
         self.step_metrics: dict[str, float] = {}  # callbacks add per-step values; logged every step
         self.setup(dataset)
@@ -157,6 +162,8 @@ class BaseTrainer:
 
     #: whether DistributedDataParallel must look for parameters a step leaves without gradient
     find_unused_parameters = False
+    #: how a step turns its loss into gradients (set by the task in :meth:`setup`; see harmonia.app.backward)
+    backward_strategy: Any
 
     # ----------------------------------------------------------------------------------------------
     # data-parallel plumbing
@@ -238,7 +245,8 @@ class BaseTrainer:
     def _check_resumable(self, saved: ExperimentConfig) -> None:
         """A run may be resumed with more epochs, but not with a different recipe."""
         ours, theirs = to_dict(self.cfg), to_dict(saved)
-        ours["train"]["epochs"] = theirs["train"]["epochs"] = None
+        for free in ("epochs", *LOGGING_KEYS):  # may change on resume: they do not change the numbers
+            ours["train"][free] = theirs["train"][free] = None
         if ours != theirs:
             diffs = _dict_diff(theirs, ours)
             raise ConfigError(
@@ -264,6 +272,7 @@ class BaseTrainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": capture_rng_state(),
             "callbacks": self._callback_states(),
+            "precision": self.precision.state_dict(),
             "config": to_dict(self.cfg),
             "num_threads": self.num_threads,
         }
@@ -288,6 +297,7 @@ class BaseTrainer:
         for key, cb in self._keyed_callbacks().items():
             if key in saved:
                 cb.load_state_dict(saved[key])
+        self.precision.load_state_dict(state.get("precision", {}))
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         restore_rng_state(state["rng"])
@@ -349,11 +359,7 @@ class BaseTrainer:
         if self.resume:
             self.load_checkpoint(self.checkpoint_path)
         logger: RunLogger | NullLogger = (
-            RunLogger(
-                self.run_dir,
-                truncate_from_epoch=self.epoch if self.resume else None,
-                purge_step=self.global_step if self.resume else None,
-            )
+            open_run_logger(self.cfg, self.run_dir, self.resume, self.epoch, self.global_step)
             if self.dist.is_main
             else NullLogger()
         )
@@ -388,8 +394,10 @@ class BaseTrainer:
                 self.epoch,
                 {**{f"test/{k}": v for k, v in test.items()}, **{f"probe/{k}": v for k, v in probe.items()}},
             )
-        finally:
-            logger.close()
+        except BaseException as exc:
+            logger.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+        logger.close()
         for cb in self.callbacks:
             cb.on_train_end(self)
         result = TrainResult(
@@ -397,6 +405,7 @@ class BaseTrainer:
         )
         if self.dist.is_main:
             (self.run_dir / "results.json").write_text(json.dumps(result.to_dict(), indent=1))
+        logger.finish()  # last: uploads the run folder's files (MLflow)
         return result
 
     def _train_epoch(self) -> dict[str, float]:
@@ -423,6 +432,7 @@ class BaseTrainer:
             self.tally_step(tally, batch, output)
             # methods' per-step statistics (ρ, k, q) are logged every step; the loss every log_every
             if self.step_metrics or self.global_step % self.cfg.train.log_every == 0:
+                scaler = {"train/loss_scale": self.precision.loss_scale} if self.precision.scaler else {}
                 self.logger.log(
                     "step",
                     self.global_step,
@@ -430,6 +440,7 @@ class BaseTrainer:
                     {
                         "train/loss": loss,
                         "train/lr": self.optimizer.param_groups[0]["lr"],
+                        **scaler,
                         **self.step_metrics,
                     },
                 )
@@ -442,15 +453,31 @@ class BaseTrainer:
             tally = dict(zip(tally, sums[2:].tolist(), strict=True))
         stats = {"train/loss": total_loss / total_seen}
         stats.update({f"train/{k}": v / total_seen for k, v in tally.items()})
+        if self.precision.scaler is not None:
+            stats["train/skipped_steps"] = float(self.precision.skipped_steps)
         return stats
 
+    def backward(self, batch: dict[str, Any], losses: Any, output: Any) -> None:
+        """The backward pass of a step, then the callbacks' ``after_backward``.
+
+        Under ``16-mixed`` the strategy backpropagates the loss times the scaler's scale, and the gradients
+        are unscaled before any callback reads them: balancing methods (OGM, MMPareto, ...), gradient
+        clipping and ``before_optimizer_step`` see the true gradients.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        self.backward_strategy.backward(self, batch, losses, output)
+        self.precision.unscale(self.optimizer)
+        for cb in self.callbacks:
+            cb.after_backward(self, batch, output)
+
     def _finish_step(self) -> None:
-        """After the backward pass: clip, let callbacks see the gradients, step the optimizer."""
+        """After the backward pass: clip, let callbacks see the gradients, step the optimizer (through the
+        gradient scaler under ``16-mixed``, which skips a step with inf/NaN gradients)."""
         if self.cfg.optim.grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip_norm)
         for cb in self.callbacks:
             cb.before_optimizer_step(self)
-        self.optimizer.step()
+        self.precision.step(self.optimizer)
         self.global_step += 1
 
     def _raise_non_finite(self, loss: torch.Tensor, batch: dict[str, Any]) -> None:
@@ -472,7 +499,10 @@ class NullLogger:
     def log(self, kind: str, step: int, epoch: int, metrics: dict[str, float]) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, status: str | None = None) -> None:
+        pass
+
+    def finish(self) -> None:
         pass
 
 

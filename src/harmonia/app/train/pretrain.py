@@ -82,16 +82,14 @@ class PretrainTrainer(BaseTrainer):
 
     def train_step(self, batch: dict[str, Any]) -> tuple[Any, float]:
         self.step_metrics = {}
-        for cb in self.callbacks:
-            cb.before_forward(self, batch)
-        output = self.forward(batch["inputs"])
-        losses = self.compute_loss(output)
+        with self.precision.autocast():  # train.precision: the forward pass and the loss
+            for cb in self.callbacks:
+                cb.before_forward(self, batch)
+            output = self.forward(batch["inputs"])
+            losses = self.compute_loss(output)
         if not torch.isfinite(losses.loss):
             self._raise_non_finite(losses.loss, batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.backward_strategy.backward(self, batch, losses, output)
-        for cb in self.callbacks:
-            cb.after_backward(self, batch, output)
+        self.backward(batch, losses, output)
         self._finish_step()
         self.last_losses = losses
         return output, float(losses.loss.detach())
@@ -121,10 +119,11 @@ class PretrainTrainer(BaseTrainer):
             bs = self.cfg.train.eval_batch_size
             for start in range(0, len(split), bs):
                 inputs = {k: split.inputs[k][start : start + bs].to(self.device) for k in INPUT_KEYS}
-                out = self.forward(inputs)
-                bag = out.text_mask.to(out.text.dtype)[..., None]
-                text = F.normalize((out.text * bag).sum(1), dim=-1)
-                text_features = (out.features["text"] * bag).sum(1) / bag.sum(1).clamp(min=1)
+                with self.precision.autocast():
+                    out = self.forward(inputs)
+                bag = out.text_mask.float()[..., None]  # bag means in float32 (also under bf16)
+                text = F.normalize((out.text.float() * bag).sum(1), dim=-1)
+                text_features = (out.features["text"].float() * bag).sum(1) / bag.sum(1).clamp(min=1)
                 for key, value in {
                     "video_va": out.video_va,
                     "video_vt": out.video_vt,

@@ -103,24 +103,22 @@ class Trainer(BaseTrainer):
     def train_step(self, batch: dict[str, Any]) -> tuple[Any, float]:
         """One optimisation step on ``batch``; returns the model output and the loss value."""
         self.step_metrics = {}
-        for cb in self.callbacks:
-            cb.before_forward(self, batch)
 
         def transform(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for cb in self.callbacks:
                 features = cb.transform_features(self, features)
             return features
 
-        output = self.parallel_model(batch["inputs"], transform=transform)
-        loss = F.cross_entropy(output.logits, batch["labels"])
-        for cb in self.callbacks:
-            loss = cb.adjust_loss(self, batch, output, loss)
+        with self.precision.autocast():  # train.precision: the forward pass and the loss
+            for cb in self.callbacks:
+                cb.before_forward(self, batch)
+            output = self.parallel_model(batch["inputs"], transform=transform)
+            loss = F.cross_entropy(output.logits.float(), batch["labels"])
+            for cb in self.callbacks:
+                loss = cb.adjust_loss(self, batch, output, loss)
         if not torch.isfinite(loss):
             self._raise_non_finite(loss, batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.backward_strategy.backward(self, batch, loss, output)
-        for cb in self.callbacks:
-            cb.after_backward(self, batch, output)
+        self.backward(batch, loss, output)
         self._finish_step()
         return output, float(loss.detach())
 
@@ -137,7 +135,8 @@ class Trainer(BaseTrainer):
         unimodal: dict[str, list[torch.Tensor]] = {m: [] for m in self.modalities}
         for batch in self.dataset.eval_batches(split, self.cfg.train.eval_batch_size):
             batch = to_device(batch, self.device)
-            out = self.model(batch["inputs"])
+            with self.precision.autocast():
+                out = self.model(batch["inputs"])
             logits.append(out.logits.float().cpu())
             for m in self.modalities:
                 unimodal[m].append(out.unimodal_logits[m].float().cpu())
@@ -165,7 +164,9 @@ class Trainer(BaseTrainer):
             for batch in self.dataset.eval_batches(split, self.cfg.train.eval_batch_size):
                 batch = to_device(batch, self.device)
                 for m in self.modalities:
-                    features[m].append(self.model.encoders[m](batch["inputs"][m]).float().cpu())
+                    with self.precision.autocast():
+                        encoded = self.model.encoders[m](batch["inputs"][m])
+                    features[m].append(encoded.float().cpu())
                 labels.append(batch["labels"].cpu())
         finally:
             self.model.train(was_training)
