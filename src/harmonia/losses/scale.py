@@ -28,8 +28,9 @@ class LogitScale(nn.Module):
 
     Pass ``module()`` as ``logit_scale`` to :func:`~harmonia.losses.nce`, :func:`~harmonia.losses.mil_nce`
     or :class:`~harmonia.losses.VATTLoss`, and call :meth:`clamp_` after every optimizer step. Keep the
-    module inside the model that DistributedDataParallel wraps (as :class:`~harmonia.models.pretrain.
-    TriModalPretrainModel` does), so that its gradient is averaged over ranks like the encoders'.
+    module inside the model that DistributedDataParallel wraps (as
+    :class:`~harmonia.models.pretrain.TriModalPretrainModel` does), so that its gradient is averaged over
+    ranks like the encoders', and out of weight decay (as open_clip).
 
     Args:
         init: the initial scale s₀ = exp(t₀), within [min_scale, max_scale] (CLIP: 1/0.07).
