@@ -35,7 +35,25 @@ def build_balancing(
     return BalancingCallback(methods, [name for name, _ in entries])
 
 
-def build_optimizer(cfg: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def parameter_groups(model: nn.Module) -> list[nn.Parameter] | list[dict[str, Any]]:
+    """The model's parameters, as one list; or, when the model names parameters to keep out of weight
+    decay (a ``no_weight_decay()`` method, timm's convention: the learnable logit scale), two groups,
+    the second with ``weight_decay`` 0."""
+    no_decay = getattr(model, "no_weight_decay", None)
+    names: set[str] = set(no_decay()) if callable(no_decay) else set()
+    if not names:
+        return list(model.parameters())
+    named = list(model.named_parameters())
+    groups: list[dict[str, Any]] = [
+        {"params": [p for n, p in named if n not in names]},
+        {"params": [p for n, p in named if n in names], "weight_decay": 0.0},
+    ]
+    return groups
+
+
+def build_optimizer(
+    cfg: OptimConfig, params: list[nn.Parameter] | list[dict[str, Any]]
+) -> torch.optim.Optimizer:
     if cfg.name is OptimizerKind.SGD:
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.name is OptimizerKind.ADAM:

@@ -488,7 +488,29 @@ class PretrainConfig(Section):
         VTHeadKind.MLP,
         help="mlp: VATT's video-text space e_vt = Linear(ReLU(e_va)); shared: e_vt = e_va (one space)",
     )
-    temperature: Float = param(0.07, help="softmax temperature of both contrastive losses", gt=0)
+    temperature: Float = param(
+        0.07,
+        help="softmax temperature of both contrastive losses (with learnable_scale: the scale starts at "
+        "1/temperature)",
+        gt=0,
+    )
+    learnable_scale: Bool = param(
+        False,
+        help="learn the logit scale s = exp(t) of the contrastive losses (CLIP, open_clip): logits = s x.y, "
+        "s starts at 1/temperature, is clamped to [1, max_logit_scale] after every step and logged as "
+        "loss/logit_scale",
+    )
+    max_logit_scale: Float = param(100.0, help="learnable_scale: the cap on s (CLIP: 100)", ge=1)
+    local_loss: Bool = param(
+        True,
+        help="open_clip's local_loss: each rank scores its own samples against the gathered batch (B x N "
+        "logits); false: every rank scores the whole global batch (N x N), coarse losses only",
+    )
+    gather_with_grad: Bool = param(
+        True,
+        help="open_clip's gather_with_grad: gradients flow back through the all-gather to every rank; "
+        "false: a plain all-gather (no backward communication), coarse losses only",
+    )
     weight_va: Float = param(1.0, help="weight of the video-audio NCE loss", ge=0)
     weight_vt: Float = param(1.0, help="weight of the video-text MIL-NCE loss", ge=0)
     va_loss: ContrastiveGrain = param(
@@ -532,7 +554,8 @@ class PretrainConfig(Section):
             "video_tokens",
             "vt_head",
         )
-        return {name: getattr(self, name) for name in names}
+        scale = {"logit_scale": 1 / self.temperature, "max_logit_scale": self.max_logit_scale}
+        return {name: getattr(self, name) for name in names} | (scale if self.learnable_scale else {})
 
     @model_validator(mode="after")
     def _check(self) -> PretrainConfig:
@@ -543,6 +566,18 @@ class PretrainConfig(Section):
                 raise ConfigError(f"pretrain.{key}: expected {n} positive integers, got {value}")
         if self.weight_va == 0 and self.weight_vt == 0:
             raise ConfigError("pretrain.weight_va and pretrain.weight_vt are both 0: nothing to train")
+        if self.learnable_scale and not 1 <= 1 / self.temperature <= self.max_logit_scale:
+            raise ConfigError(
+                f"pretrain.learnable_scale: the scale starts at 1/temperature = {1 / self.temperature:.4g}, "
+                f"outside the clamp range [1, max_logit_scale={self.max_logit_scale:g}]; set "
+                f"pretrain.temperature between {1 / self.max_logit_scale:.4g} and 1 (CLIP: 0.07)"
+            )
+        fine = ContrastiveGrain.FINEGRAINED in (self.va_loss, self.vt_loss)
+        if fine and not (self.local_loss and self.gather_with_grad):
+            raise ConfigError(
+                "pretrain.local_loss=false and pretrain.gather_with_grad=false apply to coarse losses only; "
+                "with a fine-grained va_loss or vt_loss keep both true"
+            )
         return self
 
 
@@ -759,6 +794,11 @@ class ExperimentConfig(Section):
                 )
             if self.balance:
                 raise ConfigError("balance applies to task=classify; set balance=[]")
+            if not self.pretrain.local_loss and self.harmonize.mode is not HarmonizeModeKind.NONE:
+                raise ConfigError(
+                    "harmonize.mode needs each rank's per-sample losses of its own triplets: set "
+                    "pretrain.local_loss=true (or harmonize.mode=none)"
+                )
         elif self.harmonize.mode is not HarmonizeModeKind.NONE:
             raise ConfigError("harmonize.mode applies to task=pretrain; set harmonize.mode=none")
         if not self.data.modalities:

@@ -36,6 +36,7 @@ from harmonia.losses.nce import (
     check_temperature,
     mil_nce_from_scores,
     nce_from_scores,
+    resolve_scale,
 )
 from harmonia.losses.pooled_scores import pooled_scores
 from harmonia.precision import in_float32
@@ -170,16 +171,18 @@ def finegrained_nce(
     b: Tensor,
     a_mask: Tensor | None = None,
     b_mask: Tensor | None = None,
-    temperature: float = 0.07,
+    temperature: float | None = None,
     tau_att: float = 0.1,
     direction: PoolDirection | str = PoolDirection.BOTH,
     reduction: Reduction = "mean",
     *,
     chunk_size: int | None = None,
     gather: bool = True,
+    logit_scale: Tensor | None = None,
 ) -> Tensor:
     """Contrastive loss of token sets ``a`` [B, K, D] and ``b`` with s(a_i, b_j) of :func:`token_scores`
-    in place of the cosine (negatives from every rank when ``gather``).
+    in place of the cosine (negatives from every rank when ``gather``), divided by ``temperature`` τ
+    (default 0.07) or multiplied by ``logit_scale`` s.
 
     * ``b`` [B, J, D]: symmetric InfoNCE,
       ℓ_i = ½ [−log softmax_j(s(a_i, b_j)/τ)[i] − log softmax_j(s(a_j, b_i)/τ)[i]];
@@ -190,7 +193,7 @@ def finegrained_nce(
         raise ValueError(f"finegrained_nce: a must be float [B, K, D], got {a.dtype} {tuple(a.shape)}")
     if a.shape[0] == 0:
         raise ValueError("finegrained_nce: the batch is empty; a contrastive loss needs pairs")
-    check_temperature("finegrained_nce: temperature", temperature)
+    temperature = resolve_scale("finegrained_nce", temperature, logit_scale)
     check_temperature("finegrained_nce: tau_att", tau_att)
     bags = b.dim() == 4
     if b.dim() not in (3, 4) or b.shape[0] != a.shape[0] or b.shape[-1] != a.shape[-1] or b.dtype != a.dtype:
@@ -231,9 +234,10 @@ def finegrained_nce(
         cols = local_b.view(a_all.shape[0], a.shape[0], candidates).transpose(0, 1)
     if bags:
         return _reduce(
-            mil_nce_from_scores(full, cols, b_mask_all.any(-1), real, offset, temperature), reduction
+            mil_nce_from_scores(full, cols, b_mask_all.any(-1), real, offset, temperature, logit_scale),
+            reduction,
         )
-    return _reduce(nce_from_scores(full[..., 0], cols[..., 0], offset, temperature), reduction)
+    return _reduce(nce_from_scores(full[..., 0], cols[..., 0], offset, temperature, logit_scale), reduction)
 
 
 @dataclass
@@ -279,18 +283,21 @@ class FineGrainedNCE(nn.Module):
         a_mask: Tensor | None = None,
         b_mask: Tensor | None = None,
         return_attention: bool = False,
+        logit_scale: Tensor | None = None,
     ) -> FineGrainedOutput:
+        """The loss of ``a`` and ``b`` (see :func:`finegrained_nce`); a ``logit_scale`` replaces 1/τ."""
         per_sample = finegrained_nce(
             a,
             b,
             a_mask,
             b_mask,
-            self.tau,
+            self.tau if logit_scale is None else None,
             self.tau_att,
             self.direction,
             "none",
             chunk_size=self.chunk_size,
             gather=self.gather,
+            logit_scale=logit_scale,
         )
         attention = None
         if return_attention:

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from harmonia.data import captions as native_captions
 from harmonia.errors import ConfigError, InputError
+from harmonia.losses.scale import LogitScale
 from harmonia.models.text import MiniLMTextEncoder
 
 PRETRAIN_MODALITIES = ("video", "audio", "text")
@@ -156,7 +157,9 @@ class PretrainOutput:
       — ``features["video"]`` is the anchor both coarse losses flow through (the harmonizer's z_v) — and
       the video backbone's token outputs ``video_tokens`` [B, S_v, D], the anchor of fine-grained losses;
     * ``tokens`` / ``token_masks`` (only with ``return_tokens``): per-token normalized embeddings
-      ``video_va``/``video_vt`` [B, S_v, E], ``audio`` [B, S_a, E], ``text`` [B, K, L, E].
+      ``video_va``/``video_vt`` [B, S_v, E], ``audio`` [B, S_a, E], ``text`` [B, K, L, E];
+    * ``logit_scale``: the learnable scale s = exp(t) of the contrastive losses (0-dim) when the model has
+      one (``logit_scale=...``), else None (the losses use their fixed temperature).
     """
 
     video_va: Tensor
@@ -167,6 +170,7 @@ class PretrainOutput:
     features: dict[str, Tensor]
     tokens: dict[str, Tensor] = field(default_factory=dict)
     token_masks: dict[str, Tensor] = field(default_factory=dict)
+    logit_scale: Tensor | None = None
 
 
 class TriModalPretrainModel(nn.Module):
@@ -185,6 +189,10 @@ class TriModalPretrainModel(nn.Module):
         tubelet: video patch size (frames, height, width); audio_patch: (mel bands, frames).
         video_tokens: ``global`` or ``time_local`` attention of the video tokens.
         vt_head: ``mlp`` (VATT's e_vt = Linear(ReLU(e_va))) or ``shared`` (e_vt = e_va).
+        logit_scale: the initial value of a learnable logit scale for the contrastive losses (a
+            :class:`~harmonia.losses.scale.LogitScale`, CLIP's 1/0.07), returned in every output; None (the
+            default): no scale, the losses divide by their fixed temperature.
+        max_logit_scale: the cap :meth:`clamp_logit_scale` holds the scale to (CLIP: 100).
     """
 
     def __init__(
@@ -207,6 +215,8 @@ class TriModalPretrainModel(nn.Module):
         audio_patch: Sequence[int] = (8, 4),
         video_tokens: VideoTokensKind | str = VideoTokensKind.GLOBAL,
         vt_head: VTHeadKind | str = VTHeadKind.MLP,
+        logit_scale: float | None = None,
+        max_logit_scale: float = 100.0,
     ) -> None:
         super().__init__()
         if width % heads:
@@ -257,6 +267,17 @@ class TriModalPretrainModel(nn.Module):
         )
         self.head_audio = nn.Linear(width, e)
         self.head_text = nn.Linear(width, e)
+        self.logit_scale = None if logit_scale is None else LogitScale(logit_scale, max_logit_scale)
+
+    def clamp_logit_scale(self) -> None:
+        """Hold the learnable logit scale within [1, max_logit_scale] (after every optimizer step); a no-op
+        without one."""
+        if self.logit_scale is not None:
+            self.logit_scale.clamp_()
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters an optimizer should not decay: the logit scale (as open_clip)."""
+        return {"logit_scale.log_scale"} if self.logit_scale is not None else set()
 
     def video_anchor(self, video: Tensor, pooled: bool = True) -> Tensor:
         """The anchor z_v: the pooled video backbone output [B, width] (``features["video"]``), or with
@@ -352,6 +373,7 @@ class TriModalPretrainModel(nn.Module):
             text=F.normalize(self.head_text(features["text"]), dim=-1),
             text_mask=word_mask.any(-1),
             features=features,
+            logit_scale=self.logit_scale() if self.logit_scale is not None else None,
         )
         if return_tokens:
             token_va = self.head_va(video)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from harmonia.app.build import build_optimizer, build_scheduler
+from harmonia.app.build import build_optimizer, build_scheduler, parameter_groups
 from harmonia.app.callbacks.base import Callback
 from harmonia.app.config import (
     ExperimentConfig,
@@ -152,7 +152,7 @@ class BaseTrainer:
                 forward_sync_buffers=False,  # batch statistics are global already (CrossRankBatchNorm)
                 find_unused_parameters=self.find_unused_parameters,
             )
-        self.optimizer = build_optimizer(cfg.optim, list(self.model.parameters()))
+        self.optimizer = build_optimizer(cfg.optim, parameter_groups(self.model))
         self.num_epochs = planned_epochs(cfg.train.epochs, cfg.train.max_steps, len(self.train_loader))
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.num_epochs)
         # only now that the config, data and model are known to be good, touch the run folder

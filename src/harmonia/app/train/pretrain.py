@@ -1,6 +1,8 @@
 """Tri-modal contrastive pre-training: the trainer of ``task: pretrain``.
 
-Each step minimizes VATT's ``w_va · NCE(video_va, audio) + w_vt · MIL-NCE(video_vt, captions)``. Every
+Each step minimizes VATT's ``w_va · NCE(video_va, audio) + w_vt · MIL-NCE(video_vt, captions)``, with a
+fixed temperature or the model's learnable logit scale (``pretrain.learnable_scale``: clamped after every
+optimizer step, logged as ``loss/logit_scale``, saved with the model). Every
 epoch logs zero-shot retrieval R@1/5/10 (video↔text, video↔audio) on validation and test; at the end a
 linear probe of the digit is fit on each frozen backbone's pooled features. Run folder, checkpoints, resume
 and logging come from :class:`~harmonia.app.train.base.BaseTrainer`.
@@ -54,6 +56,8 @@ class PretrainTrainer(BaseTrainer):
             va=p.va_loss,
             vt=p.vt_loss,
             finegrained=FineGrainedNCE(p.temperature, p.tau_att, p.pool_direction, p.chunk_size or None),
+            local_loss=p.local_loss,
+            gather_with_grad=p.gather_with_grad,
         )
         self.last_losses: VATTLossOutput | None = None
         self.harmonize: HarmonizeCallback | None = None
@@ -91,6 +95,10 @@ class PretrainTrainer(BaseTrainer):
             self._raise_non_finite(losses.loss, batch)
         self.backward(batch, losses, output)
         self._finish_step()
+        if self.model.logit_scale is not None:
+            self.model.clamp_logit_scale()
+            if self.global_step % self.cfg.train.log_every == 0:
+                self.step_metrics["loss/logit_scale"] = float(self.model.logit_scale().detach())
         self.last_losses = losses
         return output, float(losses.loss.detach())
 
@@ -99,8 +107,12 @@ class PretrainTrainer(BaseTrainer):
 
     def tally_step(self, tally: dict[str, float], batch: dict[str, Any], output: Any) -> None:
         assert self.last_losses is not None
+        local = int(batch["indices"].shape[0])
         for key, per_sample in self.last_losses.per_sample.items():
-            tally[f"loss_{key}"] += float(per_sample.detach().sum())
+            total = per_sample.detach().sum()
+            if per_sample.shape[0] != local:  # local_loss=false: the losses of the whole global batch
+                total = total * (local / per_sample.shape[0])
+            tally[f"loss_{key}"] += float(total)
 
     # ----------------------------------------------------------------------------------------------
     # evaluation
