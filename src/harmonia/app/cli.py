@@ -303,6 +303,13 @@ BENCHMARKS: dict[str, BenchSpec] = {
     "distributed": BenchSpec(
         "distributed", "run_distributed_benchmark", given=("nprocs", "epochs"), unless_set=("config",)
     ),
+    "data": BenchSpec(
+        "data",
+        "run_data_benchmark",
+        unless_set=("clips", "workers", "loader_workers", "clip_seconds", "clip_size", "rounds"),
+        own_config="measures the repository's CREMA-D, Kinetics-Sounds and shard configs; change them with "
+        "overrides",
+    ),
 }
 
 
@@ -459,6 +466,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=5,
         help="balance-speed, harmonize, finegrained: timing rounds after a warm-up",
     )
+    data = p.add_argument_group("data (harmonia bench data; docs/datasets.md, Throughput)")
+    data.add_argument("--clips", type=int, help="clips generated and prepared (default 48)")
+    data.add_argument("--workers", type=int, nargs="+", help="prep worker processes (default 1 2)")
+    data.add_argument(
+        "--loader-workers", type=int, nargs="+", help="DataLoader workers of the loaders (default 0 1 2)"
+    )
+    data.add_argument("--clip-seconds", type=float, help="length of the generated clips (default 10)")
+    data.add_argument("--clip-size", help="WIDTHxHEIGHT of the generated clips (default 640x360)")
+    data.add_argument("--rounds", type=int, help="interleaved prep/floor timing rounds (default 3)")
     p.add_argument("--out", default="bench-results", help="folder for runs and the report")
     p.add_argument(
         "--replot",

@@ -95,35 +95,54 @@ def clip_done(dst: Path, clip_id: str) -> bool:
     return (dst / "frames" / clip_id).is_dir() and (dst / "audio" / f"{clip_id}.npy").is_file()
 
 
-def prepare_clip(clip: RawClip, dst: Path, settings: PrepSettings) -> int:
-    """Decode and write one clip; returns its number of frames. Raises :class:`MediaError`."""
-    from PIL import Image
-
+def decode_clip(clip: RawClip, settings: PrepSettings) -> tuple[np.ndarray, np.ndarray]:
+    """The kept frames [T, H, W, 3] and the mono waveform at ``settings.sample_rate`` of one clip. Raises
+    :class:`MediaError`."""
     for kind, path in (("video", clip.video), ("audio", clip.audio)):
         if path is None or not Path(path).is_file():
             raise MediaError(f"missing {kind} file")
     assert clip.video is not None and clip.audio is not None
     frames = read_frames(clip.video, settings.fps, settings.max_frames)
-    spectrogram = tpami_spectrogram(
-        read_audio(clip.audio, settings.sample_rate), settings.sample_rate, settings.seconds
-    )
-    audio_dir, frames_dir = dst / "audio", dst / "frames"
+    return frames, read_audio(clip.audio, settings.sample_rate)
+
+
+def write_spectrogram(spectrogram: np.ndarray, dst: Path, clip_id: str) -> None:
+    """``audio/<clip_id>.npy``, written under a temporary name and renamed."""
+    audio_dir = dst / "audio"
     audio_dir.mkdir(parents=True, exist_ok=True)
-    frames_dir.mkdir(parents=True, exist_ok=True)
-    tmp_audio = audio_dir / f".{clip.id}.{os.getpid()}.npy"
+    tmp_audio = audio_dir / f".{clip_id}.{os.getpid()}.npy"
     np.save(tmp_audio, spectrogram)
-    os.replace(tmp_audio, audio_dir / f"{clip.id}.npy")
-    tmp_frames = frames_dir / f".{clip.id}.{os.getpid()}.tmp"
+    os.replace(tmp_audio, audio_dir / f"{clip_id}.npy")
+
+
+def write_frames(frames: np.ndarray, dst: Path, clip_id: str, frame_size: int) -> None:
+    """``frames/<clip_id>/000.jpg ...``: each frame resized so that its shorter side is ``frame_size``
+    (JPEG quality 90), written into a temporary folder renamed when complete (the clip's completion
+    marker)."""
+    from PIL import Image
+
+    frames_dir = dst / "frames"
+    frames_dir.mkdir(parents=True, exist_ok=True)
+    tmp_frames = frames_dir / f".{clip_id}.{os.getpid()}.tmp"
     shutil.rmtree(tmp_frames, ignore_errors=True)
     tmp_frames.mkdir()
     for k, frame in enumerate(frames):
         image = Image.fromarray(frame)
-        scale = settings.frame_size / min(image.size)
+        scale = frame_size / min(image.size)
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
         image.save(tmp_frames / f"{k:03d}.jpg", quality=90)
-    final = frames_dir / clip.id
+    final = frames_dir / clip_id
     shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp_frames, final)  # the completion marker: written last
+    os.replace(tmp_frames, final)
+
+
+def prepare_clip(clip: RawClip, dst: Path, settings: PrepSettings) -> int:
+    """Decode and write one clip (its spectrogram, then its frames folder: the completion marker, written
+    last); returns its number of frames. Raises :class:`MediaError`."""
+    frames, wave = decode_clip(clip, settings)
+    spectrogram = tpami_spectrogram(wave, settings.sample_rate, settings.seconds)
+    write_spectrogram(spectrogram, dst, clip.id)
+    write_frames(frames, dst, clip.id, settings.frame_size)
     return len(frames)
 
 
