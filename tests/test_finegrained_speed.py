@@ -159,6 +159,8 @@ def test_bench_finegrained_speed_runs_end_to_end(tmp_path: Path, capsys: pytest.
         "8",
         "--kernel-batch-sizes",
         "64",
+        "--kernel-chunk-sizes",
+        "8",
         "--repeats",
         "1",
         "--speed-steps",
@@ -173,14 +175,17 @@ def test_bench_finegrained_speed_runs_end_to_end(tmp_path: Path, capsys: pytest.
     out = tmp_path / "finegrained_speed"
     printed = capsys.readouterr().out
     assert (out / "finegrained_speed.md").read_text() in printed
-    assert "--kernel-batch-sizes 64" in printed and "| 8 | finegrained |" in printed
+    assert "--kernel-batch-sizes 64 --kernel-chunk-sizes 8" in printed and "| 8 | finegrained |" in printed
     summary = json.loads((out / "finegrained_speed.json").read_text())
     kernel = summary["kernel"]["batches"]["64"]
     assert kernel["block_mib"] == 4.0 and kernel["difference"]["grad"] < 1e-6
-    assert list(kernel["variants"]) == list(fs.KERNELS) and kernel["variants"]["einsum"]["ratio"] == 1.0
+    chunked = fs.chunk_variant(8)
+    assert list(kernel["variants"]) == [*fs.KERNELS, chunked] and kernel["variants"]["einsum"]["ratio"] == 1.0
+    peaks = {name: v["peak_mib"] for name, v in kernel["variants"].items()}
     for name in (fs.EINSUM, fs.CONTROL):
-        assert 4.0 <= kernel["variants"][name]["peak_mib"] <= 5.5, kernel
-    assert kernel["variants"][fs.FINE]["peak_mib"] > 4.6  # S and the pooling's intermediates
+        assert 4.0 <= peaks[name] <= 5.5, peaks
+    assert peaks[fs.FINE] > 4.6  # one chunk of all 64 rows: S and the pooling's intermediates
+    assert peaks[chunked] < peaks[fs.FINE] / 2  # chunks of 8 rows
     steps = summary["steps"]["batches"]["8"]
     assert list(steps) == ["coarse", "finegrained", "coarse (A/A)"]
     for name in ("coarse", "finegrained"):

@@ -304,7 +304,14 @@ BENCHMARKS: dict[str, BenchSpec] = {
         "finegrained_speed",
         "run_finegrained_speed_benchmark",
         given=("steps=speed_steps", "rounds=speed_rounds"),
-        unless_set=("variants", "batch_sizes", "kernel_batch_sizes", "repeats", "video_tokens"),
+        unless_set=(
+            "variants",
+            "batch_sizes",
+            "kernel_batch_sizes",
+            "kernel_chunk_sizes",
+            "repeats",
+            "video_tokens",
+        ),
         own_config=_OWN_RECIPE,
     ),
     "distributed": BenchSpec(
@@ -443,6 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         nargs="+",
         help="finegrained-speed: batch sizes of the loss kernel against the einsum (default 128 256)",
+    )
+    p.add_argument(
+        "--kernel-chunk-sizes",
+        type=int,
+        nargs="+",
+        help="finegrained-speed: also time the loss kernel with these rows per chunk (chunk_size)",
     )
     p.add_argument(
         "--repeats", type=int, help="finegrained-speed: timed calls of each loss kernel variant (default 30)"

@@ -67,9 +67,11 @@ def einsum_fwd_bwd(a: Tensor, b: Tensor, grad: Tensor) -> tuple[Tensor, ...]:
     return torch.autograd.grad(sim, (a, b), grad)
 
 
-def finegrained_loss(a: Tensor, b: Tensor) -> Tensor:
+def finegrained_loss(a: Tensor, b: Tensor, chunk_size: int | None = None) -> Tensor:
     """The loss the kernel benchmark times: :func:`finegrained_nce`, direction ``both``, one process."""
-    return finegrained_nce(a, b, temperature=TEMPERATURE, tau_att=TAU_ATT, direction="both", gather=False)
+    return finegrained_nce(
+        a, b, temperature=TEMPERATURE, tau_att=TAU_ATT, direction="both", gather=False, chunk_size=chunk_size
+    )
 
 
 def previous_loss(a: Tensor, b: Tensor) -> Tensor:
@@ -86,14 +88,22 @@ def _loss_fwd_bwd(loss: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor,
     return run
 
 
-def kernel_calls() -> dict[str, Callable[[Tensor, Tensor, Tensor], Any]]:
-    """Each variant's fwd+bwd on (a, b, ∂S), in :data:`KERNELS`' order."""
-    return {
+def kernel_calls(chunk_sizes: Sequence[int] = ()) -> dict[str, Callable[[Tensor, Tensor, Tensor], Any]]:
+    """Each variant's fwd+bwd on (a, b, ∂S), in :data:`KERNELS`' order, then the new loss with each of
+    ``chunk_sizes`` rows per chunk (``finegrained_nce, chunk R``; :data:`FINE` takes the default)."""
+    calls = {
         EINSUM: einsum_fwd_bwd,
         CONTROL: einsum_fwd_bwd,
         FINE: _loss_fwd_bwd(finegrained_loss),
         PREVIOUS: _loss_fwd_bwd(previous_loss),
     }
+    for rows in chunk_sizes:
+        calls[chunk_variant(rows)] = _loss_fwd_bwd(functools.partial(finegrained_loss, chunk_size=rows))
+    return calls
+
+
+def chunk_variant(rows: int) -> str:
+    return f"{FINE}, chunk {rows}"
 
 
 @contextlib.contextmanager
@@ -118,12 +128,13 @@ def measure_kernel(
     repeats: int = REPEATS,
     threads: int | None = None,
     progress: bool = True,
+    chunk_sizes: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Median time (s) of each kernel variant's fwd+bwd at ``batch`` and the median of its per-repeat
     ratios to the einsum's, the size of one [B, B, K, J] float32 block (MiB) and how far the new loss and
     its gradient are from the previous implementation's."""
     k, j, d = shape
-    calls = kernel_calls()
+    calls = kernel_calls(chunk_sizes)
     with torch_threads(threads):
         a, b, grad = kernel_inputs(batch, k, j, d)
         loss_new, loss_old = finegrained_loss(a, b), previous_loss(a, b)
@@ -237,11 +248,14 @@ def measure_memory(
     shape: tuple[int, int, int],
     threads: int | None,
     steps: Mapping[int, Mapping[str, Sequence[str]]],
+    chunk_sizes: Sequence[int] = (),
 ) -> dict[tuple[Any, ...], float]:
     """Peak memory (MiB) of each kernel variant's fwd+bwd, ``("kernel", batch, variant)``, and of one
     training step of each config (``steps``: batch → variant → overrides), ``("step", batch, variant)``;
     all in one fresh process (:func:`~harmonia.app.bench.common.peak_memory_mib`)."""
-    return peak_memory_mib(_prepare_memory, list(kernel_batch_sizes), shape, threads, steps)
+    return peak_memory_mib(
+        _prepare_memory, list(kernel_batch_sizes), shape, threads, steps, list(chunk_sizes)
+    )
 
 
 def _prepare_memory(
@@ -249,6 +263,7 @@ def _prepare_memory(
     shape: tuple[int, int, int],
     threads: int | None,
     steps: Mapping[int, Mapping[str, Sequence[str]]],
+    chunk_sizes: list[int],
 ) -> dict[tuple[Any, ...], Callable[[], Any]]:
     if threads is not None:
         torch.set_num_threads(threads)
@@ -256,7 +271,7 @@ def _prepare_memory(
     nothing = torch.empty(0)  # the losses make their own ∂S: the einsum's is not in their memory
     for batch in kernel_batch_sizes:
         a, b, grad = kernel_inputs(batch, *shape)
-        for name, call in kernel_calls().items():
+        for name, call in kernel_calls(chunk_sizes).items():
             given = grad if name in (EINSUM, CONTROL) else nothing
             runs["kernel", batch, name] = functools.partial(call, a, b, given)
     for batch, configs in steps.items():
@@ -280,10 +295,12 @@ def run_finegrained_speed_benchmark(
     rounds: int = 5,
     video_tokens: str = VIDEO_TOKENS,
     kernel_shape: tuple[int, int, int] = KERNEL_SHAPE,
+    kernel_chunk_sizes: Sequence[int] = (),
     progress: bool = True,
 ) -> dict[str, Any]:
-    """The loss kernel at ``kernel_batch_sizes`` and the step-time / memory curve of ``variants`` at
-    ``batch_sizes``; writes ``finegrained_speed.{json,md,png}`` into ``<out_dir>/finegrained_speed/``."""
+    """The loss kernel at ``kernel_batch_sizes`` (also with each of ``kernel_chunk_sizes`` rows per
+    chunk) and the step-time / memory curve of ``variants`` at ``batch_sizes``; writes
+    ``finegrained_speed.{json,md,png}`` into ``<out_dir>/finegrained_speed/``."""
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
@@ -291,9 +308,11 @@ def run_finegrained_speed_benchmark(
         raise ValueError("finegrained-speed needs variants, batch sizes and repeats, steps, rounds >= 1")
     threads = load_config(None, _overrides(variants[0], batch_sizes[0], overrides, video_tokens)).train
     configs = {b: {v: _overrides(v, b, overrides, video_tokens) for v in variants} for b in batch_sizes}
-    memory = measure_memory(kernel_batch_sizes, kernel_shape, threads.num_threads, configs)
+    memory = measure_memory(
+        kernel_batch_sizes, kernel_shape, threads.num_threads, configs, kernel_chunk_sizes
+    )
     kernel = {
-        str(b): measure_kernel(b, kernel_shape, repeats, threads.num_threads, progress=progress)
+        str(b): measure_kernel(b, kernel_shape, repeats, threads.num_threads, progress, kernel_chunk_sizes)
         for b in kernel_batch_sizes
     }
     timed = {
@@ -322,6 +341,7 @@ def run_finegrained_speed_benchmark(
         *unless_default("--variants", variants, STEP_VARIANTS),
         *unless_default("--batch-sizes", batch_sizes, BATCH_SIZES),
         *unless_default("--kernel-batch-sizes", kernel_batch_sizes, KERNEL_BATCH_SIZES),
+        *unless_default("--kernel-chunk-sizes", kernel_chunk_sizes, ()),
         *unless_default("--video-tokens", [video_tokens], [VIDEO_TOKENS]),
     )
     summary["command"] = command
