@@ -57,6 +57,7 @@ def test_kernel_losses_are_the_finegrained_loss_and_the_einsum_its_matmul() -> N
             db[1, 0], sum(grad[i, k, 1, 0] * a[i, k] for i in range(3) for k in range(4))
         )
     assert list(fs.kernel_calls()) == [fs.EINSUM, fs.CONTROL, fs.FINE, fs.PREVIOUS]
+    assert list(fs.kernel_calls([16], compiled=True)) == [*fs.KERNELS, fs.chunk_variant(16), fs.COMPILED]
 
 
 def test_paired_times_rotates_the_order_and_pairs_each_call_with_its_reference(

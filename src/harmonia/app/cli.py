@@ -309,6 +309,7 @@ BENCHMARKS: dict[str, BenchSpec] = {
             "batch_sizes",
             "kernel_batch_sizes",
             "kernel_chunk_sizes",
+            "kernel_compiled",
             "repeats",
             "video_tokens",
         ),
@@ -456,6 +457,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         nargs="+",
         help="finegrained-speed: also time the loss kernel with these rows per chunk (chunk_size)",
+    )
+    p.add_argument(
+        "--kernel-compiled",
+        action="store_true",
+        help="finegrained-speed: also time the loss kernel with its elementwise passes compiled "
+        "(FineGrainedNCE(compile=True); compiles first)",
     )
     p.add_argument(
         "--repeats", type=int, help="finegrained-speed: timed calls of each loss kernel variant (default 30)"

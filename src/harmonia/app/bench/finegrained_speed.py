@@ -46,6 +46,7 @@ REPEATS = 30
 TEMPERATURE, TAU_ATT = 0.07, 0.1
 EINSUM, CONTROL, FINE, PREVIOUS = "einsum", "einsum (A/A)", "finegrained_nce", "previous (autograd)"
 KERNELS = (EINSUM, CONTROL, FINE, PREVIOUS)
+COMPILED = f"{FINE} (compiled)"
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -67,10 +68,17 @@ def einsum_fwd_bwd(a: Tensor, b: Tensor, grad: Tensor) -> tuple[Tensor, ...]:
     return torch.autograd.grad(sim, (a, b), grad)
 
 
-def finegrained_loss(a: Tensor, b: Tensor, chunk_size: int | None = None) -> Tensor:
+def finegrained_loss(a: Tensor, b: Tensor, chunk_size: int | None = None, compile: bool = False) -> Tensor:
     """The loss the kernel benchmark times: :func:`finegrained_nce`, direction ``both``, one process."""
     return finegrained_nce(
-        a, b, temperature=TEMPERATURE, tau_att=TAU_ATT, direction="both", gather=False, chunk_size=chunk_size
+        a,
+        b,
+        temperature=TEMPERATURE,
+        tau_att=TAU_ATT,
+        direction="both",
+        gather=False,
+        chunk_size=chunk_size,
+        compile=compile,
     )
 
 
@@ -88,9 +96,12 @@ def _loss_fwd_bwd(loss: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor,
     return run
 
 
-def kernel_calls(chunk_sizes: Sequence[int] = ()) -> dict[str, Callable[[Tensor, Tensor, Tensor], Any]]:
+def kernel_calls(
+    chunk_sizes: Sequence[int] = (), compiled: bool = False
+) -> dict[str, Callable[[Tensor, Tensor, Tensor], Any]]:
     """Each variant's fwd+bwd on (a, b, ∂S), in :data:`KERNELS`' order, then the new loss with each of
-    ``chunk_sizes`` rows per chunk (``finegrained_nce, chunk R``; :data:`FINE` takes the default)."""
+    ``chunk_sizes`` rows per chunk (``finegrained_nce, chunk R``; :data:`FINE` takes the default) and,
+    when ``compiled``, with its elementwise passes compiled (:data:`COMPILED`)."""
     calls = {
         EINSUM: einsum_fwd_bwd,
         CONTROL: einsum_fwd_bwd,
@@ -99,6 +110,8 @@ def kernel_calls(chunk_sizes: Sequence[int] = ()) -> dict[str, Callable[[Tensor,
     }
     for rows in chunk_sizes:
         calls[chunk_variant(rows)] = _loss_fwd_bwd(functools.partial(finegrained_loss, chunk_size=rows))
+    if compiled:
+        calls[COMPILED] = _loss_fwd_bwd(functools.partial(finegrained_loss, compile=True))
     return calls
 
 
@@ -129,12 +142,13 @@ def measure_kernel(
     threads: int | None = None,
     progress: bool = True,
     chunk_sizes: Sequence[int] = (),
+    compiled: bool = False,
 ) -> dict[str, Any]:
     """Median time (s) of each kernel variant's fwd+bwd at ``batch`` and the median of its per-repeat
     ratios to the einsum's, the size of one [B, B, K, J] float32 block (MiB) and how far the new loss and
     its gradient are from the previous implementation's."""
     k, j, d = shape
-    calls = kernel_calls(chunk_sizes)
+    calls = kernel_calls(chunk_sizes, compiled)
     with torch_threads(threads):
         a, b, grad = kernel_inputs(batch, k, j, d)
         loss_new, loss_old = finegrained_loss(a, b), previous_loss(a, b)
@@ -249,12 +263,13 @@ def measure_memory(
     threads: int | None,
     steps: Mapping[int, Mapping[str, Sequence[str]]],
     chunk_sizes: Sequence[int] = (),
+    compiled: bool = False,
 ) -> dict[tuple[Any, ...], float]:
     """Peak memory (MiB) of each kernel variant's fwd+bwd, ``("kernel", batch, variant)``, and of one
     training step of each config (``steps``: batch → variant → overrides), ``("step", batch, variant)``;
     all in one fresh process (:func:`~harmonia.app.bench.common.peak_memory_mib`)."""
     return peak_memory_mib(
-        _prepare_memory, list(kernel_batch_sizes), shape, threads, steps, list(chunk_sizes)
+        _prepare_memory, list(kernel_batch_sizes), shape, threads, steps, list(chunk_sizes), compiled
     )
 
 
@@ -264,6 +279,7 @@ def _prepare_memory(
     threads: int | None,
     steps: Mapping[int, Mapping[str, Sequence[str]]],
     chunk_sizes: list[int],
+    compiled: bool,
 ) -> dict[tuple[Any, ...], Callable[[], Any]]:
     if threads is not None:
         torch.set_num_threads(threads)
@@ -271,7 +287,7 @@ def _prepare_memory(
     nothing = torch.empty(0)  # the losses make their own ∂S: the einsum's is not in their memory
     for batch in kernel_batch_sizes:
         a, b, grad = kernel_inputs(batch, *shape)
-        for name, call in kernel_calls(chunk_sizes).items():
+        for name, call in kernel_calls(chunk_sizes, compiled).items():
             given = grad if name in (EINSUM, CONTROL) else nothing
             runs["kernel", batch, name] = functools.partial(call, a, b, given)
     for batch, configs in steps.items():
@@ -296,11 +312,12 @@ def run_finegrained_speed_benchmark(
     video_tokens: str = VIDEO_TOKENS,
     kernel_shape: tuple[int, int, int] = KERNEL_SHAPE,
     kernel_chunk_sizes: Sequence[int] = (),
+    kernel_compiled: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """The loss kernel at ``kernel_batch_sizes`` (also with each of ``kernel_chunk_sizes`` rows per
-    chunk) and the step-time / memory curve of ``variants`` at ``batch_sizes``; writes
-    ``finegrained_speed.{json,md,png}`` into ``<out_dir>/finegrained_speed/``."""
+    chunk, and compiled when ``kernel_compiled``) and the step-time / memory curve of ``variants`` at
+    ``batch_sizes``; writes ``finegrained_speed.{json,md,png}`` into ``<out_dir>/finegrained_speed/``."""
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
@@ -309,10 +326,12 @@ def run_finegrained_speed_benchmark(
     threads = load_config(None, _overrides(variants[0], batch_sizes[0], overrides, video_tokens)).train
     configs = {b: {v: _overrides(v, b, overrides, video_tokens) for v in variants} for b in batch_sizes}
     memory = measure_memory(
-        kernel_batch_sizes, kernel_shape, threads.num_threads, configs, kernel_chunk_sizes
+        kernel_batch_sizes, kernel_shape, threads.num_threads, configs, kernel_chunk_sizes, kernel_compiled
     )
     kernel = {
-        str(b): measure_kernel(b, kernel_shape, repeats, threads.num_threads, progress, kernel_chunk_sizes)
+        str(b): measure_kernel(
+            b, kernel_shape, repeats, threads.num_threads, progress, kernel_chunk_sizes, kernel_compiled
+        )
         for b in kernel_batch_sizes
     }
     timed = {
@@ -342,6 +361,7 @@ def run_finegrained_speed_benchmark(
         *unless_default("--batch-sizes", batch_sizes, BATCH_SIZES),
         *unless_default("--kernel-batch-sizes", kernel_batch_sizes, KERNEL_BATCH_SIZES),
         *unless_default("--kernel-chunk-sizes", kernel_chunk_sizes, ()),
+        *(["--kernel-compiled"] if kernel_compiled else []),
         *unless_default("--video-tokens", [video_tokens], [VIDEO_TOKENS]),
     )
     summary["command"] = command

@@ -53,7 +53,13 @@ class PretrainTrainer(BaseTrainer):
             p.weight_vt,
             va=p.va_loss,
             vt=p.vt_loss,
-            finegrained=FineGrainedNCE(p.temperature, p.tau_att, p.pool_direction, p.chunk_size or None),
+            finegrained=FineGrainedNCE(
+                p.temperature,
+                p.tau_att,
+                p.pool_direction,
+                p.chunk_size or None,
+                compile=p.finegrained_compile,
+            ),
         )
         self.last_losses: VATTLossOutput | None = None
         self.harmonize: HarmonizeCallback | None = None
