@@ -6,7 +6,8 @@ Two measurements, no training runs:
   one process, no gather) on L2-normalized random tokens a [B, K, D], b [B, J, D] against the bare similarity
   einsum S = a·bᵀ [B, K, B, J] with its backward (∂a = ∂S·b, ∂b = ∂Sᵀ·a for a given ∂S): the matmuls any
   implementation needs. Also timed: the einsum a second time (an A/A control: the noise floor) and the
-  previous implementation, the same scores through autograd (``previous``). Interleaved call by call in
+  previous implementation, the same scores through autograd (``previous (autograd)``); on request, the
+  loss with given rows per chunk and with its elementwise passes compiled. Interleaved call by call in
   rotated order, medians over repeats of the time and of the per-repeat ratio to the einsum; peak memory of
   each variant's fwd+bwd (:func:`~harmonia.app.bench.common.peak_memory_mib`), next to the size of one
   [B, B, K, J] block of similarities.
