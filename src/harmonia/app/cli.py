@@ -300,6 +300,21 @@ BENCHMARKS: dict[str, BenchSpec] = {
         unless_set=("variants", "batch_sizes", "steps", "evaluations", "video_tokens"),
         own_config=_OWN_RECIPE,
     ),
+    "finegrained-speed": BenchSpec(
+        "finegrained_speed",
+        "run_finegrained_speed_benchmark",
+        given=("steps=speed_steps", "rounds=speed_rounds"),
+        unless_set=(
+            "variants",
+            "batch_sizes",
+            "kernel_batch_sizes",
+            "kernel_chunk_sizes",
+            "kernel_compiled",
+            "repeats",
+            "video_tokens",
+        ),
+        own_config=_OWN_RECIPE,
+    ),
     "distributed": BenchSpec(
         "distributed", "run_distributed_benchmark", given=("nprocs", "epochs"), unless_set=("config",)
     ),
@@ -429,9 +444,36 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         help="balance: fusion/method pairs instead of --methods, e.g. concat/none film/opm; "
         "harmonize: baseline realign ...; "
-        "finegrained: coarse finegrained finegrained-both finegrained-av",
+        "finegrained, finegrained-speed: coarse finegrained finegrained-both finegrained-av",
     )
-    p.add_argument("--batch-sizes", type=int, nargs="+", help="finegrained: batch sizes (default 16 32)")
+    p.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        help="finegrained: batch sizes (default 16 32); finegrained-speed: of the step curve "
+        "(default 16 32 64 128 256)",
+    )
+    p.add_argument(
+        "--kernel-batch-sizes",
+        type=int,
+        nargs="+",
+        help="finegrained-speed: batch sizes of the loss kernel against the einsum (default 128 256)",
+    )
+    p.add_argument(
+        "--kernel-chunk-sizes",
+        type=int,
+        nargs="+",
+        help="finegrained-speed: also time the loss kernel with these rows per chunk (chunk_size)",
+    )
+    p.add_argument(
+        "--kernel-compiled",
+        action="store_true",
+        help="finegrained-speed: also time the loss kernel with its elementwise passes compiled "
+        "(FineGrainedNCE(compile=True); compiles first)",
+    )
+    p.add_argument(
+        "--repeats", type=int, help="finegrained-speed: timed calls of each loss kernel variant (default 30)"
+    )
     p.add_argument(
         "--steps",
         type=int,
@@ -449,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--video-tokens",
         choices=["global", "time_local"],
-        help="finegrained: the video tokens of every run's encoder (default time_local)",
+        help="finegrained, finegrained-speed: the video tokens of every run's encoder (default time_local)",
     )
     p.add_argument(
         "--rates", type=float, nargs="+", help="pretrain: misalignment rates (default 0 0.1 0.3 0.5)"
@@ -458,13 +500,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--speed-steps",
         type=int,
         default=20,
-        help="balance-speed, harmonize, finegrained: batches timed per round",
+        help="balance-speed, harmonize, finegrained, finegrained-speed: batches timed per round",
     )
     p.add_argument(
         "--speed-rounds",
         type=int,
         default=5,
-        help="balance-speed, harmonize, finegrained: timing rounds after a warm-up",
+        help="balance-speed, harmonize, finegrained, finegrained-speed: timing rounds after a warm-up",
     )
     data = p.add_argument_group("data (harmonia bench data; docs/datasets.md, Throughput)")
     data.add_argument("--clips", type=int, help="clips generated and prepared (default 48)")

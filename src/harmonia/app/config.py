@@ -532,6 +532,11 @@ class PretrainConfig(Section):
     chunk_size: Int = param(
         0, help="finegrained: clips per chunk of the token-similarity tensor (0: a 64 MiB budget)", ge=0
     )
+    finegrained_compile: Bool = param(
+        False,
+        help="finegrained: torch.compile the elementwise passes of the loss's kernel (compiles on the "
+        "first batch of each shape; CPU needs a C++ compiler)",
+    )
     gate: Bool = param(
         True,
         help="measure the learnability gate on the validation split every epoch (tri-modal AV-Digits): "

@@ -38,6 +38,7 @@ from harmonia.losses.nce import (
     nce_from_scores,
     resolve_scale,
 )
+from harmonia.losses.pooled_compiled import CompiledChunk
 from harmonia.losses.pooled_scores import pooled_scores
 from harmonia.precision import in_float32
 
@@ -111,11 +112,13 @@ def token_scores(
     tau_att: float = 0.1,
     direction: PoolDirection | str = PoolDirection.BOTH,
     chunk_size: int | None = None,
+    compile: bool = False,
 ) -> Tensor:
     """Attention-pooled scores s(a_i, b_j) [N_a, N_b] of items ``a`` [N_a, K, D] and ``b`` [N_b, J, D].
 
     ``a_mask`` [N_a, K] and ``b_mask`` [N_b, J] are True on real tokens; padded tokens never change a score.
     ``chunk_size`` rows of a per chunk (default: as many as fit :data:`CHUNK_ELEMENTS` similarities).
+    ``compile``: the elementwise passes through ``torch.compile`` (:mod:`~harmonia.losses.pooled_compiled`).
     """
     direction = PoolDirection(direction)
     if a.dim() != 3 or b.dim() != 3 or a.shape[-1] != b.shape[-1]:
@@ -133,7 +136,8 @@ def token_scores(
         raise ValueError(f"token_scores: chunk_size must be >= 1, got {chunk_size}")
     over_a, over_b = direction is not PoolDirection.OVER_B, direction is not PoolDirection.OVER_A
     reference = functools.partial(_chunk_scores, tau_att=tau_att, direction=direction)
-    return pooled_scores(a, b, a_pad, b_pad, tau_att, over_a, over_b, chunk_size, reference)
+    chunk_type = CompiledChunk if compile else None
+    return pooled_scores(a, b, a_pad, b_pad, tau_att, over_a, over_b, chunk_size, reference, chunk_type)
 
 
 @in_float32
@@ -179,6 +183,7 @@ def finegrained_nce(
     chunk_size: int | None = None,
     gather: bool = True,
     logit_scale: Tensor | None = None,
+    compile: bool = False,
 ) -> Tensor:
     """Contrastive loss of token sets ``a`` [B, K, D] and ``b`` with s(a_i, b_j) of :func:`token_scores`
     in place of the cosine (negatives from every rank when ``gather``), divided by ``temperature`` τ
@@ -188,6 +193,8 @@ def finegrained_nce(
       ℓ_i = ½ [−log softmax_j(s(a_i, b_j)/τ)[i] − log softmax_j(s(a_j, b_i)/τ)[i]];
     * ``b`` [B, C, J, D] (C candidates per item, ``b_mask`` [B, C, J]; a candidate without real tokens is
       padding): MIL-NCE, the positives being item i's candidates (as :func:`~harmonia.losses.mil_nce`).
+
+    ``compile``: the scores' elementwise passes through ``torch.compile`` (:func:`token_scores`).
     """
     if a.dim() != 3 or not a.is_floating_point():
         raise ValueError(f"finegrained_nce: a must be float [B, K, D], got {a.dtype} {tuple(a.shape)}")
@@ -217,7 +224,7 @@ def finegrained_nce(
     b_mask_all = gather_with_grad(b_mask.float())[0].bool() if a_all is not a else b_mask
     candidates = b.shape[1] if bags else 1
     flat_b_all, flat_b_mask_all = b_all.reshape(-1, *b.shape[-2:]), b_mask_all.reshape(-1, b.shape[-2])
-    rows = token_scores(a, flat_b_all, a_mask, flat_b_mask_all, tau_att, direction, chunk_size)
+    rows = token_scores(a, flat_b_all, a_mask, flat_b_mask_all, tau_att, direction, chunk_size, compile)
     full = rows.view(a.shape[0], -1, candidates)
     if a_all is a:  # one process: s(a_j, b_i) is the same matrix read the other way
         cols = full.transpose(0, 1)
@@ -230,6 +237,7 @@ def finegrained_nce(
             tau_att,
             direction,
             chunk_size,
+            compile,
         )
         cols = local_b.view(a_all.shape[0], a.shape[0], candidates).transpose(0, 1)
     if bags:
@@ -260,6 +268,8 @@ class FineGrainedNCE(nn.Module):
         direction: ``both``, ``over_a`` or ``over_b`` (see :class:`PoolDirection`).
         chunk_size: rows per chunk of the [B, B, K, J] similarity (default: a 64 MiB budget).
         gather: take negatives from every data-parallel rank.
+        compile: run the elementwise passes of the scores through ``torch.compile``
+            (:mod:`~harmonia.losses.pooled_compiled`; the first batch of each shape compiles).
     """
 
     def __init__(
@@ -269,12 +279,13 @@ class FineGrainedNCE(nn.Module):
         direction: PoolDirection | str = PoolDirection.BOTH,
         chunk_size: int | None = None,
         gather: bool = True,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if tau <= 0 or tau_att <= 0 or not math.isfinite(tau * tau_att):
             raise ValueError(f"FineGrainedNCE: tau and tau_att must be positive, got {tau}, {tau_att}")
         self.tau, self.tau_att, self.direction = tau, tau_att, PoolDirection(direction)
-        self.chunk_size, self.gather = chunk_size, gather
+        self.chunk_size, self.gather, self.compiled = chunk_size, gather, compile
 
     def forward(
         self,
@@ -298,6 +309,7 @@ class FineGrainedNCE(nn.Module):
             chunk_size=self.chunk_size,
             gather=self.gather,
             logit_scale=logit_scale,
+            compile=self.compiled,
         )
         attention = None
         if return_attention:

@@ -73,26 +73,35 @@ class _Chunk:
         self.stable = float(high - low) <= MAX_EXP_RANGE * tau
         if not self.stable:
             return
-        e = self.sim.mul(1.0 / tau).sub_(float(high) / tau).exp_()
+        self.masks, self.high = (a_mask, b_mask), float(high)
+        self.pool(tau, over_a, over_b)
+        self.half = 0.5 if over_a and over_b else 1.0
+        self.scores = self.sim.new_zeros(ca, nb)
+        if over_a:  # softmax over K (dim 1) for each (i, n, j)
+            self.w = _weights(b_mask, j, self.sim)  # [Nb, J] or scalar
+            self.scores += self.half * (self.p * self.w).sum(-1)
+        if over_b:  # softmax over J (dim 3) for each (i, k, n)
+            v = _weights(a_mask, k, self.sim)  # [ca, K] or scalar
+            self.v = v[:, :, None] if isinstance(v, Tensor) else v
+            self.scores += self.half * (self.q * self.v).sum(1)
+
+    def pool(self, tau: float, over_a: bool, over_b: bool) -> None:
+        """``z_a`` = Σ_k E, ``p`` [ca, Nb, J] (over_a) and ``z_b`` = Σ_j E, ``q`` [ca, K, Nb] (over_b); E is
+        kept for :meth:`grad_sim`."""
+        a_mask, b_mask = self.masks
+        e = self.sim.mul(1.0 / tau).sub_(self.high / tau).exp_()
         if a_mask is not None:
             e.mul_(a_mask[:, :, None, None])
         if b_mask is not None:
             e.mul_(b_mask[None, None])
         self.exp = e
         es = e * self.sim
-        self.half = 0.5 if over_a and over_b else 1.0
-        self.scores = self.sim.new_zeros(ca, nb)
-        if over_a:  # softmax over K (dim 1) for each (i, n, j)
-            self.z_a = _nonzero(e.sum(1))  # [ca, Nb, J]
+        if over_a:
+            self.z_a = _nonzero(e.sum(1))
             self.p = es.sum(1).div_(self.z_a)
-            self.w = _weights(b_mask, j, e)  # [Nb, J] or scalar
-            self.scores += self.half * (self.p * self.w).sum(-1)
-        if over_b:  # softmax over J (dim 3) for each (i, k, n)
-            self.z_b = _nonzero(e.sum(3))  # [ca, K, Nb]
+        if over_b:
+            self.z_b = _nonzero(e.sum(3))
             self.q = es.sum(3).div_(self.z_b)
-            v = _weights(a_mask, k, e)  # [ca, K] or scalar
-            self.v = v[:, :, None] if isinstance(v, Tensor) else v
-            self.scores += self.half * (self.q * self.v).sum(1)
 
     def grad_sim(self, grad: Tensor, tau: float, over_a: bool, over_b: bool) -> Tensor:
         """∂L/∂S [ca, K, Nb, J] for the upstream gradient ``grad`` [ca, Nb] (module docstring)."""
@@ -106,7 +115,11 @@ class _Chunk:
             gb = grad[:, None, :] * (self.half * self.v) / self.z_b  # [ca, K, Nb]
             slope = slope + (gb / tau)[..., None]
             shift = shift + (gb * (1 - self.q / tau))[..., None]
-        return torch.addcmul(torch.as_tensor(shift), self.sim, torch.as_tensor(slope)).mul_(self.exp)
+        return self.combine(torch.as_tensor(shift), torch.as_tensor(slope), tau)
+
+    def combine(self, shift: Tensor, slope: Tensor, tau: float) -> Tensor:
+        """E ∘ (shift + S ∘ slope), the coefficients broadcast over [ca, K, Nb, J]."""
+        return torch.addcmul(shift, self.sim, slope).mul_(self.exp)
 
 
 class PooledScores(torch.autograd.Function):
@@ -124,14 +137,15 @@ class PooledScores(torch.autograd.Function):
         over_b: bool,
         chunk_size: int,
         reference: Reference,
+        chunk_type: type[_Chunk],
     ) -> Tensor:
         ctx.save_for_backward(a, b)
-        ctx.masks, ctx.settings = (a_mask, b_mask), (tau, over_a, over_b, chunk_size, reference)
+        ctx.masks, ctx.settings = (a_mask, b_mask), (tau, over_a, over_b, chunk_size, reference, chunk_type)
         parts = []
         for start in range(0, a.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             am = None if a_mask is None else a_mask[rows]
-            chunk = _Chunk(a[rows], b, am, b_mask, tau, over_a, over_b)
+            chunk = chunk_type(a[rows], b, am, b_mask, tau, over_a, over_b)
             parts.append(chunk.scores if chunk.stable else reference(a[rows], am, b, b_mask))
         return torch.cat(parts)
 
@@ -139,7 +153,7 @@ class PooledScores(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         a, b = ctx.saved_tensors
         a_mask, b_mask = ctx.masks
-        tau, over_a, over_b, chunk_size, reference = ctx.settings
+        tau, over_a, over_b, chunk_size, reference, chunk_type = ctx.settings
         grad_a = torch.empty_like(a) if ctx.needs_input_grad[0] else None
         grad_b = torch.zeros_like(b) if ctx.needs_input_grad[1] else None
         nb, j, d = b.shape
@@ -148,7 +162,7 @@ class PooledScores(torch.autograd.Function):
             am = None if a_mask is None else a_mask[rows]
             a_rows = a[rows]
             ca, k = a_rows.shape[:2]
-            chunk = _Chunk(a_rows, b, am, b_mask, tau, over_a, over_b)
+            chunk = chunk_type(a_rows, b, am, b_mask, tau, over_a, over_b)
             if not chunk.stable:
                 with torch.enable_grad():
                     leaf_a, leaf_b = a_rows.detach().requires_grad_(), b.detach().requires_grad_()
@@ -164,7 +178,7 @@ class PooledScores(torch.autograd.Function):
                 grad_a[rows] = (g @ b.reshape(nb * j, d)).view(ca, k, d)
             if grad_b is not None:
                 grad_b.add_((g.T @ a_rows.reshape(ca * k, d)).view(nb, j, d))
-        return grad_a, grad_b, None, None, None, None, None, None, None
+        return grad_a, grad_b, None, None, None, None, None, None, None, None
 
 
 def pooled_scores(
@@ -177,9 +191,12 @@ def pooled_scores(
     over_b: bool,
     chunk_size: int,
     reference: Reference,
+    chunk_type: type[_Chunk] | None = None,
 ) -> Tensor:
     """Attention-pooled scores [N_a, N_b] (module docstring). Masks are None when every token is real;
     padded tokens of ``a`` and ``b`` must be zero. ``reference(a, a_mask, b, b_mask)`` computes a chunk's
     scores through autograd with row-wise stable softmaxes, for chunks whose similarities span too wide a
-    range for one shared exponential."""
-    return PooledScores.apply(a, b, a_mask, b_mask, tau, over_a, over_b, chunk_size, reference)  # type: ignore[no-any-return]
+    range for one shared exponential. ``chunk_type``: how a chunk's elementwise passes run (default: eager;
+    :class:`~harmonia.losses.pooled_compiled.CompiledChunk` compiles them)."""
+    chunk_type = chunk_type or _Chunk
+    return PooledScores.apply(a, b, a_mask, b_mask, tau, over_a, over_b, chunk_size, reference, chunk_type)  # type: ignore[no-any-return]

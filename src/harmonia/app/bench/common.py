@@ -3,13 +3,14 @@ mean ± std formatting and curve plots."""
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -138,23 +139,37 @@ def paired_step_times(
     reference: Sequence[int] | None = None,
 ) -> list[dict[str, float]]:
     """Median step time of each trainer and median of its per-batch ratios to its reference trainer
-    (``trainers[reference[i]]``; ``trainers[0]`` for all when ``reference`` is not given).
+    (``trainers[reference[i]]``; ``trainers[0]`` for all when ``reference`` is not given):
+    :func:`paired_times` of the trainers' ``train_step``."""
+    return paired_times([t.train_step for t in trainers], batches, rounds, progress, reference)
 
-    For every batch each trainer takes one step, in an order rotated from batch to batch; each step time is
-    divided by the reference trainer's time on the same batch. The first of ``rounds + 1`` rounds is a
-    warm-up. Pairing at the step level cancels the slow drifts of a shared machine.
+
+def paired_times(
+    calls: Sequence[Callable[[Any], Any]],
+    inputs: Sequence[Any],
+    rounds: int,
+    progress: bool = True,
+    reference: Sequence[int] | None = None,
+    desc: str = "step timing",
+) -> list[dict[str, float]]:
+    """Median time of each call and median of its per-input ratios to its reference call
+    (``calls[reference[i]]``; ``calls[0]`` for all when ``reference`` is not given).
+
+    For every input each call runs once, in an order rotated from input to input; each time is divided by
+    the reference call's time on the same input. The first of ``rounds + 1`` rounds is a warm-up. Pairing
+    at the call level cancels the slow drifts of a shared machine.
     """
-    refs = list(reference) if reference is not None else [0] * len(trainers)
-    n = len(trainers)
+    refs = list(reference) if reference is not None else [0] * len(calls)
+    n = len(calls)
     seconds: list[list[float]] = [[] for _ in range(n)]
     ratios: list[list[float]] = [[] for _ in range(n)]
-    for r in tqdm(range(rounds + 1), desc="step timing", disable=not progress, unit="round"):
-        for j, batch in enumerate(batches):
-            shift = (r * len(batches) + j) % n
+    for r in tqdm(range(rounds + 1), desc=desc, disable=not progress, unit="round"):
+        for j, item in enumerate(inputs):
+            shift = (r * len(inputs) + j) % n
             elapsed = [0.0] * n
             for i in [*range(shift, n), *range(shift)]:
                 start = time.perf_counter()
-                trainers[i].train_step(batch)
+                calls[i](item)
                 elapsed[i] = time.perf_counter() - start
             if r == 0:
                 continue
@@ -166,16 +181,18 @@ def paired_step_times(
     ]
 
 
-def step_memory_mib(overrides: Sequence[str]) -> float:
-    """Peak memory of one training step (MiB): how far the resident set of a fresh process grows above
-    its size before the step (Linux; glibc is told to return every freed block of >= 64 KiB to the
-    system, so that the resident set follows the live tensors)."""
+def peak_memory_mib(prepare: Callable[..., Mapping[Any, Callable[[], Any]]], *args: Any) -> dict[Any, float]:
+    """Peak memory of each of several calls (MiB), in one fresh process: ``runs = prepare(*args)`` (name →
+    call); for each call in turn, one run (one-time allocations), then how far the resident set grows above
+    its size before during a second run (Linux; glibc is told to return every freed block of >= 64 KiB to
+    the system, so that the resident set follows the live tensors). ``prepare`` and ``args`` must be
+    picklable (a module-level function)."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     try:
-        process = context.Process(target=_memory_worker, args=(list(overrides), queue))
+        process = context.Process(target=_memory_worker, args=(prepare, args, queue))
         process.start()
     finally:
         if previous is None:
@@ -184,7 +201,31 @@ def step_memory_mib(overrides: Sequence[str]) -> float:
             os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
     result = queue.get(timeout=600)
     process.join()
-    return float(result)
+    if isinstance(result, str):
+        raise RuntimeError(f"the memory measurement {prepare.__name__}{args} failed:\n{result}")
+    return dict(result)
+
+
+def step_memory_mib(overrides: Sequence[str]) -> float:
+    """Peak memory of one training step of the config ``overrides`` (MiB; :func:`peak_memory_mib`)."""
+    return peak_memory_mib(prepare_steps, {"step": list(overrides)})["step"]
+
+
+def prepare_steps(configs: Mapping[str, list[str]]) -> dict[str, Callable[[], Any]]:
+    """For :func:`peak_memory_mib`: one training step on a fixed batch for each config (name → overrides),
+    every trainer built first."""
+    tmp = tempfile.TemporaryDirectory()  # kept alive by the closures, removed when the process exits
+    runs: dict[str, Callable[[], Any]] = {}
+    for i, (name, overrides) in enumerate(configs.items()):
+        cfg = load_config(None, [*overrides, f"out_dir={tmp.name}", f"name=memory{i}"])
+        trainer = build_trainer(cfg, progress=False)
+        batch = next(iter(trainer.train_loader))
+        runs[name] = functools.partial(_step, tmp, trainer, batch)
+    return runs
+
+
+def _step(_tmp: Any, trainer: Any, batch: dict[str, Any]) -> None:
+    trainer.train_step(batch)
 
 
 def _status_kib(key: str) -> int:
@@ -195,16 +236,23 @@ def _status_kib(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def _memory_worker(overrides: list[str], queue: Any) -> None:
+def _memory_worker(
+    prepare: Callable[..., Mapping[Any, Callable[[], Any]]], args: tuple[Any, ...], queue: Any
+) -> None:
     import gc
+    import traceback
 
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = build_trainer(load_config(None, [*overrides, f"out_dir={tmp}"]), progress=False)
-        batch = next(iter(trainer.train_loader))
-        trainer.train_step(batch)  # optimizer state and one-time allocations
-        gc.collect()
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")  # reset the peak resident set (VmHWM) to the current one
-        before = _status_kib("VmRSS")
-        trainer.train_step(batch)
-        queue.put((_status_kib("VmHWM") - before) / 1024)
+    try:
+        peaks = {}
+        for name, run in prepare(*args).items():
+            run()  # optimizer state and one-time allocations
+            gc.collect()
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")  # reset the peak resident set (VmHWM) to the current one
+            before = _status_kib("VmRSS")
+            run()
+            peaks[name] = (_status_kib("VmHWM") - before) / 1024
+        queue.put(peaks)
+    except BaseException:
+        queue.put(traceback.format_exc())
+        raise

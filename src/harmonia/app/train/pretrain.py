@@ -55,7 +55,13 @@ class PretrainTrainer(BaseTrainer):
             p.weight_vt,
             va=p.va_loss,
             vt=p.vt_loss,
-            finegrained=FineGrainedNCE(p.temperature, p.tau_att, p.pool_direction, p.chunk_size or None),
+            finegrained=FineGrainedNCE(
+                p.temperature,
+                p.tau_att,
+                p.pool_direction,
+                p.chunk_size or None,
+                compile=p.finegrained_compile,
+            ),
             local_loss=p.local_loss,
             gather_with_grad=p.gather_with_grad,
         )
