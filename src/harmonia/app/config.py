@@ -530,7 +530,7 @@ class PretrainConfig(Section):
         "the words) or both (mean of the two scores)",
     )
     chunk_size: Int = param(
-        0, help="finegrained: clips per chunk of the token-similarity tensor (0: a 64 MiB budget)", ge=0
+        0, help="finegrained: clips per chunk of the token-similarity tensor (0: a 4 MiB budget)", ge=0
     )
     finegrained_compile: Bool = param(
         False,

@@ -42,8 +42,10 @@ from harmonia.losses.pooled_compiled import CompiledChunk
 from harmonia.losses.pooled_scores import pooled_scores
 from harmonia.precision import in_float32
 
-#: with ``chunk_size=None``, chunks hold at most this many token similarities (64 MiB in float32)
-CHUNK_ELEMENTS = 2**24
+#: with ``chunk_size=None``, chunks hold at most this many token similarities (4 MiB in float32): a chunk's
+#: few temporaries stay in cache-sized blocks, which is faster on CPU than one big chunk and keeps the
+#: loss's memory small next to the encoder's (``harmonia bench finegrained-speed``)
+CHUNK_ELEMENTS = 2**20
 
 
 class PoolDirection(str, enum.Enum):
@@ -266,7 +268,7 @@ class FineGrainedNCE(nn.Module):
         tau_att: temperature τ_att of the attention over tokens; small values attend to the best-matching
             tokens only, large ones approach mean pooling of the token similarities.
         direction: ``both``, ``over_a`` or ``over_b`` (see :class:`PoolDirection`).
-        chunk_size: rows per chunk of the [B, B, K, J] similarity (default: a 64 MiB budget).
+        chunk_size: rows per chunk of the [B, B, K, J] similarity (default: a 4 MiB budget).
         gather: take negatives from every data-parallel rank.
         compile: run the elementwise passes of the scores through ``torch.compile``
             (:mod:`~harmonia.losses.pooled_compiled`; the first batch of each shape compiles).

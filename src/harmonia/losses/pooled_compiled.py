@@ -1,11 +1,11 @@
 """An opt-in ``torch.compile`` of the elementwise passes of the fine-grained loss's kernel.
 
 Eager, a chunk of :mod:`harmonia.losses.pooled_scores` materializes the shared exponential
-E = m^a m^b exp((S − c)/τ) and E∘S before reducing them, and its backward multiplies the coefficients
+E = m^a m^b exp(T − c) and E∘T before reducing them, and its backward multiplies the coefficients
 into the stored E: several passes over [ca, K, Nb, J] tensors. Compiled (TorchInductor), the pooled
-statistics Σ_k E, Σ_k E S, Σ_j E, Σ_j E S come out of fused loops that recompute the exponential instead
-of storing it, and ∂L/∂S = E ∘ (shift + S ∘ slope) is one loop: a chunk reads S a few times and writes ∂S
-once. The matmuls (S, ∂S·b, ∂Sᵀ·a) stay as they are. Same formulas as eager, equal up to rounding (tested
+statistics Σ_k E, Σ_k E T, Σ_j E, Σ_j E T come out of fused loops that recompute the exponential instead
+of storing it, and ∂L/∂S = E ∘ Σ (shift + T ∘ slope) is one loop: a chunk reads S a few times and writes ∂S
+once. The matmuls (T, ∂S·b, ∂Sᵀ·a) stay as they are. Same formulas as eager, equal up to rounding (tested
 in float64). The first call for each set of shapes compiles, which takes seconds to a minute on a CPU and
 needs a C++ compiler there.
 """
@@ -22,8 +22,8 @@ from torch import Tensor
 from harmonia.losses.pooled_scores import _Chunk
 
 
-def _exp(sim: Tensor, high: Tensor, a_mask: Tensor | None, b_mask: Tensor | None, tau: float) -> Tensor:
-    e = torch.exp(sim * (1.0 / tau) - high / tau)
+def _exp(shifted: Tensor, a_mask: Tensor | None, b_mask: Tensor | None) -> Tensor:
+    e = torch.exp(shifted)
     if a_mask is not None:
         e = e * a_mask[:, :, None, None]
     if b_mask is not None:
@@ -32,37 +32,30 @@ def _exp(sim: Tensor, high: Tensor, a_mask: Tensor | None, b_mask: Tensor | None
 
 
 def _pool(
-    sim: Tensor,
-    high: Tensor,
-    a_mask: Tensor | None,
-    b_mask: Tensor | None,
-    tau: float,
-    over_a: bool,
-    over_b: bool,
+    t: Tensor, high: Tensor, a_mask: Tensor | None, b_mask: Tensor | None, over_a: bool, over_b: bool
 ) -> tuple[Tensor | None, ...]:
-    e = _exp(sim, high, a_mask, b_mask, tau)
+    e = _exp(t - high, a_mask, b_mask)
     z_a = p = z_b = q = None
     if over_a:
         total = e.sum(1)
         z_a = torch.where(total == 0, 1.0, total)  # rows of padding only: α = 0, not 0/0
-        p = (e * sim).sum(1) / z_a
+        p = (e * t).sum(1) / z_a
     if over_b:
         total = e.sum(3)
         z_b = torch.where(total == 0, 1.0, total)
-        q = (e * sim).sum(3) / z_b
+        q = (e * t).sum(3) / z_b
     return z_a, p, z_b, q
 
 
 def _combine(
-    sim: Tensor,
+    t: Tensor,
     high: Tensor,
     a_mask: Tensor | None,
     b_mask: Tensor | None,
-    tau: float,
-    shift: Tensor,
-    slope: Tensor,
+    coefficients: list[tuple[Tensor, Tensor]],
 ) -> Tensor:
-    return _exp(sim, high, a_mask, b_mask, tau) * (shift + sim * slope)
+    total = sum(shift + t * slope for shift, slope in coefficients)
+    return _exp(t - high, a_mask, b_mask) * total
 
 
 @functools.cache
@@ -74,13 +67,12 @@ class CompiledChunk(_Chunk):
     """A chunk of :class:`~harmonia.losses.pooled_scores.PooledScores` whose elementwise passes are
     compiled; E is recomputed where it is needed, never stored."""
 
-    def pool(self, tau: float, over_a: bool, over_b: bool) -> None:
-        self.high_t = self.sim.new_tensor(self.high)  # a tensor: a new maximum is no new compilation
-        z_a, p, z_b, q = _compiled(_pool)(self.sim, self.high_t, *self.masks, tau, over_a, over_b)
-        if over_a:
-            self.z_a, self.p = z_a, p
-        if over_b:
-            self.z_b, self.q = z_b, q
+    def pool(self) -> None:
+        high = self.t.new_tensor(self.high)  # a tensor: a new maximum is no new compilation
+        self.z_a, self.p, self.z_b, self.q = _compiled(_pool)(
+            self.t, high, *self.masks, self.over_a, self.over_b
+        )
 
-    def combine(self, shift: Tensor, slope: Tensor, tau: float) -> Tensor:
-        return _compiled(_combine)(self.sim, self.high_t, *self.masks, tau, shift, slope)  # type: ignore[no-any-return]
+    def combine(self, coefficients: list[tuple[Tensor, Tensor]]) -> Tensor:
+        high = self.t.new_tensor(self.high)
+        return _compiled(_combine)(self.t, high, *self.masks, coefficients)  # type: ignore[no-any-return]

@@ -7,17 +7,18 @@ pair (i, n) are pooled into one score (Wang & Karout, BMVC 2021):
     over_b:  β_kj = softmax_j(S_kj / τ),   s_b = Σ_k v_k q_k,   q_k = Σ_j β_kj S_kj,   v_k = m^a_k / Σ_k m^a_k
     both:    s = ½ (s_a + s_b)
 
-(m the real-token masks). Both softmaxes share one exponential E_kj = m^a_k m^b_j exp((S_kj − c)/τ), with c
-the chunk's largest similarity: α_kj = E_kj / Σ_k E_kj and β_kj = E_kj / Σ_j E_kj. The derivative is the
-softmax's Jacobian applied to S plus the direct term,
+(m the real-token masks). The kernel works with T = S/τ (the matmul of a/τ and b) and one exponential shared
+by both softmaxes, E_kj = m^a_k m^b_j exp(T_kj − c), c the chunk's largest T: α_kj = E_kj / Σ_k E_kj and
+β_kj = E_kj / Σ_j E_kj. The derivative is the softmax's Jacobian applied to S plus the direct term,
 
-    ∂s_a/∂S_kj = w_j α_kj (1 + (S_kj − p_j)/τ),        ∂s_b/∂S_kj = v_k β_kj (1 + (S_kj − q_k)/τ),
+    ∂s_a/∂S_kj = w_j α_kj (1 + T_kj − p_j/τ),        ∂s_b/∂S_kj = v_k β_kj (1 + T_kj − q_k/τ),
 
-so with upstream gradient g, ∂L/∂S_kj = E_kj · (A_j + B_k + S_kj (C_j + D_k)) where
-A_j = g w_j (1 − p_j/τ) / Σ_k E_kj, C_j = g w_j / (τ Σ_k E_kj), and B_k, D_k the same with v_k, q_k, Σ_j E_kj.
-A chunk's backward is one recomputation of S, a few fused elementwise passes and the two matmuls
-∂a = ∂S·b, ∂b = ∂Sᵀ·a that any implementation needs; nothing of size [N_a, N_b, K, J] is kept between
-forward and backward, so memory is that of one chunk. S is laid out [ca, K, N_b, J], as the matmul gives it.
+so with upstream gradient g, ∂L/∂S_kj = E_kj · (A_j + B_k + T_kj (C_j + D_k)) where C_j = g w_j / Σ_k E_kj,
+A_j = C_j (1 − p_j/τ), and D_k, B_k the same with v_k, q_k, Σ_j E_kj. The forward keeps only these pooled
+statistics (sizes [N_a, N_b, J] and [N_a, K, N_b]); a chunk's backward recomputes T (one matmul) and E, makes
+∂S in four elementwise passes and runs the two matmuls ∂a = ∂S·b, ∂b = ∂Sᵀ·a that any implementation
+needs. Nothing of size [N_a, N_b, K, J] is kept between forward and backward: memory is that of one chunk.
+T is laid out [ca, K, N_b, J], as the matmul gives it.
 
 A row whose tokens are all padding has α (or β) = 0 here where the masked softmax of the reference gives a
 uniform row; its tokens are zero, so p (or q) is 0 either way, and the entries of ∂S at padded tokens meet
@@ -53,7 +54,12 @@ def _nonzero(z: Tensor) -> Tensor:
 
 
 class _Chunk:
-    """S, E and the pooled quantities of one chunk of a's rows ([ca, K, Nb, J] layout)."""
+    """T = S/τ of one chunk of a's rows ([ca, K, Nb, J] layout) and its pooled statistics.
+
+    Built without ``saved`` (the forward): T, its range, and the statistics ``z_a`` = Σ_k E, ``p`` (in units
+    of 1/τ: Σ_k E T / z_a) [ca, Nb, J] and ``z_b``, ``q`` [ca, K, Nb] of the directions pooled, and the
+    scores. Built with the forward's :meth:`saved` statistics (the backward): T only.
+    """
 
     def __init__(
         self,
@@ -64,62 +70,76 @@ class _Chunk:
         tau: float,
         over_a: bool,
         over_b: bool,
+        saved: tuple[Any, ...] | None = None,
     ) -> None:
         ca, k, d = a.shape
         nb, j, _ = b.shape
-        self.shape = (ca, k, nb, j)
-        self.sim = (a.reshape(ca * k, d) @ b.reshape(nb * j, d).T).view(ca, k, nb, j)
-        low, high = torch.aminmax(self.sim)
-        self.stable = float(high - low) <= MAX_EXP_RANGE * tau
+        self.masks, self.over_a, self.over_b = (a_mask, b_mask), over_a, over_b
+        self.half = 0.5 if over_a and over_b else 1.0
+        self.t = ((a * (1.0 / tau)).reshape(ca * k, d) @ b.reshape(nb * j, d).T).view(ca, k, nb, j)
+        self.w = _weights(b_mask, j, self.t)  # [Nb, J] or a scalar
+        v = _weights(a_mask, k, self.t)  # [ca, K] or a scalar
+        self.v = v[:, :, None] if isinstance(v, Tensor) else v
+        if saved is not None:
+            self.stable, self.high, self.z_a, self.p, self.z_b, self.q = saved
+            return
+        self.z_a = self.p = self.z_b = self.q = None
+        low, high = torch.aminmax(self.t)
+        self.stable, self.high = float(high - low) <= MAX_EXP_RANGE, float(high)
         if not self.stable:
             return
-        self.masks, self.high = (a_mask, b_mask), float(high)
-        self.pool(tau, over_a, over_b)
-        self.half = 0.5 if over_a and over_b else 1.0
-        self.scores = self.sim.new_zeros(ca, nb)
-        if over_a:  # softmax over K (dim 1) for each (i, n, j)
-            self.w = _weights(b_mask, j, self.sim)  # [Nb, J] or scalar
-            self.scores += self.half * (self.p * self.w).sum(-1)
-        if over_b:  # softmax over J (dim 3) for each (i, k, n)
-            v = _weights(a_mask, k, self.sim)  # [ca, K] or scalar
-            self.v = v[:, :, None] if isinstance(v, Tensor) else v
-            self.scores += self.half * (self.q * self.v).sum(1)
+        self.pool()
+        self.scores = self.t.new_zeros(ca, nb)
+        if over_a:
+            self.scores += (self.half * tau) * (self.p * self.w).sum(-1)
+        if over_b:
+            self.scores += (self.half * tau) * (self.q * self.v).sum(1)
 
-    def pool(self, tau: float, over_a: bool, over_b: bool) -> None:
-        """``z_a`` = Σ_k E, ``p`` [ca, Nb, J] (over_a) and ``z_b`` = Σ_j E, ``q`` [ca, K, Nb] (over_b); E is
-        kept for :meth:`grad_sim`."""
+    def saved(self) -> tuple[Any, ...]:
+        return self.stable, self.high, self.z_a, self.p, self.z_b, self.q
+
+    def pool(self) -> None:
+        """Set ``z_a``, ``p`` (over_a: softmax over K, dim 1) and ``z_b``, ``q`` (over_b: over J, dim 3)."""
+        e = self.exp(self.t.sub(self.high))
+        et = e * self.t
+        if self.over_a:
+            self.z_a = _nonzero(e.sum(1))
+            self.p = et.sum(1).div_(self.z_a)
+        if self.over_b:
+            ones = e.new_ones(e.shape[3])
+            self.z_b = _nonzero(
+                e @ ones
+            )  # the sums over J, the short inner dim, as one matrix-vector product
+            self.q = (et @ ones).div_(self.z_b)
+
+    def exp(self, shifted: Tensor) -> Tensor:
+        """E = m^a m^b exp(T − c), computed in place in ``shifted`` = T − c."""
+        e = shifted.exp_()
         a_mask, b_mask = self.masks
-        e = self.sim.mul(1.0 / tau).sub_(self.high / tau).exp_()
         if a_mask is not None:
             e.mul_(a_mask[:, :, None, None])
         if b_mask is not None:
             e.mul_(b_mask[None, None])
-        self.exp = e
-        es = e * self.sim
-        if over_a:
-            self.z_a = _nonzero(e.sum(1))
-            self.p = es.sum(1).div_(self.z_a)
-        if over_b:
-            self.z_b = _nonzero(e.sum(3))
-            self.q = es.sum(3).div_(self.z_b)
+        return e
 
-    def grad_sim(self, grad: Tensor, tau: float, over_a: bool, over_b: bool) -> Tensor:
+    def grad_sim(self, grad: Tensor) -> Tensor:
         """∂L/∂S [ca, K, Nb, J] for the upstream gradient ``grad`` [ca, Nb] (module docstring)."""
-        shift: Tensor | float = 0.0
-        slope: Tensor | float = 0.0
-        if over_a:
-            ga = grad[:, :, None] * (self.half * self.w) / self.z_a  # g w_j / Σ_k E: [ca, Nb, J]
-            slope = (ga / tau)[:, None]
-            shift = (ga * (1 - self.p / tau))[:, None]
-        if over_b:
-            gb = grad[:, None, :] * (self.half * self.v) / self.z_b  # [ca, K, Nb]
-            slope = slope + (gb / tau)[..., None]
-            shift = shift + (gb * (1 - self.q / tau))[..., None]
-        return self.combine(torch.as_tensor(shift), torch.as_tensor(slope), tau)
+        coefficients: list[tuple[Tensor, Tensor]] = []  # (A + T C) broadcast over K, (B + T D) over J
+        if self.over_a:
+            c = grad[:, :, None] * (self.half * self.w) / self.z_a  # [ca, Nb, J]
+            coefficients.append(((c * (1 - self.p))[:, None], c[:, None]))
+        if self.over_b:
+            d = grad[:, None, :] * (self.half * self.v) / self.z_b  # [ca, K, Nb]
+            coefficients.append(((d * (1 - self.q))[..., None], d[..., None]))
+        return self.combine(coefficients)
 
-    def combine(self, shift: Tensor, slope: Tensor, tau: float) -> Tensor:
-        """E ∘ (shift + S ∘ slope), the coefficients broadcast over [ca, K, Nb, J]."""
-        return torch.addcmul(shift, self.sim, slope).mul_(self.exp)
+    def combine(self, coefficients: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """E ∘ Σ (shift + T ∘ slope) over the (shift, slope) pairs, each broadcast over [ca, K, Nb, J]."""
+        (shift, slope), *rest = coefficients
+        out = torch.addcmul(shift, self.t, slope)
+        for shift, slope in rest:
+            out.addcmul_(self.t, slope).add_(shift)
+        return out.mul_(self.exp(self.t.sub_(self.high)))  # T is not needed after this: E takes its memory
 
 
 class PooledScores(torch.autograd.Function):
@@ -141,12 +161,13 @@ class PooledScores(torch.autograd.Function):
     ) -> Tensor:
         ctx.save_for_backward(a, b)
         ctx.masks, ctx.settings = (a_mask, b_mask), (tau, over_a, over_b, chunk_size, reference, chunk_type)
-        parts = []
+        parts, ctx.chunks = [], []
         for start in range(0, a.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             am = None if a_mask is None else a_mask[rows]
             chunk = chunk_type(a[rows], b, am, b_mask, tau, over_a, over_b)
             parts.append(chunk.scores if chunk.stable else reference(a[rows], am, b, b_mask))
+            ctx.chunks.append(chunk.saved())
         return torch.cat(parts)
 
     @staticmethod
@@ -157,13 +178,13 @@ class PooledScores(torch.autograd.Function):
         grad_a = torch.empty_like(a) if ctx.needs_input_grad[0] else None
         grad_b = torch.zeros_like(b) if ctx.needs_input_grad[1] else None
         nb, j, d = b.shape
-        for start in range(0, a.shape[0], chunk_size):
+        for index, start in enumerate(range(0, a.shape[0], chunk_size)):
             rows = slice(start, start + chunk_size)
             am = None if a_mask is None else a_mask[rows]
             a_rows = a[rows]
             ca, k = a_rows.shape[:2]
-            chunk = chunk_type(a_rows, b, am, b_mask, tau, over_a, over_b)
-            if not chunk.stable:
+            saved = ctx.chunks[index]
+            if not saved[0]:  # not stable: through autograd of the reference
                 with torch.enable_grad():
                     leaf_a, leaf_b = a_rows.detach().requires_grad_(), b.detach().requires_grad_()
                     scores = reference(leaf_a, am, leaf_b, b_mask)
@@ -173,7 +194,8 @@ class PooledScores(torch.autograd.Function):
                 if grad_b is not None:
                     grad_b += db
                 continue
-            g = chunk.grad_sim(grad[rows], tau, over_a, over_b).view(ca * k, nb * j)
+            chunk = chunk_type(a_rows, b, am, b_mask, tau, over_a, over_b, saved)
+            g = chunk.grad_sim(grad[rows]).view(ca * k, nb * j)
             if grad_a is not None:
                 grad_a[rows] = (g @ b.reshape(nb * j, d)).view(ca, k, d)
             if grad_b is not None:
