@@ -303,6 +303,13 @@ BENCHMARKS: dict[str, BenchSpec] = {
     "distributed": BenchSpec(
         "distributed", "run_distributed_benchmark", given=("nprocs", "epochs"), unless_set=("config",)
     ),
+    "compile": BenchSpec(
+        "compile",
+        "run_compile_benchmark",
+        given=("steps=speed_steps", "rounds=speed_rounds"),
+        unless_set=("tasks",),
+        own_config=_OWN_RECIPE,
+    ),
 }
 
 
@@ -448,16 +455,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--rates", type=float, nargs="+", help="pretrain: misalignment rates (default 0 0.1 0.3 0.5)"
     )
     p.add_argument(
+        "--tasks", nargs="+", choices=["classify", "pretrain"], help="compile: tasks (default both)"
+    )
+    p.add_argument(
         "--speed-steps",
         type=int,
         default=20,
-        help="balance-speed, harmonize, finegrained: batches timed per round",
+        help="balance-speed, harmonize, finegrained, compile: batches timed per round",
     )
     p.add_argument(
         "--speed-rounds",
         type=int,
         default=5,
-        help="balance-speed, harmonize, finegrained: timing rounds after a warm-up",
+        help="balance-speed, harmonize, finegrained, compile: timing rounds after a warm-up",
     )
     p.add_argument("--out", default="bench-results", help="folder for runs and the report")
     p.add_argument(
