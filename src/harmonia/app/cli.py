@@ -325,6 +325,13 @@ BENCHMARKS: dict[str, BenchSpec] = {
         own_config="measures the repository's CREMA-D, Kinetics-Sounds and shard configs; change them with "
         "overrides",
     ),
+    "compile": BenchSpec(
+        "compile",
+        "run_compile_benchmark",
+        given=("steps=speed_steps", "rounds=speed_rounds"),
+        unless_set=("tasks",),
+        own_config=_OWN_RECIPE,
+    ),
 }
 
 
@@ -497,16 +504,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--rates", type=float, nargs="+", help="pretrain: misalignment rates (default 0 0.1 0.3 0.5)"
     )
     p.add_argument(
+        "--tasks", nargs="+", choices=["classify", "pretrain"], help="compile: tasks (default both)"
+    )
+    p.add_argument(
         "--speed-steps",
         type=int,
         default=20,
-        help="balance-speed, harmonize, finegrained, finegrained-speed: batches timed per round",
+        help="balance-speed, harmonize, finegrained, finegrained-speed, compile: batches timed per round",
     )
     p.add_argument(
         "--speed-rounds",
         type=int,
         default=5,
-        help="balance-speed, harmonize, finegrained, finegrained-speed: timing rounds after a warm-up",
+        help="balance-speed, harmonize, finegrained(-speed), compile: timing rounds after a warm-up",
     )
     data = p.add_argument_group("data (harmonia bench data; docs/datasets.md, Throughput)")
     data.add_argument("--clips", type=int, help="clips generated and prepared (default 48)")

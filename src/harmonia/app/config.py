@@ -291,6 +291,14 @@ def _precision_from_number(value: Any) -> Any:
     return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+class CompileModeKind(str, enum.Enum):
+    """``torch.compile``'s mode under ``train.compile`` (docs/training.md#compiled-step)."""
+
+    DEFAULT = "default"
+    REDUCE_OVERHEAD = "reduce-overhead"
+    MAX_AUTOTUNE_NO_CUDAGRAPHS = "max-autotune-no-cudagraphs"
+
+
 class LoggerKind(str, enum.Enum):
     """Where a run's metrics go (docs/training.md#loggers)."""
 
@@ -688,6 +696,16 @@ class TrainConfig(Section):
         help="32: float32; bf16: forward and loss under bfloat16 autocast (CPU or a GPU with bfloat16); "
         "16-mixed: float16 autocast with a gradient scaler (CUDA only)",
     )
+    compile: Bool = param(
+        False,
+        help="torch.compile the training forward pass (the model; for pretrain also the loss) with inductor; "
+        "the first steps compile (tens of seconds), evaluation stays eager",
+    )
+    compile_mode: CompileModeKind = param(
+        CompileModeKind.DEFAULT,
+        help="train.compile's torch.compile mode: default, reduce-overhead (CUDA graphs, CUDA only) or "
+        "max-autotune-no-cudagraphs (tunes matrix-product kernels: longer compile)",
+    )
     loggers: list[LoggerKind] = param(
         default_factory=lambda: [LoggerKind.JSONL, LoggerKind.TENSORBOARD],
         help="where metrics go: jsonl (metrics.jsonl, always), tensorboard, mlflow (pip install "
@@ -705,6 +723,16 @@ class TrainConfig(Section):
             raise ConfigError(
                 f"train.precision=16-mixed needs a CUDA device (float16 autocast with a gradient scaler), "
                 f"but train.device={self.device}; on CPU use train.precision=bf16"
+            )
+        if self.compile_mode is not CompileModeKind.DEFAULT and not self.compile:
+            raise ConfigError(
+                f"train.compile_mode={self.compile_mode.value} has no effect without train.compile=true; "
+                "set train.compile=true or leave compile_mode at default"
+            )
+        if self.compile_mode is CompileModeKind.REDUCE_OVERHEAD and not self.device.startswith("cuda"):
+            raise ConfigError(
+                f"train.compile_mode=reduce-overhead replays CUDA graphs, but train.device={self.device}; "
+                "on CPU use train.compile_mode=default"
             )
         if LoggerKind.JSONL not in self.loggers:
             raise ConfigError(

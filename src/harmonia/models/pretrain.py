@@ -20,7 +20,7 @@ clip is mixed across time only by the mean pooling of the coarse embedding.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -283,7 +283,12 @@ class TriModalPretrainModel(nn.Module):
         """The anchor z_v: the pooled video backbone output [B, width] (``features["video"]``), or with
         ``pooled=False`` its tokens [B, S_v, width] (``features["video_tokens"]``)."""
         tokens = self.encode_video(video)
-        return tokens.mean(1) if pooled else tokens
+        return self.pool_video(tokens) if pooled else tokens
+
+    def pool_video(self, tokens: Tensor) -> Tensor:
+        """The clip feature ``features["video"]`` [B, width] from the video backbone's tokens [B, S_v,
+        width]: their mean."""
+        return tokens.mean(1)
 
     def encode_video(self, video: Tensor) -> Tensor:
         """Video clips [B, C, T, H, W] → backbone token outputs [B, S_v, width] (time-local when
@@ -355,16 +360,28 @@ class TriModalPretrainModel(nn.Module):
             "text": (text.view(b, k, length, -1), word_mask.view(b, k, length)),
         }
 
-    def forward(self, inputs: dict[str, Tensor], return_tokens: bool = False) -> PretrainOutput:
+    def forward(
+        self,
+        inputs: dict[str, Tensor],
+        return_tokens: bool = False,
+        transform: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
+    ) -> PretrainOutput:
+        """The embeddings of ``inputs`` (see :class:`PretrainOutput`); with ``return_tokens`` also per-token
+        ones. ``transform`` edits the backbone features (``video``, ``audio``, ``text``, ``video_tokens``)
+        before the heads see them, as a classifier's ``transform`` does between encoders and fusion (a
+        compiled training step runs an eager one there, so that the video anchor lies between two compiled
+        graphs: the gradient harmonizer differentiates the losses with respect to it)."""
         encoded = self.encode(inputs)
         (video, _), (audio, _), (text, word_mask) = encoded["video"], encoded["audio"], encoded["text"]
         assert word_mask is not None
         features = {
-            "video": video.mean(1),
+            "video": self.pool_video(video),
             "audio": audio.mean(1),
             "text": masked_mean(text, word_mask),
             "video_tokens": video,
         }
+        if transform is not None:
+            features = transform(features)
         va = self.head_va(features["video"])
         out = PretrainOutput(
             video_va=F.normalize(va, dim=-1),
@@ -376,7 +393,7 @@ class TriModalPretrainModel(nn.Module):
             logit_scale=self.logit_scale() if self.logit_scale is not None else None,
         )
         if return_tokens:
-            token_va = self.head_va(video)
+            token_va = self.head_va(features["video_tokens"])
             out.tokens = {
                 "video_va": F.normalize(token_va, dim=-1),
                 "video_vt": F.normalize(self.head_vt(token_va), dim=-1),

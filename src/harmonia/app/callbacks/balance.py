@@ -28,6 +28,11 @@ class BalancingCallback(Callback):
         self.names = list(names) if names is not None else [type(m).__name__.lower() for m in methods]
         self._step: BalanceStep | None = None
 
+    @property
+    def edits_features(self) -> bool:
+        """Whether a method transforms the features (e.g. OPM); the others leave them as they are."""
+        return any(type(m).transform_features is not BalancingMethod.transform_features for m in self.methods)
+
     def before_forward(self, trainer: TrainerView, batch: Mapping[str, Any]) -> None:
         precision = getattr(trainer, "precision", None)
         self._step = BalanceStep(

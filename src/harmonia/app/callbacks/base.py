@@ -87,3 +87,12 @@ class Callback:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+
+def transforms_features(callback: Callback) -> bool:
+    """Whether ``callback`` may edit the features between encoders and fusion head: it overrides
+    :meth:`Callback.transform_features`, unless its ``edits_features`` attribute says it does not (a callback
+    that runs several balancing methods edits them only when one of its methods does)."""
+    if type(callback).transform_features is Callback.transform_features:
+        return False
+    return bool(getattr(callback, "edits_features", True))

@@ -49,6 +49,7 @@ from harmonia.app.train.checkpoint import (
     remove_stale_temp_files,
     restore_rng_state,
 )
+from harmonia.app.train.compile import CompiledStep
 from harmonia.app.train.distributed import convert_batchnorm, init_distributed
 from harmonia.app.train.precision import MixedPrecision
 from harmonia.data.sources import EpochLoader
@@ -89,6 +90,8 @@ def seed_everything(seed: int) -> None:
 RESUME_KEYS = ("epoch", "global_step", "model", "optimizer", "scheduler", "rng", "callbacks")
 #: ``train`` settings a resumed run may change (where its metrics go)
 LOGGING_KEYS = ("loggers", "mlflow_uri", "mlflow_experiment")
+#: ``train`` settings a resumed run may change that change its numbers in the last digits only
+SPEED_KEYS = ("compile", "compile_mode")
 
 
 class BaseTrainer:
@@ -152,6 +155,19 @@ class BaseTrainer:
                 forward_sync_buffers=False,  # batch statistics are global already (CrossRankBatchNorm)
                 find_unused_parameters=self.find_unused_parameters,
             )
+        # what a training step calls forward: compiled under train.compile (after DDP wrapping, as PyTorch
+        # advises); self.model stays the original module (checkpoints, evaluation, methods' own passes)
+        self.step_model: Any = self.parallel_model
+        if cfg.train.compile and self.find_unused_parameters:
+            raise ConfigError(
+                "train.compile: steps of this run leave some parameters without gradient (a balancing method "
+                "that trains one modality per step, such as mla with schedule=per_step or reconboost, or the "
+                "minilm text encoder); a compiled model's backward gives them zero gradients instead, which "
+                "momentum and weight decay do not skip, so the run would train differently. Set "
+                "train.compile=false"
+            )
+        if cfg.train.compile:
+            self.step_model = CompiledStep(self.parallel_model, cfg.train.compile_mode, "model")
         self.optimizer = build_optimizer(cfg.optim, parameter_groups(self.model))
         self.num_epochs = planned_epochs(cfg.train.epochs, cfg.train.max_steps, len(self.train_loader))
         self.scheduler = build_scheduler(cfg.optim, self.optimizer, self.num_epochs)
@@ -245,7 +261,7 @@ class BaseTrainer:
     def _check_resumable(self, saved: ExperimentConfig) -> None:
         """A run may be resumed with more epochs, but not with a different recipe."""
         ours, theirs = to_dict(self.cfg), to_dict(saved)
-        for free in ("epochs", *LOGGING_KEYS):  # may change on resume: they do not change the numbers
+        for free in ("epochs", *LOGGING_KEYS, *SPEED_KEYS):  # may change on resume: the recipe stays
             ours["train"][free] = theirs["train"][free] = None
         if ours != theirs:
             diffs = _dict_diff(theirs, ours)

@@ -21,6 +21,7 @@ from harmonia.app.callbacks.harmonize import HarmonizeCallback
 from harmonia.app.pretrain_data import INPUT_KEYS
 from harmonia.app.registry import BACKWARD, DATASETS
 from harmonia.app.train.base import BaseTrainer
+from harmonia.app.train.compile import CompiledStep
 from harmonia.data.shards import ShardCorpus, ShardSplit
 from harmonia.data.trimodal import TriModalAVDigits, TriModalSplit
 from harmonia.losses import ContrastiveGrain, FineGrainedNCE, VATTLoss, VATTLossOutput
@@ -71,6 +72,16 @@ class PretrainTrainer(BaseTrainer):
             self.harmonize = BACKWARD.get("harmonize")(self)
             self.callbacks.insert(0, self.harmonize)
         self.backward_strategy = self.harmonize or BACKWARD.get("plain")(self)
+        # the loss of a training step: a graph of its own under train.compile, for coarse losses in one
+        # process (a data-parallel loss gathers embeddings across ranks; the fine-grained loss has its own
+        # backward and branches on values, which would recompile every step: both stay eager)
+        self.step_loss: Any = self.compute_loss
+        if cfg.train.compile and not self.dist.enabled and not self.loss.needs_tokens:
+            self.step_loss = CompiledStep(self.compute_loss, cfg.train.compile_mode, "loss")
+        self.anchor_boundary: Any = None
+        anchored = self.harmonize is not None and self.harmonize.harmonizer.mode.value != "batch"
+        if cfg.train.compile and anchored:
+            self.anchor_boundary = torch.compiler.disable(self._pool_anchor_eagerly)
         self.gate: LearnabilityGate | None = None
         if cfg.data.name == "trimodal_avdigits" and p.gate:
             self.gate = LearnabilityGate(seed=cfg.train.seed)
@@ -83,9 +94,20 @@ class PretrainTrainer(BaseTrainer):
     def forward(self, inputs: dict[str, Tensor]) -> PretrainOutput:
         """The model's output, with token outputs when a loss is fine-grained (through
         DistributedDataParallel in training)."""
-        model = self.parallel_model if self.model.training else self.model
-        output: PretrainOutput = model(inputs, return_tokens=self.loss.needs_tokens)
+        if not self.model.training:
+            output: PretrainOutput = self.model(inputs, return_tokens=self.loss.needs_tokens)
+            return output
+        output = self.step_model(inputs, return_tokens=self.loss.needs_tokens, transform=self.anchor_boundary)
         return output
+
+    def _pool_anchor_eagerly(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Between the compiled backbone and the compiled heads when the harmonizer differentiates the losses
+        with respect to the video anchor (feature, parameter modes): the anchor must not be inside a compiled
+        graph, whose outputs are one autograd node with no gradient between them. The video tokens leave the
+        backbone's graph and the pooled clip feature is taken from them here, eagerly, so that both anchors
+        (tokens for fine-grained losses, the pooled feature otherwise) are tensors the autograd graph passes
+        through."""
+        return {**features, "video": self.model.pool_video(features["video_tokens"])}
 
     def compute_loss(self, output: PretrainOutput) -> VATTLossOutput:
         return self.loss.from_output(output)
@@ -96,7 +118,7 @@ class PretrainTrainer(BaseTrainer):
             for cb in self.callbacks:
                 cb.before_forward(self, batch)
             output = self.forward(batch["inputs"])
-            losses = self.compute_loss(output)
+            losses = self.step_loss(output)
         if not torch.isfinite(losses.loss):
             self._raise_non_finite(losses.loss, batch)
         self.backward(batch, losses, output)

@@ -5,14 +5,17 @@ Run folder, checkpoints, resume and logging come from :class:`~harmonia.app.trai
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from harmonia.app.build import build_balancing, build_model
+from harmonia.app.callbacks.base import transforms_features
 from harmonia.app.registry import BACKWARD, BALANCING, DATASETS
 from harmonia.app.train.base import BaseTrainer, TrainResult, seed_everything, to_device
+from harmonia.app.train.compile import keep_features
 from harmonia.data.avdigits import AVDigits
 from harmonia.data.sources import ClassificationData
 from harmonia.errors import ConfigError
@@ -73,6 +76,7 @@ class Trainer(BaseTrainer):
                 "samples; lower train.batch_size"
             )
         self.backward_strategy = BACKWARD.get("plain")(self)
+        self._eager_transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
         balance = build_balancing([(e.name, e.settings) for e in cfg.balance], self.model, cfg.train.seed)
         if balance is not None:
             self.callbacks.insert(0, balance)
@@ -103,16 +107,10 @@ class Trainer(BaseTrainer):
     def train_step(self, batch: dict[str, Any]) -> tuple[Any, float]:
         """One optimisation step on ``batch``; returns the model output and the loss value."""
         self.step_metrics = {}
-
-        def transform(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            for cb in self.callbacks:
-                features = cb.transform_features(self, features)
-            return features
-
         with self.precision.autocast():  # train.precision: the forward pass and the loss
             for cb in self.callbacks:
                 cb.before_forward(self, batch)
-            output = self.parallel_model(batch["inputs"], transform=transform)
+            output = self.step_model(batch["inputs"], transform=self._feature_transform())
             loss = F.cross_entropy(output.logits.float(), batch["labels"])
             for cb in self.callbacks:
                 loss = cb.adjust_loss(self, batch, output, loss)
@@ -121,6 +119,24 @@ class Trainer(BaseTrainer):
         self.backward(batch, loss, output)
         self._finish_step()
         return output, float(loss.detach())
+
+    def transform_features(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The callbacks' feature transforms in turn (between the model's encoders and its fusion head)."""
+        for cb in self.callbacks:
+            features = cb.transform_features(self, features)
+        return features
+
+    def _feature_transform(self) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """What the training forward applies between encoders and fusion: the identity when no callback
+        transforms features; under ``train.compile``, the callbacks' transforms run eagerly (a graph break:
+        the methods' random draws and state updates stay exactly those of an eager step)."""
+        if not any(transforms_features(cb) for cb in self.callbacks):
+            return keep_features
+        if self.cfg.train.compile:
+            if self._eager_transform is None:  # one object for every step, so the compiled guards hold
+                self._eager_transform = torch.compiler.disable(self.transform_features)
+            return self._eager_transform
+        return self.transform_features
 
     # ----------------------------------------------------------------------------------------------
     # evaluation
