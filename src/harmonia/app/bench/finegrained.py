@@ -210,6 +210,23 @@ def run_finegrained_benchmark(
     return summary
 
 
+def speed_trainers(
+    variants: Sequence[str], batch_size: int, overrides: Sequence[str], video_tokens: str, out_dir: str
+) -> list[Any]:
+    """One trainer per entry of ``variants`` (a variant may repeat, e.g. for an A/A control) at
+    ``batch_size``, its run folder under ``out_dir``."""
+    return [
+        build_trainer(
+            load_config(
+                None,
+                [*_overrides(v, batch_size, overrides, video_tokens), f"out_dir={out_dir}", f"name=s{i}"],
+            ),
+            progress=False,
+        )
+        for i, v in enumerate(variants)
+    ]
+
+
 def measure_speed(
     variants: Sequence[str],
     batch_size: int,
@@ -221,16 +238,7 @@ def measure_speed(
 ) -> dict[str, Any]:
     """Paired step times of the variants at ``batch_size`` and each one's peak step memory (MiB)."""
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = [
-            build_trainer(
-                load_config(
-                    None,
-                    [*_overrides(v, batch_size, overrides, video_tokens), f"out_dir={tmp}", f"name=s{i}"],
-                ),
-                progress=False,
-            )
-            for i, v in enumerate(variants)
-        ]
+        trainers = speed_trainers(variants, batch_size, overrides, video_tokens, tmp)
         batches = [b for _, b in zip(range(steps), trainers[0].train_loader, strict=False)]
         times = paired_step_times(trainers, batches, rounds, progress)
     memory = [step_memory_mib(_overrides(v, batch_size, overrides, video_tokens)) for v in variants]

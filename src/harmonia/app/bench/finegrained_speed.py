@@ -31,11 +31,10 @@ import torch
 from torch import Tensor
 
 from harmonia.app.bench.common import paired_times, peak_memory_mib, prepare_steps
-from harmonia.app.bench.finegrained import VARIANTS, VIDEO_TOKENS, _overrides
+from harmonia.app.bench.finegrained import VARIANTS, VIDEO_TOKENS, _overrides, speed_trainers
 from harmonia.app.bench.pipeline import BenchReport, bench_command, figure, unless_default
 from harmonia.app.config import load_config
 from harmonia.app.plotstyle import StyleMap
-from harmonia.app.train import build_trainer
 from harmonia.losses.finegrained import PoolDirection, _chunk_scores, finegrained_nce
 from harmonia.losses.nce import nce_from_scores
 
@@ -230,16 +229,7 @@ def measure_steps(
     names = [*variants, control]
     configs = [*variants, variants[0]]
     with tempfile.TemporaryDirectory() as tmp:
-        trainers = [
-            build_trainer(
-                load_config(
-                    None,
-                    [*_overrides(v, batch_size, overrides, video_tokens), f"out_dir={tmp}", f"name=s{i}"],
-                ),
-                progress=False,
-            )
-            for i, v in enumerate(configs)
-        ]
+        trainers = speed_trainers(configs, batch_size, overrides, video_tokens, tmp)
         batches = [b for _, b in zip(range(steps), trainers[0].train_loader, strict=False)]
         alone = [LossAlone(t, batches[0]) for t in trainers[: len(variants)]]
         n = len(trainers)
