@@ -124,28 +124,54 @@ def test_gradients_pass_gradcheck(direction: str, bags: bool) -> None:
     assert torch.autograd.gradcheck(f, (a, b))
 
 
+#: a's scale for the kernel's three ways to the exponential: unshifted (Cauchy–Schwarz bounds |S/τ| by 10),
+#: shifted by each chunk's largest S/τ (the bound is 70, but a's tokens lie near one direction and b's near
+#: another, 45° away, so the similarities, padding's zeros included, span about 50 < 60), and the autograd
+#: fallback (similarities span up to 800)
+EXP_PATHS = {"unshifted": 1.0, "shifted": 7.0, "fallback": 40.0}
+
+
+def _kernel_tokens(
+    path: str, items: int, tokens: int, seed: int, toward: tuple[float, ...], scale: float
+) -> torch.Tensor:
+    """Random unit tokens (near ``toward`` on the shifted path) times ``scale``."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(items, tokens, 3, generator=g, dtype=torch.float64)
+    if path == "shifted":
+        noise = torch.tensor(toward, dtype=torch.float64) + 0.02 * noise
+    return F.normalize(noise, dim=-1) * scale
+
+
 @pytest.mark.parametrize("direction", ["both", "over_a", "over_b"])
-@pytest.mark.parametrize("spread", [1.0, 40.0])  # 40: beyond one shared exponential, the autograd fallback
-def test_hand_written_backward_equals_autograd_of_the_definition(direction: str, spread: float) -> None:
+@pytest.mark.parametrize("path", list(EXP_PATHS))
+def test_hand_written_backward_equals_autograd_of_the_definition(direction: str, path: str) -> None:
     """The kernel's hand-derived ∂s/∂S against autograd through the plain softmax formulas (with padding in
-    both a and b, a candidate of padding only, and chunks), and against finite differences."""
+    both a and b, a candidate of padding only, and chunks), and against finite differences, on each of the
+    kernel's ways to the exponential (checked: which one ran)."""
     from harmonia.losses.finegrained import PoolDirection, _chunk_scores
-    from harmonia.losses.pooled_scores import pooled_scores
+    from harmonia.losses.pooled_scores import exp_shift, pooled_scores
 
     g = torch.Generator().manual_seed(3)
     a_mask, b_mask = torch.rand(5, 4, generator=g) > 0.3, torch.rand(6, 3, generator=g) > 0.4
     a_mask[:, 0], b_mask[0] = True, False
-    a = torch.where(a_mask[..., None], _unit(5, 4, 3, seed=4) * spread, 0).requires_grad_()
-    b = torch.where(b_mask[..., None], _unit(6, 3, 3, seed=5), 0).requires_grad_()
+    a = _kernel_tokens(path, 5, 4, 4, (1, 0, 0), EXP_PATHS[path])
+    b = _kernel_tokens(path, 6, 3, 5, (1, 1, 0), 1.0)
+    a = torch.where(a_mask[..., None], a, 0).requires_grad_()
+    b = torch.where(b_mask[..., None], b, 0).requires_grad_()
     over_a, over_b = direction != "over_b", direction != "over_a"
+    fallbacks = []
 
     def reference(x, xm, y, ym):  # autograd through masked softmaxes: the formulas as written
+        fallbacks.append(x.shape[0])
         return _chunk_scores(x, xm, y, ym, 0.1, PoolDirection(direction))
 
     weights = torch.randn(5, 6, generator=g, dtype=torch.float64)
     want = reference(a, a_mask, b, b_mask)
     want_grads = torch.autograd.grad((want * weights).sum(), (a, b))
+    fallbacks.clear()
     got = pooled_scores(a, b, a_mask, b_mask, 0.1, over_a, over_b, 2, reference)
+    assert exp_shift(a, b, 0.1) == (0.0 if path == "unshifted" else None)
+    assert fallbacks == ([2, 2, 1] if path == "fallback" else [])
     got_grads = torch.autograd.grad((got * weights).sum(), (a, b))
     torch.testing.assert_close(got, want)
     for got_grad, want_grad, mask in zip(got_grads, want_grads, (a_mask, b_mask), strict=True):

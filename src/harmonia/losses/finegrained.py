@@ -128,10 +128,11 @@ def token_scores(
             f"token_scores: expected a [N_a, K, D] and b [N_b, J, D], got {tuple(a.shape)}, {tuple(b.shape)}"
         )
     a_mask, b_mask = _mask(a, a_mask, "token_scores: a_mask"), _mask(b, b_mask, "token_scores: b_mask")
-    # zero the padding so that garbage (even NaN) there cannot leak into S through 0 * x
-    a, b = torch.where(a_mask[..., None], a, 0), torch.where(b_mask[..., None], b, 0)
     a_pad = None if bool(a_mask.all()) else a_mask  # no masking work where every token is real
     b_pad = None if bool(b_mask.all()) else b_mask
+    # zero the padding so that garbage (even NaN) there cannot leak into S through 0 * x
+    a = a if a_pad is None else torch.where(a_mask[..., None], a, 0)
+    b = b if b_pad is None else torch.where(b_mask[..., None], b, 0)
     if chunk_size is None:
         chunk_size = max(1, CHUNK_ELEMENTS // max(1, b.shape[0] * a.shape[1] * b.shape[1]))
     if chunk_size < 1:

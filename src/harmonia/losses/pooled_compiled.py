@@ -23,11 +23,10 @@ from harmonia.losses.pooled_scores import _Chunk
 
 
 def _exp(shifted: Tensor, a_mask: Tensor | None, b_mask: Tensor | None) -> Tensor:
-    e = torch.exp(shifted)
-    if a_mask is not None:
-        e = e * a_mask[:, :, None, None]
-    if b_mask is not None:
-        e = e * b_mask[None, None]
+    e = torch.exp2(shifted)  # the kernel works in units of U = T·log₂e
+    for mask in (a_mask, b_mask):  # broadcast to [ca, K, J, Nb] already
+        if mask is not None:
+            e = e * mask
     return e
 
 
@@ -41,9 +40,9 @@ def _pool(
         z_a = torch.where(total == 0, 1.0, total)  # rows of padding only: α = 0, not 0/0
         p = (e * t).sum(1) / z_a
     if over_b:
-        total = e.sum(3)
+        total = e.sum(2)
         z_b = torch.where(total == 0, 1.0, total)
-        q = (e * t).sum(3) / z_b
+        q = (e * t).sum(2) / z_b
     return z_a, p, z_b, q
 
 

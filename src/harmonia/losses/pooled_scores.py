@@ -7,18 +7,26 @@ pair (i, n) are pooled into one score (Wang & Karout, BMVC 2021):
     over_b:  β_kj = softmax_j(S_kj / τ),   s_b = Σ_k v_k q_k,   q_k = Σ_j β_kj S_kj,   v_k = m^a_k / Σ_k m^a_k
     both:    s = ½ (s_a + s_b)
 
-(m the real-token masks). The kernel works with T = S/τ (the matmul of a/τ and b) and one exponential shared
-by both softmaxes, E_kj = m^a_k m^b_j exp(T_kj − c), c the chunk's largest T: α_kj = E_kj / Σ_k E_kj and
-β_kj = E_kj / Σ_j E_kj. The derivative is the softmax's Jacobian applied to S plus the direct term,
+(m the real-token masks). The kernel works with T = S/τ and one exponential shared by both softmaxes,
+E_kj = m^a_k m^b_j exp(T_kj − c): α_kj = E_kj / Σ_k E_kj and β_kj = E_kj / Σ_j E_kj. The shift c is 0 when
+Cauchy–Schwarz bounds |T| by :data:`MAX_EXP_RANGE` (L2-normalized tokens: |T| ≤ 1/τ), so that exp(T) cannot
+overflow; otherwise it is the chunk's largest T. The matmul of a and b·log₂e/τ gives U = T·log₂e, and
+E = 2^(U − c/ln 2): exp2 costs about half of exp on CPU; the statistics below are kept in units of U and
+multiplied by ln 2 where T's appear. The derivative is the softmax's Jacobian applied to S plus the direct
+term,
 
     ∂s_a/∂S_kj = w_j α_kj (1 + T_kj − p_j/τ),        ∂s_b/∂S_kj = v_k β_kj (1 + T_kj − q_k/τ),
 
 so with upstream gradient g, ∂L/∂S_kj = E_kj · (A_j + B_k + T_kj (C_j + D_k)) where C_j = g w_j / Σ_k E_kj,
 A_j = C_j (1 − p_j/τ), and D_k, B_k the same with v_k, q_k, Σ_j E_kj. The forward keeps only these pooled
-statistics (sizes [N_a, N_b, J] and [N_a, K, N_b]); a chunk's backward recomputes T (one matmul) and E, makes
+statistics (sizes [N_a, J, N_b] and [N_a, K, N_b]); a chunk's backward recomputes T (one matmul) and E, makes
 ∂S in four elementwise passes and runs the two matmuls ∂a = ∂S·b, ∂b = ∂Sᵀ·a that any implementation
 needs. Nothing of size [N_a, N_b, K, J] is kept between forward and backward: memory is that of one chunk.
-T is laid out [ca, K, N_b, J], as the matmul gives it.
+
+T is laid out [ca, K, J, N_b] (b's rows enter the matmul token-major): the innermost dimension is the long
+one, N_b, and every broadcast of a pooled statistic (over K or over J) runs along an outer dimension, which
+vectorizes well; with J innermost (8 words) the broadcasts over J and the sums over J ran several times
+slower on CPU.
 
 A row whose tokens are all padding has α (or β) = 0 here where the masked softmax of the reference gives a
 uniform row; its tokens are zero, so p (or q) is 0 either way, and the entries of ∂S at padded tokens meet
@@ -28,6 +36,7 @@ one shared exponential could underflow, and the chunk runs the row-wise stable s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -37,15 +46,31 @@ from torch import Tensor
 #: the widest (max − min)/τ of a chunk's similarities for the shared exponential (exp(−60) ≈ 1e−26 > 0)
 MAX_EXP_RANGE = 60.0
 
+#: T per unit of U = T·log₂e, the kernel's working similarity (E = 2^U = e^T)
+LN2 = math.log(2.0)
+
 Reference = Callable[[Tensor, Tensor | None, Tensor, Tensor | None], Tensor]
 
 
-def _weights(mask: Tensor | None, count: int, like: Tensor) -> Tensor | float:
-    """``m / Σ m`` per item (the masked mean's weights), or 1/count without a mask."""
+def exp_shift(a: Tensor, b: Tensor, tau: float) -> float | None:
+    """0.0 when exp(T) needs no shift, else None (each chunk then shifts by its largest T).
+
+    By Cauchy–Schwarz |T_kj| ≤ c = max_k ‖a_k‖ · max_j ‖b_j‖ / τ. When c ≤ :data:`MAX_EXP_RANGE`, exp(T) lies
+    in [e^−60, e^60], far inside the range of float32: the chunks need neither the pass that finds their
+    largest T nor the one that subtracts it.
+    """
+    if a.dtype not in (torch.float32, torch.float64) or a.numel() == 0 or b.numel() == 0:
+        return None
+    norms = [float(torch.linalg.vector_norm(x.detach(), dim=-1).max()) for x in (a, b)]
+    return 0.0 if norms[0] * norms[1] / tau <= MAX_EXP_RANGE else None
+
+
+def _weights(mask: Tensor | None, count: int, like: Tensor, dim: int) -> Tensor | float:
+    """``m / Σ m`` over the tokens (dimension ``dim``): the masked mean's weights; 1/count without a mask."""
     if mask is None:
         return 1.0 / count
     weights = mask.to(like.dtype)
-    return weights / weights.sum(-1, keepdim=True).clamp(min=1)
+    return weights / weights.sum(dim, keepdim=True).clamp(min=1)
 
 
 def _nonzero(z: Tensor) -> Tensor:
@@ -53,93 +78,125 @@ def _nonzero(z: Tensor) -> Tensor:
     return z.masked_fill_(z == 0, 1.0)
 
 
-class _Chunk:
-    """T = S/τ of one chunk of a's rows ([ca, K, Nb, J] layout) and its pooled statistics.
+class Workspace:
+    """The [chunk, K, J, N_b] buffers of one forward or backward, reused from chunk to chunk.
 
-    Built without ``saved`` (the forward): T, its range, and the statistics ``z_a`` = Σ_k E, ``p`` (in units
-    of 1/τ: Σ_k E T / z_a) [ca, Nb, J] and ``z_b``, ``q`` [ca, K, Nb] of the directions pooled, and the
-    scores. Built with the forward's :meth:`saved` statistics (the backward): T only.
+    A fresh 4 MiB tensor per pass would be freed and allocated again at every chunk; on CPU each new
+    allocation of that size touches fresh pages (thousands of page faults per call). Buffer ``index`` holds
+    ``count`` chunk blocks; :meth:`take` gives a view of ``shape`` at its start (a last, shorter chunk uses
+    part of it).
+    """
+
+    def __init__(self, like: Tensor, block: int) -> None:
+        self.like, self.block, self.buffers = like, block, {}
+
+    def take(self, index: int, count: int, *shape: int) -> Tensor:
+        if index not in self.buffers:
+            self.buffers[index] = self.like.new_empty(count * self.block)
+        return self.buffers[index][: math.prod(shape)].view(shape)
+
+
+class _Chunk:
+    """U = S·log₂e/τ of one chunk of a's rows ([ca, K, J, Nb] layout) and its pooled statistics.
+
+    ``b_scaled`` is b·log₂e/τ laid out [J, Nb, D]; ``b_mask`` is [J, Nb] (or None). ``shift``: the shift of
+    E = 2^(U − shift), in units of U (0, or None: the chunk's largest U, found here). Built without ``saved``
+    (the forward): U (``self.t``), the statistics ``z_a`` = Σ_k E, ``p`` = Σ_k E U / z_a [ca, J, Nb] and
+    ``z_b``, ``q`` [ca, K, Nb] of the directions pooled, and the scores [ca, Nb]. Built with the forward's
+    :meth:`saved` statistics (the backward): U only.
     """
 
     def __init__(
         self,
         a: Tensor,
-        b: Tensor,
+        b_scaled: Tensor,
         a_mask: Tensor | None,
         b_mask: Tensor | None,
         tau: float,
         over_a: bool,
         over_b: bool,
+        workspace: Workspace,
+        shift: float | None = None,
         saved: tuple[Any, ...] | None = None,
     ) -> None:
         ca, k, d = a.shape
-        nb, j, _ = b.shape
-        self.masks, self.over_a, self.over_b = (a_mask, b_mask), over_a, over_b
+        j, nb, _ = b_scaled.shape
+        self.over_a, self.over_b, self.workspace = over_a, over_b, workspace
+        self.masks = (
+            None if a_mask is None else a_mask[:, :, None, None],
+            None if b_mask is None else b_mask[None, None],
+        )
         self.half = 0.5 if over_a and over_b else 1.0
-        self.t = ((a * (1.0 / tau)).reshape(ca * k, d) @ b.reshape(nb * j, d).T).view(ca, k, nb, j)
-        self.w = _weights(b_mask, j, self.t)  # [Nb, J] or a scalar
-        v = _weights(a_mask, k, self.t)  # [ca, K] or a scalar
+        t = workspace.take(0, 1, ca * k, j * nb)
+        self.t = torch.mm(a.reshape(ca * k, d), b_scaled.view(j * nb, d).T, out=t).view(ca, k, j, nb)
+        self.w = _weights(b_mask, j, self.t, dim=0)  # [J, Nb] or a scalar
+        v = _weights(a_mask, k, self.t, dim=1)  # [ca, K] or a scalar
         self.v = v[:, :, None] if isinstance(v, Tensor) else v
         if saved is not None:
             self.stable, self.high, self.z_a, self.p, self.z_b, self.q = saved
             return
         self.z_a = self.p = self.z_b = self.q = None
-        low, high = torch.aminmax(self.t)
-        self.stable, self.high = float(high - low) <= MAX_EXP_RANGE, float(high)
+        self.stable, self.high = True, shift
+        if shift is None:
+            low, high = torch.aminmax(self.t)
+            self.stable, self.high = float(high - low) * LN2 <= MAX_EXP_RANGE, float(high)
         if not self.stable:
             return
         self.pool()
         self.scores = self.t.new_zeros(ca, nb)
         if over_a:
-            self.scores += (self.half * tau) * (self.p * self.w).sum(-1)
+            self.scores += (self.half * tau * LN2) * (self.p * self.w).sum(1)
         if over_b:
-            self.scores += (self.half * tau) * (self.q * self.v).sum(1)
+            self.scores += (self.half * tau * LN2) * (self.q * self.v).sum(1)
 
     def saved(self) -> tuple[Any, ...]:
         return self.stable, self.high, self.z_a, self.p, self.z_b, self.q
 
     def pool(self) -> None:
-        """Set ``z_a``, ``p`` (over_a: softmax over K, dim 1) and ``z_b``, ``q`` (over_b: over J, dim 3)."""
-        e = self.exp(self.t.sub(self.high))
-        et = e * self.t
-        if self.over_a:
-            self.z_a = _nonzero(e.sum(1))
-            self.p = et.sum(1).div_(self.z_a)
-        if self.over_b:
-            ones = e.new_ones(e.shape[3])
-            self.z_b = _nonzero(
-                e @ ones
-            )  # the sums over J, the short inner dim, as one matrix-vector product
-            self.q = (et @ ones).div_(self.z_b)
+        """Set ``z_a``, ``p`` (over_a: softmax over K, dim 1) and ``z_b``, ``q`` (over_b: over J, dim 2).
 
-    def exp(self, shifted: Tensor) -> Tensor:
-        """E = m^a m^b exp(T − c), computed in place in ``shifted`` = T − c."""
-        e = shifted.exp_()
-        a_mask, b_mask = self.masks
-        if a_mask is not None:
-            e.mul_(a_mask[:, :, None, None])
-        if b_mask is not None:
-            e.mul_(b_mask[None, None])
+        E and E∘T are written side by side into one buffer, so that each direction's two sums are one
+        reduction."""
+        stacked = self.workspace.take(1, 2, 2, *self.t.shape)  # [E, E∘T]
+        shifted = torch.sub(self.t, self.high, out=stacked[0]) if self.high else self.t
+        e = self.exp(torch.exp2(shifted, out=stacked[0]))
+        torch.mul(e, self.t, out=stacked[1])
+        padded = any(mask is not None for mask in self.masks)  # else every E > 0
+        if self.over_a:
+            z_a, et = stacked.sum(2)
+            self.z_a, self.p = _nonzero(z_a) if padded else z_a, et
+            self.p.div_(self.z_a)
+        if self.over_b:
+            z_b, et = stacked.sum(3)
+            self.z_b, self.q = _nonzero(z_b) if padded else z_b, et
+            self.q.div_(self.z_b)
+
+    def exp(self, e: Tensor) -> Tensor:
+        """The masks multiplied into E = 2^(U − shift), in place."""
+        for mask in self.masks:
+            if mask is not None:
+                e.mul_(mask)
         return e
 
     def grad_sim(self, grad: Tensor) -> Tensor:
-        """∂L/∂S [ca, K, Nb, J] for the upstream gradient ``grad`` [ca, Nb] (module docstring)."""
+        """∂L/∂S [ca, K, J, Nb] for the upstream gradient ``grad`` [ca, Nb] (module docstring)."""
         coefficients: list[tuple[Tensor, Tensor]] = []  # (A + T C) broadcast over K, (B + T D) over J
         if self.over_a:
-            c = grad[:, :, None] * (self.half * self.w) / self.z_a  # [ca, Nb, J]
-            coefficients.append(((c * (1 - self.p))[:, None], c[:, None]))
+            c = grad[:, None] * (self.half * self.w) / self.z_a  # [ca, J, Nb]
+            coefficients.append(((c * (1 - LN2 * self.p))[:, None], LN2 * c[:, None]))
         if self.over_b:
-            d = grad[:, None, :] * (self.half * self.v) / self.z_b  # [ca, K, Nb]
-            coefficients.append(((d * (1 - self.q))[..., None], d[..., None]))
+            d = grad[:, None] * (self.half * self.v) / self.z_b  # [ca, K, Nb]
+            coefficients.append(((d * (1 - LN2 * self.q))[:, :, None], LN2 * d[:, :, None]))
         return self.combine(coefficients)
 
     def combine(self, coefficients: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """E ∘ Σ (shift + T ∘ slope) over the (shift, slope) pairs, each broadcast over [ca, K, Nb, J]."""
+        """E ∘ Σ (shift + U ∘ slope) over the (shift, slope) pairs, each broadcast over [ca, K, J, Nb]."""
         (shift, slope), *rest = coefficients
-        out = torch.addcmul(shift, self.t, slope)
+        out = torch.addcmul(shift, self.t, slope, out=self.workspace.take(1, 1, *self.t.shape))
         for shift, slope in rest:
             out.addcmul_(self.t, slope).add_(shift)
-        return out.mul_(self.exp(self.t.sub_(self.high)))  # T is not needed after this: E takes its memory
+        shifted = self.t.sub_(self.high) if self.high else self.t  # U is not needed after this: E takes it
+        return out.mul_(self.exp(shifted.exp2_()))
 
 
 class PooledScores(torch.autograd.Function):
@@ -161,11 +218,15 @@ class PooledScores(torch.autograd.Function):
     ) -> Tensor:
         ctx.save_for_backward(a, b)
         ctx.masks, ctx.settings = (a_mask, b_mask), (tau, over_a, over_b, chunk_size, reference, chunk_type)
+        b_scaled = (b * (math.log2(math.e) / tau)).transpose(0, 1).contiguous()  # [J, Nb, D]
+        b_mask_t = None if b_mask is None else b_mask.T
+        workspace = Workspace(a, min(chunk_size, a.shape[0]) * a.shape[1] * b.shape[0] * b.shape[1])
+        shift = exp_shift(a, b, tau)
         parts, ctx.chunks = [], []
         for start in range(0, a.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             am = None if a_mask is None else a_mask[rows]
-            chunk = chunk_type(a[rows], b, am, b_mask, tau, over_a, over_b)
+            chunk = chunk_type(a[rows], b_scaled, am, b_mask_t, tau, over_a, over_b, workspace, shift)
             parts.append(chunk.scores if chunk.stable else reference(a[rows], am, b, b_mask))
             ctx.chunks.append(chunk.saved())
         return torch.cat(parts)
@@ -175,9 +236,13 @@ class PooledScores(torch.autograd.Function):
         a, b = ctx.saved_tensors
         a_mask, b_mask = ctx.masks
         tau, over_a, over_b, chunk_size, reference, chunk_type = ctx.settings
-        grad_a = torch.empty_like(a) if ctx.needs_input_grad[0] else None
-        grad_b = torch.zeros_like(b) if ctx.needs_input_grad[1] else None
         nb, j, d = b.shape
+        b_tokens = b.transpose(0, 1).contiguous()  # [J, Nb, D]: the layout of T's columns
+        b_scaled, b_flat = b_tokens * (math.log2(math.e) / tau), b_tokens.view(j * nb, d)
+        b_mask_t = None if b_mask is None else b_mask.T
+        grad_a = torch.empty_like(a) if ctx.needs_input_grad[0] else None
+        grad_b = b_tokens.new_zeros(d, j * nb) if ctx.needs_input_grad[1] else None  # ∂bᵀ: [D, J·Nb]
+        workspace = Workspace(a, min(chunk_size, a.shape[0]) * a.shape[1] * nb * j)
         for index, start in enumerate(range(0, a.shape[0], chunk_size)):
             rows = slice(start, start + chunk_size)
             am = None if a_mask is None else a_mask[rows]
@@ -192,14 +257,15 @@ class PooledScores(torch.autograd.Function):
                 if grad_a is not None:
                     grad_a[rows] = da
                 if grad_b is not None:
-                    grad_b += db
+                    grad_b += db.permute(2, 1, 0).reshape(d, j * nb)
                 continue
-            chunk = chunk_type(a_rows, b, am, b_mask, tau, over_a, over_b, saved)
-            g = chunk.grad_sim(grad[rows]).view(ca * k, nb * j)
+            chunk = chunk_type(a_rows, b_scaled, am, b_mask_t, tau, over_a, over_b, workspace, saved=saved)
+            g = chunk.grad_sim(grad[rows]).view(ca * k, j * nb)
             if grad_a is not None:
-                grad_a[rows] = (g @ b.reshape(nb * j, d)).view(ca, k, d)
+                torch.mm(g, b_flat, out=grad_a[rows].view(ca * k, d))
             if grad_b is not None:
-                grad_b.add_((g.T @ a_rows.reshape(ca * k, d)).view(nb, j, d))
+                grad_b.addmm_(a_rows.reshape(ca * k, d).T, g)  # faster on CPU than (∂Sᵀ·a) into [J·Nb, D]
+        grad_b = None if grad_b is None else grad_b.view(d, j, nb).permute(2, 1, 0).contiguous()
         return grad_a, grad_b, None, None, None, None, None, None, None, None
 
 
