@@ -88,7 +88,8 @@ class Workspace:
     """
 
     def __init__(self, like: Tensor, block: int) -> None:
-        self.like, self.block, self.buffers = like, block, {}
+        self.like, self.block = like, block
+        self.buffers: dict[int, Tensor] = {}
 
     def take(self, index: int, count: int, *shape: int) -> Tensor:
         if index not in self.buffers:
