@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from harmonia.app.bench.common import fmt, mean_std, paired_step_times, step_memory_mib
+from harmonia.app.bench.common import fmt, mean_std, paired_step_times, step_memories_mib
 from harmonia.app.bench.pipeline import BenchReport, bench_command, figure, sweep, unless_default
 from harmonia.app.config import ExperimentConfig, load_config
 from harmonia.app.plots import QUANTITIES, balance_curves, plot_balance_curves
@@ -220,7 +220,7 @@ def measure_step_times(
     same batch; the result is the median of these paired ratios over ``steps`` batches x ``rounds`` rounds
     (a first round is a warm-up). Pairing at the step level cancels the slow drifts of a shared machine,
     which made block-wise timing disagree with itself by more than 10 %; the control's ratio shows the noise
-    floor that remains. Peak memory: :func:`step_memory_mib`, one fresh process per variant. ``teachers``:
+    floor that remains. Peak memory: :func:`step_memories_mib`, one fresh process per variant. ``teachers``:
     checkpoints for UMT's teachers (modality → any run holding that encoder; without them an untrained
     joint model's checkpoint serves every modality: the cost does not depend on the weights).
     """
@@ -258,7 +258,7 @@ def measure_step_times(
         batches = [b for _, b in zip(range(steps), trainers[0].train_loader, strict=False)]
         timed = paired_step_times(trainers, batches, rounds, progress, reference=reference)
         del trainers
-        memory = [step_memory_mib(config_overrides(i, n)) for i, n in enumerate(names)]
+        memory = step_memories_mib([config_overrides(i, n) for i, n in enumerate(names)])
     result = {name: {**t, "peak_mib": mib} for name, t, mib in zip(names, timed, memory, strict=True)}
     for name, ref in zip(names, reference, strict=True):
         base = memory[ref]

@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -20,6 +21,9 @@ from harmonia.app.config import ExperimentConfig, load_config
 from harmonia.app.logs import read_metrics
 from harmonia.app.plotstyle import Style
 from harmonia.app.train import Callback, build_trainer
+
+#: held while a memory measurement sets the allocator variable for its child process and restores it
+_ENVIRONMENT = threading.Lock()
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -189,16 +193,17 @@ def peak_memory_mib(prepare: Callable[..., Mapping[Any, Callable[[], Any]]], *ar
     picklable (a module-level function)."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    try:
-        process = context.Process(target=_memory_worker, args=(prepare, args, queue))
-        process.start()
-    finally:
-        if previous is None:
-            del os.environ["MALLOC_MMAP_THRESHOLD_"]
-        else:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
+    with _ENVIRONMENT:  # another thread's measurement must not restore the variable before this start
+        previous = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        try:
+            process = context.Process(target=_memory_worker, args=(prepare, args, queue))
+            process.start()
+        finally:
+            if previous is None:
+                del os.environ["MALLOC_MMAP_THRESHOLD_"]
+            else:
+                os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
     result = queue.get(timeout=600)
     process.join()
     if isinstance(result, str):
@@ -209,6 +214,16 @@ def peak_memory_mib(prepare: Callable[..., Mapping[Any, Callable[[], Any]]], *ar
 def step_memory_mib(overrides: Sequence[str]) -> float:
     """Peak memory of one training step of the config ``overrides`` (MiB; :func:`peak_memory_mib`)."""
     return peak_memory_mib(prepare_steps, {"step": list(overrides)})["step"]
+
+
+def step_memories_mib(configs: Sequence[Sequence[str]], processes: int = 2) -> list[float]:
+    """:func:`step_memory_mib` of each config, each in its own fresh process, ``processes`` of them at a
+    time: each measures its own resident set, so running side by side changes no figure, only the wall
+    time (most of which is starting Python and importing torch in every process)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, processes)) as pool:
+        return list(pool.map(step_memory_mib, configs))
 
 
 def prepare_steps(configs: Mapping[str, list[str]]) -> dict[str, Callable[[], Any]]:

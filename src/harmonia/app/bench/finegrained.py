@@ -31,7 +31,7 @@ from harmonia.app.bench.common import (
     mean_std,
     paired_step_times,
     plot_curves,
-    step_memory_mib,
+    step_memories_mib,
 )
 from harmonia.app.bench.pipeline import BenchReport, bench_command, figure, sweep, unless_default
 from harmonia.app.bench.pretrain import PRETRAIN_RECIPE
@@ -241,7 +241,7 @@ def measure_speed(
         trainers = speed_trainers(variants, batch_size, overrides, video_tokens, tmp)
         batches = [b for _, b in zip(range(steps), trainers[0].train_loader, strict=False)]
         times = paired_step_times(trainers, batches, rounds, progress)
-    memory = [step_memory_mib(_overrides(v, batch_size, overrides, video_tokens)) for v in variants]
+    memory = step_memories_mib([_overrides(v, batch_size, overrides, video_tokens) for v in variants])
     return {v: {**t, "peak_mib": m} for v, t, m in zip(variants, times, memory, strict=True)}
 
 
